@@ -1,0 +1,201 @@
+"""Optimizer-step benchmark on one GPU (issue 2): Flash optimizers vs torch AdamW.
+
+    python bench/step.py            # ~0.97e9 params in Llama-like shapes + 10k small tensors
+    python bench/step.py --tiny     # seconds, for a smoke test
+
+Prints persistent bytes/param, median step time (CUDA events after warm-up), effective
+bandwidth (bytes the step must move / time) and its share of a measured device-to-device copy.
+Also checks the fused kernel against the reference math on the GPU (mismatch counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import flashoptim_dist as F  # noqa: E402
+
+# bytes read + written per element by one step (params, ρ, grads, states; scales: 4 B / 32 el / state)
+TRAFFIC = {
+    "FlashAdamW-24": 2 + 1 + 2 + 1 + 1 + 2 + 1 + 1 + 1 + 2 * 4 / 32,
+    "FlashAdamW-32": 2 + 2 + 2 + 1 + 1 + 2 + 2 + 1 + 1 + 2 * 4 / 32,
+    "FlashSGD-mom": 2 + 1 + 2 + 1 + 2 + 1 + 1 + 4 / 32,
+    "FlashLion": 2 + 1 + 2 + 1 + 2 + 1 + 1 + 4 / 32,
+    "torch-AdamW-fused-fp32": 4 + 4 + 4 + 4 + 4 + 4 + 4,
+    "torch-AdamW-foreach-fp32": 4 + 4 + 4 + 4 + 4 + 4 + 4,
+}
+
+
+def llama_shapes(layers=4, d=4096, ff=14336):
+    shapes = []
+    for _ in range(layers):
+        shapes += [(d, d)] * 4 + [(ff, d)] * 2 + [(d, ff)] + [(d,)] * 2
+    return shapes
+
+
+def small_shapes(n=10_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1024, 65536 + 1, (n,), generator=g).tolist()
+    return [(s,) for s in sizes]
+
+
+def copy_bandwidth(nbytes=2 << 30):
+    a = torch.empty(nbytes // 4, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(10):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * nbytes / statistics.median(times)
+
+
+def make(name, shapes):
+    flash = name.startswith("Flash")
+    dtype = torch.bfloat16 if flash else torch.float32
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    if name == "FlashAdamW-24":
+        opt = F.FlashAdamW(params, lr=1e-4)
+    elif name == "FlashAdamW-32":
+        opt = F.FlashAdamW(params, lr=1e-4, master_weight_bits=32)
+    elif name == "FlashSGD-mom":
+        opt = F.FlashSGD(params, lr=1e-3, momentum=0.9)
+    elif name == "FlashLion":
+        opt = F.FlashLion(params, lr=1e-5)
+    elif name == "torch-AdamW-fused-fp32":
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    elif name == "torch-AdamW-foreach-fp32":
+        opt = torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    else:
+        raise ValueError(name)
+    return params, opt
+
+
+def time_step(opt, warmup=3, reps=10):
+    for _ in range(warmup):
+        opt.step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(True), torch.cuda.Event(True)
+        s.record()
+        opt.step()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def persistent_bytes(params, opt):
+    n = sum(p.numel() for p in params)
+    b = sum(p.numel() * p.element_size() for p in params)
+    b += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    for st in opt.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                b += v.numel() * v.element_size()
+    return b / n
+
+
+def check_kernel_vs_reference():
+    """Same random problem through the kernel and through the reference on the GPU and CPU."""
+    out = {}
+    for name, cls, kw in [("adamw24", F.FlashAdamW, {}), ("adamw32", F.FlashAdamW, {"master_weight_bits": 32}),
+                          ("sgd", F.FlashSGD, {"momentum": 0.9, "nesterov": True}), ("lion", F.FlashLion, {})]:
+        res = {}
+        for backend, dev in (("triton", "cuda"), ("reference", "cuda"), ("reference", "cpu")):
+            torch.manual_seed(0)
+            ps = [torch.nn.Parameter((torch.randn(n) * 0.1).bfloat16().to(dev)) for n in (1, 77, 4096, 100003)]
+            opt = cls(ps, lr=1e-3, backend=backend, **kw)
+            for s in range(3):
+                g = torch.Generator().manual_seed(s)
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g).bfloat16().to(dev)
+                opt.step()
+            flat = [p.detach().cpu().view(torch.int16) for p in ps]
+            for p in ps:
+                for k, v in opt.state[p].items():
+                    if torch.is_tensor(v):
+                        flat.append(v.cpu().view(torch.int16) if v.dtype == torch.bfloat16 else v.cpu())
+            res[(backend, dev)] = flat
+        k, r, c = res[("triton", "cuda")], res[("reference", "cuda")], res[("reference", "cpu")]
+        out[name] = {
+            "kernel_vs_ref_cuda_mismatches": int(sum((a != b).sum() for a, b in zip(k, r))),
+            "kernel_vs_ref_cpu_mismatches": int(sum((a != b).sum() for a, b in zip(k, c))),
+        }
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true", help="time FlashAdamW-24 over block/warp configs first")
+    args = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+    bw = copy_bandwidth(256 << 20 if args.tiny else 2 << 30)
+    print(f"device: {dev}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    check = check_kernel_vs_reference()
+    print("kernel vs reference:", json.dumps(check), flush=True)
+    if args.sweep:
+        from flashoptim_dist.kernels import fused_step
+
+        shapes = llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336)
+        best = None
+        for ng in (8, 16, 32, 64):
+            for nw in (2, 4, 8):
+                fused_step.GROUPS_PER_BLOCK, fused_step.NUM_WARPS = ng, nw
+                params, opt = make("FlashAdamW-24", shapes)
+                ms = time_step(opt, warmup=2, reps=5)
+                print(f"sweep groups_per_block={ng} num_warps={nw}: {ms:.2f} ms", flush=True)
+                if best is None or ms < best[0]:
+                    best = (ms, ng, nw)
+                del params, opt
+                torch.cuda.empty_cache()
+        fused_step.GROUPS_PER_BLOCK, fused_step.NUM_WARPS = best[1], best[2]
+        print(f"best: groups_per_block={best[1]} num_warps={best[2]} ({best[0]:.2f} ms)", flush=True)
+    cases = [
+        ("llama", llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336),
+         ["FlashAdamW-24", "FlashAdamW-32", "FlashSGD-mom", "FlashLion", "torch-AdamW-fused-fp32"]),
+        ("small", small_shapes(500 if args.tiny else 10_000),
+         ["FlashAdamW-24", "torch-AdamW-fused-fp32", "torch-AdamW-foreach-fp32"]),
+    ]
+    for case, shapes, names in cases:
+        for name in names:
+            params, opt = make(name, shapes)
+            n = sum(p.numel() for p in params)
+            ms = time_step(opt)
+            pb = persistent_bytes(params, opt)
+            gbs = TRAFFIC[name] * n / (ms / 1e3)
+            rows.append(dict(case=case, optimizer=name, params=n, tensors=len(shapes), ms=ms,
+                             bytes_per_param=pb, eff_TBps=gbs / 1e12, share_of_copy=gbs / bw))
+            print(json.dumps(rows[-1]), flush=True)
+            del params, opt
+            torch.cuda.empty_cache()
+    print(f"\n| case | optimizer | params | tensors | step ms | persistent B/param | eff. TB/s | % of copy |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['optimizer']} | {r['params'] / 1e9:.3f}e9 | {r['tensors']} | {r['ms']:.2f} | "
+              f"{r['bytes_per_param']:.2f} | {r['eff_TBps']:.2f} | {100 * r['share_of_copy']:.0f}% |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": dev, "copy_TBps": bw / 1e12, "check": check, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

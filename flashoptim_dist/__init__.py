@@ -1,0 +1,29 @@
+"""flashoptim_dist: FlashOptim's ~7-byte AdamW, sharded across FSDP2, FSDP1, DDP and DeepSpeed.
+
+Public API::
+
+    from flashoptim_dist import FlashAdamW, FlashAdam, FlashSGD, FlashSGDW, FlashLion
+    from flashoptim_dist import FlashConfig, enable_gradient_release, cast_model, numerics
+"""
+
+from . import numerics
+from .config import FlashConfig
+from .optim import FlashAdam, FlashAdamW, FlashLion, FlashOptimizer, FlashSGD, FlashSGDW
+from .release import GradientReleaseHandle, enable_gradient_release
+from .utils import cast_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlashAdamW",
+    "FlashAdam",
+    "FlashSGD",
+    "FlashSGDW",
+    "FlashLion",
+    "FlashOptimizer",
+    "FlashConfig",
+    "enable_gradient_release",
+    "GradientReleaseHandle",
+    "cast_model",
+    "numerics",
+]

@@ -1,0 +1,2 @@
+"""Private Triton kernels. The public API never exposes them; see flashoptim_dist.optim.reference
+for the math they implement."""

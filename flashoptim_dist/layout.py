@@ -1,0 +1,217 @@
+"""The canonical state layout: the one place that decides how optimizer state is laid out.
+
+Invariant (DESIGN.md §3): the representation of a parameter's optimizer state is a pure
+function of the parameter's *global* shape and the numeric config, never of the shard a rank
+holds.
+
+The rule chosen here:
+
+* A parameter is flattened in row-major order of its **global** shape. Quantization groups are
+  the contiguous runs ``[g*G, (g+1)*G)`` of that flattened global index (``G = group_size``,
+  32 by default). The last group of a parameter may be short.
+* Every element of a parameter with a floating dtype gets 8-bit states when quantization is on;
+  there is no size threshold, so a norm weight is laid out exactly like a projection matrix and a
+  flat DeepSpeed partition that mixes both needs no special case.
+* A rank holds one or more :class:`Segment` s of a parameter: contiguous runs of the flattened
+  global index. The *phase* of a segment, ``global_start % G``, says where inside its canonical
+  group the segment starts. A segment that starts or ends inside a group holds a *partial group*
+  and keeps its own scale for it at run time; checkpoints reconcile the two halves.
+* Per segment the rank stores one scale per canonical group it touches:
+  ``ceil((phase + length) / G)`` scales, laid out segment after segment.
+
+Engines tell the optimizer what a rank holds by attaching a :class:`ShardSpec` to the parameter
+(:func:`set_shard_spec`) or through an adapter registered with :func:`register_shard_adapter`
+(FSDP2's DTensors are handled that way). The optimizer core never imports an engine.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "Segment",
+    "ShardSpec",
+    "StateLayout",
+    "state_layout",
+    "num_groups",
+    "set_shard_spec",
+    "get_shard_spec",
+    "register_shard_adapter",
+    "resolve_shard",
+]
+
+#: Attribute name under which an engine adapter stores a :class:`ShardSpec` on a parameter.
+SHARD_SPEC_ATTR = "_flashoptim_shard_spec"
+
+
+def num_groups(length: int, phase: int, group_size: int) -> int:
+    """Number of canonical groups a run of ``length`` elements starting at ``phase`` touches."""
+    if length <= 0:
+        return 0
+    return (phase + length + group_size - 1) // group_size
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A contiguous run of one global parameter's elements that this rank holds.
+
+    Attributes:
+        local_start: offset of the run's first element in the *optimizer tensor's* local flat
+            storage (0 for a whole tensor or a single shard).
+        length: number of elements in the run (may be 0).
+        global_start: offset of the run's first element in the flattened *global* parameter;
+            ``global_start % group_size`` is the canonical group phase.
+        key: identity of the global parameter (its FQN) when one optimizer tensor packs several
+            parameters (DeepSpeed flat partitions). ``None`` means "the tensor itself".
+        global_numel: number of elements of the global parameter (``-1`` = unknown / same as
+            the optimizer tensor).
+    """
+
+    local_start: int
+    length: int
+    global_start: int
+    key: Optional[str] = None
+    global_numel: int = -1
+
+    def phase(self, group_size: int) -> int:
+        return self.global_start % group_size
+
+    def n_groups(self, group_size: int) -> int:
+        return num_groups(self.length, self.phase(group_size), group_size)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a rank holds of a parameter, as seen by the optimizer.
+
+    Attributes:
+        global_shape: shape of the full (unsharded) parameter.
+        segments: the runs of the flattened global parameter held locally, in local order.
+            They must tile the local tensor: ``segments[i].local_start`` increasing, no overlap.
+        local: optional callable returning the local tensor to update in place, for engines
+            whose parameter object is not itself the local storage (FSDP2 DTensors).
+        grad: optional callable returning the local gradient (same numel as the local tensor)
+            or ``None``.
+    """
+
+    global_shape: tuple
+    segments: tuple
+    local: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    grad: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+
+    @property
+    def global_numel(self) -> int:
+        return math.prod(self.global_shape)
+
+
+def set_shard_spec(param: torch.Tensor, spec: ShardSpec) -> None:
+    """Attach ``spec`` to ``param`` (used by engine adapters such as FSDP1's)."""
+    setattr(param, SHARD_SPEC_ATTR, spec)
+
+
+def get_shard_spec(param: torch.Tensor) -> Optional[ShardSpec]:
+    return getattr(param, SHARD_SPEC_ATTR, None)
+
+
+# Adapters: callables ``param -> ShardSpec | None``; first non-None wins. Engines register here
+# (see flashoptim_dist/distributed/); the optimizer core only calls resolve_shard().
+_ADAPTERS: list = []
+
+
+def register_shard_adapter(fn: Callable[[torch.Tensor], Optional[ShardSpec]]) -> None:
+    """Register ``fn(param) -> ShardSpec | None``; adapters are asked in registration order."""
+    if fn not in _ADAPTERS:
+        _ADAPTERS.append(fn)
+
+
+def _whole_tensor_spec(param: torch.Tensor) -> ShardSpec:
+    n = param.numel()
+    return ShardSpec(global_shape=tuple(param.shape), segments=(Segment(0, n, 0, None, n),))
+
+
+def resolve_shard(param: torch.Tensor) -> ShardSpec:
+    """The :class:`ShardSpec` for ``param``: an attached spec, an adapter's, or the whole tensor."""
+    spec = get_shard_spec(param)
+    if spec is not None:
+        return spec
+    for fn in _ADAPTERS:
+        spec = fn(param)
+        if spec is not None:
+            return spec
+    return _whole_tensor_spec(param)
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Storage plan for one optimizer tensor's state on this rank (derived from ShardSpec+config).
+
+    Attributes:
+        numel: local element count (codes and ρ have this many entries).
+        group_size: canonical group size G.
+        segments: the local segments (see :class:`Segment`).
+        scale_offsets: start of each segment's scales inside the tensor's scale vector.
+        n_scales: total scales held locally (one bf16 per touched canonical group).
+        rho_dtype: ``torch.int8`` (24-bit masters), ``torch.int16`` (32-bit) or ``None``.
+        quantized: whether moment states are 8-bit codes + scales (else fp32).
+    """
+
+    numel: int
+    group_size: int
+    segments: tuple
+    scale_offsets: tuple
+    n_scales: int
+    rho_dtype: Optional[torch.dtype]
+    quantized: bool
+
+    def state_bytes(self, n_states: int) -> int:
+        """Bytes of persistent state: ρ + codes/fp32 moments + bf16 scales."""
+        rho = 0 if self.rho_dtype is None else self.numel * torch.empty((), dtype=self.rho_dtype).element_size()
+        if self.quantized:
+            per_state = self.numel + 2 * self.n_scales
+        else:
+            per_state = 4 * self.numel
+        return rho + n_states * per_state
+
+
+def rho_dtype_for(param_dtype: torch.dtype, master_weight_bits: Optional[int]) -> Optional[torch.dtype]:
+    """ρ storage: int8 for 24-bit masters, int16 for 32-bit; none for fp32 params or no ECC."""
+    if master_weight_bits is None or param_dtype == torch.float32:
+        return None
+    return {24: torch.int8, 32: torch.int16}[master_weight_bits]
+
+
+def state_layout(
+    numel: int,
+    segments: Sequence[Segment],
+    param_dtype: torch.dtype,
+    *,
+    group_size: int,
+    quantize: bool,
+    master_weight_bits: Optional[int],
+) -> StateLayout:
+    """Decide the state layout from the segments (global coordinates) and the config only."""
+    offs = []
+    total = 0
+    covered = 0
+    for s in segments:
+        offs.append(total)
+        total += s.n_groups(group_size)
+        covered += s.length
+    if covered != numel:
+        raise ValueError(
+            f"shard segments cover {covered} elements but the local tensor has {numel}; "
+            "the engine adapter produced an inconsistent ShardSpec"
+        )
+    return StateLayout(
+        numel=numel,
+        group_size=group_size,
+        segments=tuple(segments),
+        scale_offsets=tuple(offs),
+        n_scales=total,
+        rho_dtype=rho_dtype_for(param_dtype, master_weight_bits),
+        quantized=quantize,
+    )

@@ -1,0 +1,6 @@
+"""Flash optimizers: public classes (:mod:`.flash`), core (:mod:`.base`), reference math (:mod:`.reference`)."""
+
+from .base import STATE_FORMAT_VERSION, FlashOptimizer
+from .flash import FlashAdam, FlashAdamW, FlashLion, FlashSGD, FlashSGDW
+
+__all__ = ["FlashOptimizer", "FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion", "STATE_FORMAT_VERSION"]

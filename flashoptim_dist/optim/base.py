@@ -1,0 +1,563 @@
+"""The Flash optimizer core: state management, segment lists and dispatch to kernel or reference.
+
+Layering (as in ``torch.optim``): the public classes in :mod:`.flash` only validate
+hyper-parameters and say how a param group's hyper-parameters become a fp32 row
+(:mod:`.reference` names the columns); this module turns parameters into *segments*
+(:mod:`flashoptim_dist.layout`), owns the state tensors, and runs one fused launch per
+(family, dtype) combination per step. Nothing here knows which engine sharded a parameter:
+engines describe shards through :func:`flashoptim_dist.layout.resolve_shard`.
+
+Per-element state (bf16 params, quantization on):
+
+=====================  ================================  =======================
+state key              dtype / size                      bytes per element
+=====================  ================================  =======================
+``rho``                int8 (24-bit) / int16 (32-bit)    1 / 2
+``exp_avg``            int8 companded codes              1
+``exp_avg_scales``     bf16, one per canonical group     2/G = 0.0625
+``exp_avg_sq``         uint8 sqrt-companded codes        1
+``exp_avg_sq_scales``  bf16, one per canonical group     0.0625
+=====================  ================================  =======================
+
+FlashAdamW-24: 3.125 bytes of state per element (+ 2 param + 2 grad = 7.125).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.optim import Optimizer
+
+from .. import layout as lay
+from .. import numerics as nx
+from ..config import FlashConfig
+from .reference import FAMILIES, N_HYPER, SegmentViews, reference_step_segment
+
+__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION"]
+
+#: Version of the optimizer state_dict / checkpoint state format.
+STATE_FORMAT_VERSION = 1
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_usable(device: torch.device, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if backend == "triton":
+                raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+            return False
+        return True
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
+                "triton is imported (CPU interpretation, for tests); use backend='auto' on CPU"
+            )
+        return True
+    return False
+
+
+class _TensorInfo:
+    """What the optimizer knows about one optimizer tensor (cached at state init)."""
+
+    __slots__ = ("spec", "layout", "local_fn", "grad_fn", "numerics_checked")
+
+    def __init__(self, spec: lay.ShardSpec, layout: lay.StateLayout):
+        self.spec = spec
+        self.layout = layout
+        self.numerics_checked = False
+
+
+class FlashOptimizer(Optimizer):
+    """Base class of the Flash optimizers (a :class:`torch.optim.Optimizer`).
+
+    Subclasses set ``family`` ("adam" | "sgd" | "lion"), ``decoupled`` and implement
+    :meth:`_hyper_rows` and :meth:`_n_states`.
+    """
+
+    family: str = ""
+    decoupled: bool = True
+
+    def __init__(self, params, defaults: Dict[str, Any], config: FlashConfig):
+        self.config = config
+        self._info: Dict[torch.Tensor, _TensorInfo] = {}
+        self._plans: Dict[tuple, Any] = {}
+        self._gradient_release = None  # set by enable_gradient_release
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            local = self._local(p)
+            if not (local.dtype in _FLOAT_DTYPES):
+                raise TypeError(
+                    f"{type(self).__name__} supports float32, bfloat16 and float16 parameters; got a "
+                    f"{local.dtype} parameter of shape {tuple(p.shape)}. Integer and complex tensors "
+                    "must not be passed to the optimizer."
+                )
+            if not local.is_contiguous():
+                raise ValueError(
+                    f"{type(self).__name__} needs contiguous parameters; got one of shape "
+                    f"{tuple(p.shape)} with stride {local.stride()}. Make it contiguous before "
+                    "creating the optimizer (p.data = p.data.contiguous())."
+                )
+        self._validate_group(group)
+
+    def _validate_group(self, group: Dict[str, Any]) -> None:  # overridden
+        pass
+
+    # ------------------------------------------------------------------ shards
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        spec = lay.resolve_shard(p)
+        return spec.local(p) if spec.local is not None else p
+
+    @staticmethod
+    def _grad(p: torch.Tensor, spec: lay.ShardSpec) -> Optional[torch.Tensor]:
+        if spec.grad is not None:
+            return spec.grad(p)
+        return p.grad
+
+    def _n_states(self, group: Dict[str, Any]) -> int:
+        return len(FAMILIES[self.family])
+
+    def _hyper_rows(self, group: Dict[str, Any], steps: np.ndarray) -> np.ndarray:  # overridden
+        """fp64 rows ``[len(steps), N_HYPER]`` for tensors of ``group`` at the given step counts."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ state
+    def _make_info(self, p: torch.Tensor) -> _TensorInfo:
+        spec = lay.resolve_shard(p)
+        local = spec.local(p) if spec.local is not None else p
+        cfg = self.config
+        layout = lay.state_layout(
+            local.numel(),
+            spec.segments,
+            local.dtype,
+            group_size=cfg.group_size,
+            quantize=cfg.quantize,
+            master_weight_bits=cfg.master_weight_bits,
+        )
+        return _TensorInfo(spec, layout)
+
+    def _fresh_state(self, p: torch.Tensor, info: _TensorInfo, group: Dict[str, Any]) -> None:
+        layout = info.layout
+        local = self._local(p)
+        dev, n = local.device, local.numel()
+        state = self.state[p]
+        state["step"] = 0
+        if layout.rho_dtype is not None:
+            # the current narrow value is exact, so the correction starts at zero
+            state["rho"] = torch.zeros(n, dtype=layout.rho_dtype, device=dev)
+        for name, kind in FAMILIES[self.family][: self._n_states(group)]:
+            if layout.quantized:
+                dt = torch.int8 if kind == "signed" else torch.uint8
+                state[name] = torch.zeros(n, dtype=dt, device=dev)
+                state[name + "_scales"] = torch.zeros(layout.n_scales, dtype=torch.bfloat16, device=dev)
+            else:
+                state[name] = torch.zeros(n, dtype=torch.float32, device=dev)
+
+    def _info_for(self, p: torch.Tensor, group: Dict[str, Any]) -> _TensorInfo:
+        info = self._info.get(p)
+        if info is None:
+            info = self._info[p] = self._make_info(p)
+        if "step" not in self.state[p]:
+            self._fresh_state(p, info, group)
+        return info
+
+    # ------------------------------------------------------------------ stepping
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """One optimizer step over every parameter that has a gradient."""
+        if self._gradient_release is not None:
+            raise RuntimeError(
+                "optimizer.step() was called while gradient release is active: every parameter "
+                "was already updated during backward. Remove the call (gradient accumulation, "
+                "GradScaler and clipping of the full gradient cannot work with release), or call "
+                "handle.remove() to go back to stepping after backward."
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                items.append((p, group))
+        self._step_items(items)
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> None:
+        """Step one parameter (used by gradient release)."""
+        if group is None:
+            group = self._group_of(p)
+        self._step_items([(p, group)])
+
+    def _group_of(self, p: torch.Tensor) -> Dict[str, Any]:
+        for group in self.param_groups:
+            for q in group["params"]:
+                if q is p:
+                    return group
+        raise KeyError("parameter is not managed by this optimizer")
+
+    def _step_items(self, items: List[Tuple[torch.Tensor, Dict[str, Any]]]) -> None:
+        # Collect the tensors with gradients, bucketed by launch combination. This loop runs
+        # for every parameter every step: keep it to attribute reads and dict lookups.
+        buckets: Dict[tuple, list] = {}
+        check = self.config.check_numerics
+        for p, group in items:
+            info = self._info.get(p)
+            spec = info.spec if info is not None else lay.resolve_shard(p)
+            grad = spec.grad(p) if spec.grad is not None else p.grad
+            if grad is None:
+                continue
+            local = spec.local(p) if spec.local is not None else p
+            grad = self._check_grad(p, grad, local)
+            if info is None or "step" not in self.state[p]:
+                info = self._info_for(p, group)
+            state = self.state[p]
+            state["step"] += 1
+            if check and not info.numerics_checked:
+                self._check_resolution(p, local, grad, group, info)
+            key = (local.device, local.dtype, grad.dtype, info.layout.rho_dtype, info.layout.quantized, self._n_states(group))
+            entries = buckets.get(key)
+            if entries is None:
+                entries = buckets[key] = []
+            entries.append((p, group, local, grad, info, state))
+        for key, entries in buckets.items():
+            self._launch(key, entries)
+
+    def _check_grad(self, p, grad, local):
+        if grad.is_sparse:
+            raise RuntimeError(
+                f"{type(self).__name__} does not support sparse gradients (parameter of shape "
+                f"{tuple(p.shape)}); use a dense embedding (sparse=False) or torch.optim.SparseAdam"
+            )
+        if grad.is_complex():
+            raise RuntimeError(
+                f"{type(self).__name__} does not support complex gradients; view complex parameters "
+                "as real (torch.view_as_real) before passing them to the optimizer"
+            )
+        if grad.numel() != local.numel():
+            raise RuntimeError(
+                f"gradient has {grad.numel()} elements but the local parameter has {local.numel()}; "
+                "the engine adapter's ShardSpec.grad returned the wrong tensor"
+            )
+        if not grad.is_contiguous():
+            grad = grad.contiguous()
+        return grad
+
+    def _hyper_table(self, entries) -> np.ndarray:
+        """fp64 hyper rows ``[len(entries), N_HYPER]``, vectorized per param group."""
+        out = np.empty((len(entries), N_HYPER), dtype=np.float64)
+        by_group: Dict[int, list] = {}
+        for i, e in enumerate(entries):
+            by_group.setdefault(id(e[1]), []).append(i)
+        for idx in by_group.values():
+            group = entries[idx[0]][1]
+            steps = np.fromiter((entries[i][5]["step"] for i in idx), dtype=np.float64, count=len(idx))
+            out[idx] = self._hyper_rows(group, steps)
+        return out
+
+    def _launch(self, key, entries) -> None:
+        device, pdtype, gdtype, rho_dtype, quantized, n_states = key
+        group_size = self.config.group_size
+        hyper = self._hyper_table(entries)
+        names = [name for name, _ in FAMILIES[self.family][:n_states]]
+        if _triton_usable(device, self.config.backend):
+            from ..kernels import fused_step
+
+            plan_key = (key,) + tuple(map(id, (e[0] for e in entries)))
+            plan = self._plans.get(plan_key)
+            if plan is None:
+                plan = self._build_plan(entries, device, names, quantized, rho_dtype, fused_step)
+                if len(self._plans) > 4096:  # bounded: per-param plans of gradient release recur
+                    self._plans.clear()
+                self._plans[plan_key] = plan
+            fused_step.launch(
+                plan, self.family, self.decoupled, [e[2] for e in entries], [e[3] for e in entries], hyper
+            )
+            return
+        hyper32 = torch.from_numpy(hyper.astype(np.float32))
+        for (p, group, local, grad, info, state), row in zip(entries, hyper32):
+            flat, gflat = local.view(-1), grad.view(-1)
+            rho = state.get("rho")
+            for seg, soff in zip(info.layout.segments, info.layout.scale_offsets):
+                if seg.length == 0:
+                    continue
+                sl = slice(seg.local_start, seg.local_start + seg.length)
+                ng = seg.n_groups(group_size)
+                views = SegmentViews(
+                    param=flat[sl],
+                    grad=gflat[sl],
+                    rho=None if rho is None else rho[sl],
+                    states=[state[n][sl] for n in names],
+                    scales=[state[n + "_scales"][soff : soff + ng] if quantized else None for n in names],
+                    phase=seg.phase(group_size),
+                )
+                reference_step_segment(self.family, self.decoupled, views, row, group_size)
+
+    def _build_plan(self, entries, device, names, quantized, rho_dtype, fused_step):
+        g = self.config.group_size
+        segs = []
+        for i, (_, _, _, _, info, _) in enumerate(entries):
+            for seg, soff in zip(info.layout.segments, info.layout.scale_offsets):
+                if seg.length:
+                    segs.append((i, seg.local_start, seg.length, seg.phase(g), soff))
+        states = [e[5] for e in entries]
+        return fused_step.KernelPlan(
+            segs,
+            [st["rho"] for st in states] if rho_dtype is not None else None,
+            [[st[n] for st in states] for n in names],
+            [[st[n + "_scales"] for st in states] for n in names] if quantized else [],
+            quantized,
+            g,
+            device,
+        )
+
+    # ------------------------------------------------------------------ numerics check
+    def _update_scale(self, group, grad) -> float:
+        """Typical magnitude of one step's update before the lr (1 for sign/normalized updates)."""
+        return 1.0
+
+    def _check_resolution(self, p, local, grad, group, info) -> None:
+        info.numerics_checked = True
+        if local.dtype == torch.float32 or local.numel() == 0:
+            return
+        amax = float(local.detach().abs().float().amax())
+        if not math.isfinite(amax) or amax == 0.0:
+            return
+        mant = 7 if local.dtype == torch.bfloat16 else 10
+        ulp = 2.0 ** (math.floor(math.log2(amax)) - mant)
+        bits = self.config.master_weight_bits
+        levels = {24: 127, 32: 32767, None: 0}[bits]
+        # smallest change the stored master can represent at |θ| = amax
+        resolution = ulp / (2 * levels) if levels else ulp / 2
+        update = group["lr"] * self._update_scale(group, grad)
+        if update < resolution:
+            raise ValueError(
+                f"learning rate {group['lr']:.3g} is too small for a {local.dtype} parameter of shape "
+                f"{tuple(p.shape)} with max |θ| = {amax:.3g}: with master_weight_bits={bits} the "
+                f"master can only move in steps of {resolution:.3g}, so the largest weights would "
+                "never change. Use master_weight_bits=32, a larger learning rate, or keep this "
+                "tensor in float32 (cast_model(..., keep_fp32=[...]))."
+            )
+
+    # ------------------------------------------------------------------ memory accounting
+    def state_bytes(self) -> int:
+        """Bytes held by every state tensor of this optimizer on this rank."""
+        total = 0
+        for st in self.state.values():
+            for v in st.values():
+                if torch.is_tensor(v):
+                    total += v.numel() * v.element_size()
+        return total
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> Dict[str, Any]:
+        """Like ``torch.optim.Optimizer.state_dict`` plus a ``"flashoptim"`` entry with the
+        format version and numeric config. State tensors keep their stored dtypes (int8 codes,
+        bf16 scales, int8/int16 ρ), so a reload is bit exact."""
+        sd = super().state_dict()
+        sd["flashoptim"] = {
+            "format_version": STATE_FORMAT_VERSION,
+            "family": self.family,
+            "config": self.config.to_dict(),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a Flash state dict exactly, or a plain ``torch.optim`` one (quantized on load).
+
+        ``torch.optim.Optimizer.load_state_dict`` casts floating state to the param dtype (it
+        would turn int8 codes into bf16); here state tensors keep their dtype and only move to
+        the param's device.
+        """
+        meta = state_dict.get("flashoptim")
+        if meta is not None:
+            version = meta.get("format_version")
+            if version != STATE_FORMAT_VERSION:
+                raise ValueError(
+                    f"optimizer state format version {version} is not supported (this "
+                    f"flashoptim_dist reads version {STATE_FORMAT_VERSION}); upgrade flashoptim_dist"
+                )
+            if meta.get("family") != self.family:
+                raise ValueError(
+                    f"state dict was written by a {meta.get('family')!r}-family Flash optimizer, "
+                    f"this is {type(self).__name__} ({self.family!r})"
+                )
+            saved = FlashConfig(**meta["config"])
+            for field in ("group_size", "quantize", "master_weight_bits"):
+                if getattr(saved, field) != getattr(self.config, field):
+                    raise ValueError(
+                        f"state dict has {field}={getattr(saved, field)!r} but this optimizer has "
+                        f"{field}={getattr(self.config, field)!r}; convert explicitly with "
+                        "flashoptim_dist.optim.convert_state_dict(...) or construct the optimizer "
+                        "with the saved numeric config"
+                    )
+        saved_state = state_dict["state"]
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        params = [p for g in self.param_groups for p in g["params"]]
+        id_to_group = {}
+        idx = 0
+        for g in self.param_groups:
+            for _ in g["params"]:
+                id_to_group[idx] = g
+                idx += 1
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        id_map = dict(zip(saved_ids, range(len(params))))
+        self._info.clear()
+        self._plans.clear()
+        for pid, st in saved_state.items():
+            i = id_map[pid]
+            p = params[i]
+            group = id_to_group[i]
+            local = self._local(p)
+            if meta is None:
+                st = self._from_torch_state(p, local, st, group)
+            new = {}
+            for k, v in st.items():
+                new[k] = v.to(local.device) if torch.is_tensor(v) else v
+            new["step"] = int(new["step"].item()) if torch.is_tensor(new.get("step")) else int(new.get("step", 0))
+            info = self._make_info(p)
+            self._check_loaded_state(p, new, info.layout, group)
+            self.state[p] = new
+            self._info[p] = info
+
+    def _check_loaded_state(self, p, state, layout: lay.StateLayout, group) -> None:
+        n = layout.numel
+        expect = {}
+        if layout.rho_dtype is not None:
+            expect["rho"] = (layout.rho_dtype, n)
+        for name, kind in FAMILIES[self.family][: self._n_states(group)]:
+            if layout.quantized:
+                expect[name] = (torch.int8 if kind == "signed" else torch.uint8, n)
+                expect[name + "_scales"] = (torch.bfloat16, layout.n_scales)
+            else:
+                expect[name] = (torch.float32, n)
+        for k, (dt, size) in expect.items():
+            v = state.get(k)
+            if v is None:
+                raise ValueError(f"loaded optimizer state for a parameter of shape {tuple(p.shape)} lacks {k!r}")
+            if v.dtype != dt or v.numel() != size:
+                raise ValueError(
+                    f"loaded optimizer state {k!r} for a parameter of shape {tuple(p.shape)} is "
+                    f"{v.dtype}[{v.numel()}], expected {dt}[{size}]: the state dict belongs to a "
+                    "different model, sharding or numeric config"
+                )
+            state[k] = v.reshape(-1).contiguous()
+
+    # ------------------------------------------------------------------ torch interop
+    def _torch_state_names(self, group) -> List[str]:
+        return [name for name, _ in FAMILIES[self.family][: self._n_states(group)]]
+
+    def _from_torch_state(self, p, local, st, group) -> Dict[str, Any]:
+        """Quantize a plain torch.optim state entry into this optimizer's layout."""
+        layout = self._make_info(p).layout
+        out: Dict[str, Any] = {"step": st.get("step", 0)}
+        if layout.rho_dtype is not None:
+            out["rho"] = torch.zeros(local.numel(), dtype=layout.rho_dtype, device=local.device)
+        for name, kind in FAMILIES[self.family][: self._n_states(group)]:
+            v = st.get(name)
+            if v is None:
+                raise ValueError(
+                    f"plain torch state for a parameter of shape {tuple(p.shape)} has no {name!r}; "
+                    f"it has {sorted(st)} — was it written by a different optimizer?"
+                )
+            if v.numel() != local.numel():
+                raise ValueError(
+                    f"torch state {name!r} has {v.numel()} elements, the local parameter {local.numel()}"
+                )
+            v = v.detach().reshape(-1).float().to(local.device)
+            if not layout.quantized:
+                out[name] = v.clone()
+                continue
+            codes = torch.empty(local.numel(), dtype=torch.int8 if kind == "signed" else torch.uint8, device=local.device)
+            scales = torch.empty(layout.n_scales, dtype=torch.bfloat16, device=local.device)
+            fn = nx.quantize_signed if kind == "signed" else nx.quantize_sqrt
+            g = self.config.group_size
+            for seg, soff in zip(layout.segments, layout.scale_offsets):
+                if seg.length == 0:
+                    continue
+                sl = slice(seg.local_start, seg.local_start + seg.length)
+                q, s = fn(v[sl], g, seg.phase(g))
+                codes[sl] = q
+                scales[soff : soff + seg.n_groups(g)] = s
+            out[name] = codes
+            out[name + "_scales"] = scales
+        return out
+
+    def dequantized_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """fp32 moments (shaped like the local param) and the fp32 master of one parameter."""
+        st = self.state[p]
+        info = self._info[p]
+        layout = info.layout
+        local = self._local(p)
+        g = self.config.group_size
+        out = {"step": st["step"]}
+        out["master"] = nx.merge_master(local.reshape(-1), st.get("rho")).view(local.shape)
+        for name, kind in FAMILIES[self.family][: self._n_states(self._group_of(p))]:
+            if not layout.quantized:
+                out[name] = st[name].view(local.shape).clone()
+                continue
+            full = torch.empty(local.numel(), dtype=torch.float32, device=local.device)
+            fn = nx.dequantize_signed if kind == "signed" else nx.dequantize_sqrt
+            for seg, soff in zip(layout.segments, layout.scale_offsets):
+                if seg.length == 0:
+                    continue
+                sl = slice(seg.local_start, seg.local_start + seg.length)
+                full[sl] = fn(st[name][sl], st[name + "_scales"][soff : soff + seg.n_groups(g)], g, seg.phase(g))
+            out[name] = full.view(local.shape)
+        return out
+
+    def torch_state_dict(self) -> Dict[str, Any]:
+        """A dequantized state dict that the matching ``torch.optim`` optimizer loads.
+
+        Moments become fp32 tensors shaped like the parameters; ``step`` a float tensor.
+        The fp32 masters are not part of a torch optimizer state; get them with
+        :meth:`master_params` (θ' + ρ correction).
+        """
+        sd = super().state_dict()
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = {}
+        for i, p in enumerate(params):
+            if p not in self.state or "step" not in self.state[p]:
+                continue
+            dq = self.dequantized_state(p)
+            entry = {"step": torch.tensor(float(dq["step"]))}
+            for name in self._torch_state_names(self._group_of(p)):
+                entry[name] = dq[name]
+            state[i] = entry
+        groups = []
+        for g in sd["param_groups"]:
+            g = {k: v for k, v in g.items() if k not in self._flash_only_group_keys()}
+            groups.append(g)
+        return {"state": state, "param_groups": groups}
+
+    def _flash_only_group_keys(self) -> Tuple[str, ...]:
+        return ()
+
+    @torch.no_grad()
+    def master_params(self) -> List[torch.Tensor]:
+        """fp32 master of every parameter (θ' + ρ correction; θ' itself where no ρ is kept)."""
+        out = []
+        for g in self.param_groups:
+            for p in g["params"]:
+                local = self._local(p)
+                rho = self.state[p].get("rho") if p in self.state else None
+                out.append(nx.merge_master(local.reshape(-1), rho).view(local.shape))
+        return out

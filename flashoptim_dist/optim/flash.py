@@ -1,0 +1,300 @@
+"""The public Flash optimizers: hyper-parameter validation and per-group hyper rows.
+
+Every class is a :class:`torch.optim.Optimizer` with the same hyper-parameters and update rule
+as its ``torch.optim`` counterpart, plus the numeric options of :class:`~flashoptim_dist.FlashConfig`
+(``master_weight_bits``, ``quantize``, ``group_size``, ``backend``, ``check_numerics``).
+
+Persistent bytes per parameter with bf16 params and bf16 grads (params 2 + grads 2 + state):
+
+=========================  =========  ==============================================
+optimizer                  bytes      state
+=========================  =========  ==============================================
+FlashAdamW/FlashAdam-24    7.125      ρ int8 1 + m 1 + v 1 + 2 bf16 scales per 32
+FlashAdamW-32              8.125      ρ int16 2 + m 1 + v 1 + scales
+FlashSGD(momentum)/Lion    6.06       ρ 1 + momentum 1 + scales
+FlashSGD (no momentum)     5          ρ 1
+torch AdamW, fp32 params   16         param 4 + grad 4 + m 4 + v 4
+=========================  =========  ==============================================
+
+With gradient release (:func:`~flashoptim_dist.enable_gradient_release`) the 2 grad bytes
+are freed right after each parameter's update, so only one tensor's grad is alive at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..config import FlashConfig
+from .base import FlashOptimizer
+
+__all__ = ["FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion"]
+
+
+def _as_float(name: str, value) -> float:
+    if torch.is_tensor(value):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = float(value.item())
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_range(name: str, value: float, lo: float, hi: float, lo_open=False, hi_open=True) -> None:
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        raise ValueError(f"Invalid {name}: {value} (must be in {lb}{lo}, {hi}{rb})")
+
+
+def _no_torch_only_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
+    """Reject torch.optim implementation switches with a message saying why."""
+    for flag in ("foreach", "fused", "capturable", "differentiable"):
+        if kwargs.pop(flag, None):
+            raise ValueError(
+                f"{cls_name} has its own fused implementation; the torch.optim option {flag}=True "
+                "does not apply. Remove it."
+            )
+    if kwargs:
+        raise TypeError(f"{cls_name} got unexpected keyword arguments: {sorted(kwargs)}")
+
+
+def _rows(n: int, values: List[float]) -> np.ndarray:
+    """``n`` copies of one fp64 hyper row (step-independent columns)."""
+    return np.tile(np.asarray(values, dtype=np.float64), (n, 1))
+
+
+def _config(master_weight_bits, quantize, group_size, backend, check_numerics) -> FlashConfig:
+    return FlashConfig(
+        group_size=group_size,
+        quantize=quantize,
+        master_weight_bits=master_weight_bits,
+        backend=backend,
+        check_numerics=check_numerics,
+    )
+
+
+class _AdamBase(FlashOptimizer):
+    family = "adam"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: Tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        master_weight_bits: Optional[int] = 24,
+        quantize: bool = True,
+        group_size: int = 32,
+        backend: str = "auto",
+        check_numerics: bool = False,
+        **kwargs,
+    ):
+        _no_torch_only_flags(type(self).__name__, kwargs)
+        if amsgrad:
+            raise ValueError(
+                f"{type(self).__name__} does not implement amsgrad (it would need a third state); "
+                "use torch.optim.AdamW(amsgrad=True)"
+            )
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics))
+
+    def _validate_group(self, group):
+        lr = _as_float("learning rate", group["lr"])
+        _check_range("learning rate", lr, 0.0, math.inf)
+        b1, b2 = (_as_float("beta", b) for b in group["betas"])
+        _check_range("beta1", b1, 0.0, 1.0)
+        _check_range("beta2", b2, 0.0, 1.0)
+        _check_range("epsilon", _as_float("epsilon", group["eps"]), 0.0, math.inf)
+        _check_range("weight_decay", _as_float("weight_decay", group["weight_decay"]), 0.0, math.inf)
+
+    def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        bias_correction1 = 1 - np.power(beta1, steps)
+        bias_correction2 = 1 - np.power(beta2, steps)
+        rows = _rows(len(steps), [
+            1 - lr * wd if self.decoupled else 1.0,  # decay
+            0.0 if self.decoupled else wd,  # l2
+            1 - beta1,  # w1 (lerp weight)
+            beta2,
+            1 - beta2,  # w2
+            float(group["eps"]),
+            0.0,
+            0.0,
+            -1.0 if group["maximize"] else 1.0,
+            0.0,
+        ])
+        rows[:, 6] = lr / bias_correction1  # step_size
+        rows[:, 7] = 1.0 / np.sqrt(bias_correction2)  # inv_bc2_sqrt
+        return rows
+
+
+class FlashAdamW(_AdamBase):
+    """AdamW (decoupled weight decay, ``θ ← θ(1 − lr·wd)``) with FlashOptim storage.
+
+    Same hyper-parameters and defaults as :class:`torch.optim.AdamW` (``weight_decay=0.01``).
+    State per element with bf16 params: int8 ρ (1 B, 24-bit master) + int8 companded first
+    moment (1 B) + uint8 sqrt-companded second moment (1 B) + 2 bf16 scales per 32 elements
+    (0.125 B) = 3.125 bytes. ``master_weight_bits=32`` makes ρ int16 (4.125 B);
+    ``quantize=False`` keeps fp32 moments (8 B + ρ).
+    """
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, **kwargs):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **kwargs)
+
+
+class FlashAdam(_AdamBase):
+    """Adam (L2 penalty added to the gradient, ``g ← g + wd·θ``) with FlashOptim storage.
+
+    Same hyper-parameters and defaults as :class:`torch.optim.Adam`; memory as :class:`FlashAdamW`.
+    """
+
+    decoupled = False
+
+
+class _SGDBase(FlashOptimizer):
+    family = "sgd"
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        master_weight_bits: Optional[int] = 24,
+        quantize: bool = True,
+        group_size: int = 32,
+        backend: str = "auto",
+        check_numerics: bool = False,
+        **kwargs,
+    ):
+        _no_torch_only_flags(type(self).__name__, kwargs)
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+        )
+        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics))
+
+    def _validate_group(self, group):
+        _check_range("learning rate", _as_float("learning rate", group["lr"]), 0.0, math.inf)
+        m = _as_float("momentum", group["momentum"])
+        _check_range("momentum", m, 0.0, math.inf)
+        _check_range("weight_decay", _as_float("weight_decay", group["weight_decay"]), 0.0, math.inf)
+        d = _as_float("dampening", group["dampening"])
+        if group["nesterov"] and (m <= 0 or d != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _n_states(self, group) -> int:
+        return 1 if float(group["momentum"]) != 0.0 else 0
+
+    def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
+        lr = float(group["lr"])
+        wd = float(group["weight_decay"])
+        rows = _rows(len(steps), [
+            1 - lr * wd if self.decoupled else 1.0,
+            0.0 if self.decoupled else wd,
+            float(group["momentum"]),
+            1 - float(group["dampening"]),
+            1.0 if group["nesterov"] else 0.0,
+            0.0,
+            lr,
+            0.0,
+            -1.0 if group["maximize"] else 1.0,
+            0.0,
+        ])
+        rows[:, 5] = steps == 1  # first step: buf = grad (torch clones the grad)
+        return rows
+
+    def _update_scale(self, group, grad) -> float:
+        # SGD moves θ by lr·|g|; use the mean |g| of the tensor as the typical update
+        return float(grad.detach().float().abs().mean()) if grad.numel() else 0.0
+
+
+class FlashSGD(_SGDBase):
+    """SGD with momentum, dampening, Nesterov and coupled weight decay, as :class:`torch.optim.SGD`.
+
+    State per element with bf16 params: ρ int8 (1 B) + int8 companded momentum (1 B, only when
+    ``momentum > 0``) + one bf16 scale per 32 elements.
+    """
+
+    decoupled = False
+
+
+class FlashSGDW(_SGDBase):
+    """SGD whose weight decay is decoupled (``θ ← θ(1 − lr·wd)`` before the step), like AdamW."""
+
+    decoupled = True
+
+
+class FlashLion(FlashOptimizer):
+    """Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms").
+
+    ``θ ← θ(1 − lr·wd) − lr·sign(β1·m + (1−β1)·g)``, then ``m ← β2·m + (1−β2)·g``. Defaults
+    ``lr=1e-4, betas=(0.9, 0.99), weight_decay=0``. State: ρ (1 B) + int8 momentum (1 B) + scales.
+    """
+
+    family = "lion"
+    decoupled = True
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-4,
+        betas: Tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        *,
+        maximize: bool = False,
+        master_weight_bits: Optional[int] = 24,
+        quantize: bool = True,
+        group_size: int = 32,
+        backend: str = "auto",
+        check_numerics: bool = False,
+        **kwargs,
+    ):
+        _no_torch_only_flags(type(self).__name__, kwargs)
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics))
+
+    def _validate_group(self, group):
+        _check_range("learning rate", _as_float("learning rate", group["lr"]), 0.0, math.inf)
+        b1, b2 = (_as_float("beta", b) for b in group["betas"])
+        _check_range("beta1", b1, 0.0, 1.0)
+        _check_range("beta2", b2, 0.0, 1.0)
+        _check_range("weight_decay", _as_float("weight_decay", group["weight_decay"]), 0.0, math.inf)
+
+    def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
+        lr = float(group["lr"])
+        beta1, beta2 = (float(b) for b in group["betas"])
+        return _rows(len(steps), [
+            1 - lr * float(group["weight_decay"]),
+            0.0,
+            beta1,
+            1 - beta1,
+            beta2,
+            1 - beta2,
+            lr,
+            0.0,
+            -1.0 if group["maximize"] else 1.0,
+            0.0,
+        ])

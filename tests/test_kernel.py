@@ -1,0 +1,131 @@
+"""The fused Triton kernel (interpreted on CPU: TRITON_INTERPRET=1) against the reference math.
+
+Contract (tests/tolerances.py "kernel_vs_reference_codes" = 0): bit-identical params, ρ, codes
+and scales, because both run the same IEEE fp32 operations in the same order.
+"""
+
+import os
+
+import pytest
+import torch
+
+import flashoptim_dist as F
+from flashoptim_dist.layout import Segment, ShardSpec, set_shard_spec
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+    reason="kernel tests need CUDA or TRITON_INTERPRET=1 (set by tests/conftest.py on CPU machines)",
+)
+
+
+def _bits(t):
+    if t.dtype in (torch.bfloat16, torch.float16):
+        return t.view(torch.int16)
+    if t.dtype == torch.float32:
+        return t.view(torch.int32)
+    return t
+
+
+def _segmented_params(dtype, seed=0):
+    """Tensors whose ShardSpecs cut canonical groups at odd phases, plus 1-element and empty runs."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    # (local numel, segments as (local_start, length, global_start))
+    layouts = [
+        (1, [(0, 1, 0)]),
+        (0, [(0, 0, 5)]),
+        (77, [(0, 77, 13)]),  # one run starting mid-group (phase 13)
+        (100, [(0, 3, 61), (3, 0, 0), (3, 1, 40), (4, 96, 1000)]),  # flat-partition-like: several params
+        (4100, [(0, 4100, 31)]),  # spans several kernel blocks, phase 31
+        (64, [(0, 64, 0)]),
+    ]
+    for numel, segs in layouts:
+        p = torch.nn.Parameter((torch.randn(max(numel, 0), generator=g) * 0.1).to(dtype))
+        spec = ShardSpec(global_shape=(numel,), segments=tuple(Segment(a, n, gs) for a, n, gs in segs))
+        set_shard_spec(p, spec)
+        out.append(p)
+    return out
+
+
+def _run(cls, backend, dtype, steps=3, nan_at=None, **kw):
+    ps = _segmented_params(dtype)
+    opt = cls(ps, backend=backend, **kw)
+    for s in range(steps):
+        g = torch.Generator().manual_seed(100 + s)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g).to(dtype)
+        if nan_at is not None:
+            ps[4].grad[nan_at] = float("nan")
+        opt.step()
+    return ps, opt
+
+
+CASES = [
+    (F.FlashAdamW, torch.bfloat16, {}),
+    (F.FlashAdamW, torch.bfloat16, {"master_weight_bits": 32}),
+    (F.FlashAdamW, torch.bfloat16, {"master_weight_bits": None}),
+    (F.FlashAdamW, torch.bfloat16, {"quantize": False}),
+    (F.FlashAdamW, torch.float16, {}),
+    (F.FlashAdamW, torch.float32, {}),
+    (F.FlashAdam, torch.bfloat16, {"weight_decay": 0.1, "maximize": True}),
+    (F.FlashSGD, torch.bfloat16, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+    (F.FlashSGD, torch.bfloat16, {"momentum": 0.9, "dampening": 0.1}),
+    (F.FlashSGD, torch.bfloat16, {}),
+    (F.FlashSGDW, torch.bfloat16, {"momentum": 0.5, "weight_decay": 0.1}),
+    (F.FlashLion, torch.bfloat16, {"weight_decay": 0.1}),
+    (F.FlashAdamW, torch.bfloat16, {"group_size": 64}),
+]
+
+
+@pytest.mark.parametrize("cls,dtype,kw", CASES, ids=[f"{c.__name__}-{d}-{k}" for c, d, k in CASES])
+def test_kernel_matches_reference_bit_for_bit(cls, dtype, kw):
+    ref_p, ref_o = _run(cls, "reference", dtype, **kw)
+    ker_p, ker_o = _run(cls, "triton", dtype, **kw)
+    for a, b in zip(ref_p, ker_p):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach()))
+        sa, sb = ref_o.state.get(a, {}), ker_o.state.get(b, {})
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert sa[k].dtype == sb[k].dtype
+                assert torch.equal(_bits(sa[k]), _bits(sb[k])), k
+            else:
+                assert sa[k] == sb[k]
+
+
+def test_kernel_nan_gradient_is_contained():
+    ref_p, ref_o = _run(F.FlashAdamW, "reference", torch.bfloat16, nan_at=100)
+    ker_p, ker_o = _run(F.FlashAdamW, "triton", torch.bfloat16, nan_at=100)
+    p = ker_p[4]
+    st = ker_o.state[p]
+    assert torch.isnan(p[100].float())
+    # ρ of the NaN element is defined (0); every other element stays finite
+    assert int(st["rho"][100]) == 0
+    others = torch.cat([p[:100], p[101:]]).float()
+    assert bool(torch.isfinite(others).all())
+    assert bool(torch.isfinite(st["exp_avg_scales"].float()).all())
+    assert bool(torch.isfinite(st["exp_avg_sq_scales"].float()).all())
+    for k in st:
+        if torch.is_tensor(st[k]):
+            assert torch.equal(_bits(st[k]), _bits(ref_o.state[ref_p[4]][k]))
+
+
+def test_one_launch_per_combination(monkeypatch):
+    """Many tensors of one dtype combination go through a single kernel launch per step."""
+    from flashoptim_dist.kernels import fused_step
+
+    calls = []
+    orig = fused_step.launch
+
+    def counting(*a, **k):
+        calls.append(1)
+        return orig(*a, **k)
+
+    monkeypatch.setattr(fused_step, "launch", counting)
+    ps = [torch.nn.Parameter(torch.randn(n).bfloat16()) for n in (5, 64, 33, 1, 200)]
+    ps.append(torch.nn.Parameter(torch.randn(40)))  # fp32: a second combination
+    opt = F.FlashAdamW(ps, backend="triton")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert len(calls) == 2

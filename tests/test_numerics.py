@@ -1,0 +1,227 @@
+"""The reference numerics against the paper's bounds (DESIGN.md §2)."""
+
+import math
+
+import pytest
+import torch
+
+from flashoptim_dist import numerics as nx
+from tolerances import TOLERANCES as TOL
+
+
+def _ulp_bf16(p: torch.Tensor) -> torch.Tensor:
+    """ULP of bf16 values (exact in fp64), subnormal spacing for zero/subnormal values."""
+    pf = p.double().abs()
+    e = torch.floor(torch.log2(torch.where(pf > 0, pf, 1.0)))
+    e = torch.where(pf > 0, e, torch.full_like(e, -126.0)).clamp(min=-126)
+    return torch.pow(2.0, e - 7)
+
+
+def _fp32_half_ulp(x: torch.Tensor) -> torch.Tensor:
+    a = x.double().abs()
+    e = torch.floor(torch.log2(torch.where(a > 0, a, 1.0))).clamp(min=-126)
+    return torch.pow(2.0, e - 24)
+
+
+def _random_span(n, lo=-60, hi=60, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mant = torch.rand(n, generator=g, dtype=torch.float64) + 1.0
+    exp = torch.randint(lo, hi, (n,), generator=g).double()
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    return (sign * mant * torch.pow(2.0, exp)).float()
+
+
+@pytest.mark.parametrize("rho_dtype,levels", [(torch.int8, 127), (torch.int16, 32767)])
+def test_ecc_bound_random_values_spanning_2_pow_pm60(rho_dtype, levels):
+    theta = _random_span(200_000)
+    p, rho = nx.split_master(theta, torch.bfloat16, rho_dtype)
+    assert p.dtype == torch.bfloat16 and rho.dtype == rho_dtype
+    rec = nx.merge_master(p, rho)
+    err = (rec.double() - theta.double()).abs()
+    bound = _ulp_bf16(p) / (4 * levels) + TOL["ecc_extra_fp32_ulps"] * 2 * _fp32_half_ulp(theta)
+    assert bool((err <= bound).all()), float((err / bound).max())
+    # the correction is real: without ρ the error is up to u/2, hundreds of times larger
+    plain = (p.double() - theta.double()).abs()
+    assert float(plain.max() / _ulp_bf16(p).max()) > 0.0
+    assert float(err.mean()) < float(plain.mean()) / 50
+
+
+@pytest.mark.parametrize("rho_dtype,levels", [(torch.int8, 127), (torch.int16, 32767)])
+def test_ecc_bound_every_bf16_mantissa(rho_dtype, levels):
+    # every bf16 mantissa (128) in a few binades, with 64 fp32 offsets inside each bf16 interval
+    bits = torch.arange(0, 128, dtype=torch.int32)
+    exps = torch.tensor([-130, -126, -20, -1, 0, 1, 30, 120], dtype=torch.int32)
+    base = []
+    for e in exps.tolist():
+        biased = max(e + 127, 0)
+        base.append(((biased << 7) | bits).to(torch.int16))
+    base = torch.cat(base).view(torch.bfloat16).float()
+    offs = torch.arange(-32, 32, dtype=torch.int32) * 1024  # fp32 bit offsets below one bf16 ULP
+    theta = (base.view(torch.int32)[:, None] + offs[None, :]).view(torch.float32).reshape(-1)
+    theta = theta[torch.isfinite(theta)]
+    p, rho = nx.split_master(theta, torch.bfloat16, rho_dtype)
+    rec = nx.merge_master(p, rho)
+    err = (rec.double() - theta.double()).abs()
+    bound = _ulp_bf16(p) / (4 * levels) + TOL["ecc_extra_fp32_ulps"] * 2 * _fp32_half_ulp(theta)
+    assert bool((err <= bound).all())
+
+
+def test_ecc_exact_when_representable():
+    vals = torch.randn(10_000).bfloat16().float()
+    vals = torch.cat([vals, torch.tensor([0.0, -0.0, 1e-40, 3.0e38])]).bfloat16().float()
+    for rho_dtype in (torch.int8, torch.int16):
+        p, rho = nx.split_master(vals, torch.bfloat16, rho_dtype)
+        assert bool((rho == 0).all())
+        assert torch.equal(nx.merge_master(p, rho), vals)
+
+
+def test_ecc_fp16_bound_and_subnormals():
+    theta = torch.cat([torch.randn(50_000) * 10, torch.randn(1000) * 1e-6])  # incl. fp16 subnormals
+    p, rho = nx.split_master(theta, torch.float16, torch.int8)
+    rec = nx.merge_master(p, rho)
+    pf = p.double().abs()
+    e = torch.floor(torch.log2(torch.where(pf > 0, pf, 1.0))).clamp(min=-14)
+    e = torch.where(pf > 0, e, torch.full_like(e, -14.0))
+    ulp = torch.pow(2.0, e - 10)
+    err = (rec.double() - theta.double()).abs()
+    assert bool((err <= ulp / (4 * 127) + _fp32_half_ulp(theta)).all())
+
+
+def test_ecc_non_finite_is_defined():
+    theta = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e39 if False else 3.4e38, 1.0])
+    p, rho = nx.split_master(theta, torch.bfloat16, torch.int8)
+    assert rho[:3].tolist() == [0, 0, 0]
+    rec = nx.merge_master(p, rho)
+    assert rec[0] == float("inf") and rec[1] == -float("inf") and torch.isnan(rec[2])
+    # fp16 overflow: θ' = inf, ρ = 0, reconstruction inf (not NaN)
+    p16, r16 = nx.split_master(torch.tensor([1e6]), torch.float16, torch.int8)
+    assert torch.isinf(p16).all() and int(r16[0]) == 0
+    assert torch.isinf(nx.merge_master(p16, r16)).all()
+
+
+def test_split_rejects_wrong_dtypes():
+    with pytest.raises(TypeError, match="float32 master"):
+        nx.split_master(torch.zeros(3, dtype=torch.float64), torch.bfloat16, torch.int8)
+    with pytest.raises(TypeError, match="bfloat16 or float16"):
+        nx.split_master(torch.zeros(3), torch.float32, torch.int8)
+    with pytest.raises(TypeError, match="int8 or int16"):
+        nx.split_master(torch.zeros(3), torch.bfloat16, torch.int32)
+
+
+# ------------------------------------------------------------------------------ companders
+
+
+def _heavy_tailed(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # Student-t-like: normal / sqrt(chi2) gives outliers inside most groups
+    z = torch.randn(n, generator=g)
+    w = torch.rand(n, generator=g).clamp_min(1e-3)
+    return z / w.sqrt() * 1e-3
+
+
+def test_signed_compander_error_bound_and_beats_linear_on_heavy_tails():
+    x = _heavy_tailed(32 * 4096)
+    q, s = nx.quantize_signed(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.bfloat16 and s.numel() == 4096
+    assert int(q.abs().max()) <= 127
+    xr = nx.dequantize_signed(q, s)
+    err = (xr - x).abs().view(-1, 32)
+    sf = s.float()[:, None]
+    assert bool((err <= sf * TOL["signed_abs_err_of_scale"]).all())
+    # scale never below the group absmax (rounded up), at most one bf16 ULP above
+    amax = x.abs().view(-1, 32).amax(1)
+    assert bool((s.float() >= amax).all()) and bool((s.float() <= amax * (1 + TOL["scale_rel"])).all())
+    ql, sl = nx.quantize_linear_signed(x)
+    lin_err = (nx.dequantize_linear_signed(ql, sl) - x).abs()
+    # companding spends codes on small values: much better relative error on the typical element
+    rel_c = ((xr - x).abs() / x.abs().clamp_min(1e-12)).median()
+    rel_l = (lin_err / x.abs().clamp_min(1e-12)).median()
+    assert float(rel_c) < 0.8 * float(rel_l)
+    # and most on the small elements (|x| < absmax/20), where linear int8 has a handful of levels
+    small = (x.abs().view(-1, 32) < amax[:, None] / 20).view(-1)
+    err_c_small = (xr - x).abs()[small].mean()
+    err_l_small = lin_err[small].mean()
+    assert float(err_c_small) < 0.6 * float(err_l_small)
+
+
+def test_sqrt_compander_error_bound():
+    v = _heavy_tailed(32 * 2048).pow(2)
+    q, s = nx.quantize_sqrt(v)
+    assert q.dtype == torch.uint8
+    vr = nx.dequantize_sqrt(q, s)
+    err = (vr.sqrt() - v.sqrt()).abs().view(-1, 32)
+    assert bool((err <= s.float()[:, None] * TOL["sqrt_abs_err_of_scale"]).all())
+
+
+def test_all_zero_groups_stay_exactly_zero():
+    x = torch.zeros(96)
+    x[40] = 1.0  # one non-zero group in the middle
+    q, s = nx.quantize_signed(x)
+    xr = nx.dequantize_signed(q, s)
+    assert s[0] == 0 and s[2] == 0
+    assert torch.equal(xr[:32], torch.zeros(32)) and torch.equal(xr[64:], torch.zeros(32))
+    qv, sv = nx.quantize_sqrt(x.abs())
+    assert torch.equal(nx.dequantize_sqrt(qv, sv)[:32], torch.zeros(32))
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e-20, 1e-10, 1e-7, 1e-5, 1e-3])
+def test_tiny_groups_keep_relative_precision(magnitude):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(32 * 256, generator=g) * magnitude
+    q, s = nx.quantize_signed(x)
+    xr = nx.dequantize_signed(q, s)
+    amax = x.abs().view(-1, 32).amax(1, keepdim=True)
+    rel = ((xr - x).abs().view(-1, 32) / amax).max()
+    assert float(rel) <= TOL["signed_abs_err_of_scale"] * (1 + TOL["scale_rel"])
+    v = x * x
+    qv, sv = nx.quantize_sqrt(v)
+    rv = (nx.dequantize_sqrt(qv, sv).sqrt() - v.sqrt()).abs().view(-1, 32) / v.sqrt().view(-1, 32).amax(1, keepdim=True)
+    if magnitude >= 1e-18:  # v = x² must itself be a normal fp32 number (x ≥ 1.1e-19)
+        assert float(rv.max()) <= TOL["sqrt_abs_err_of_scale"] * (1 + TOL["scale_rel"])
+
+
+def test_fp16_scales_would_fail_where_bf16_scales_do_not():
+    """Why scales are bf16 (rounded up) and not fp16 as in the reference implementation."""
+    x = torch.randn(32 * 64) * 1e-6
+    amax = x.abs().view(-1, 32).amax(1)
+    fp16_scale = amax.half().float()
+    rel_fp16 = ((fp16_scale - amax).abs() / amax).max()
+    bf16 = nx.ceil_to_bf16(amax).float()
+    rel_bf16 = ((bf16 - amax).abs() / amax).max()
+    assert float(rel_fp16) > 0.01  # fp16 is subnormal here: >1% scale error
+    assert float(rel_bf16) <= TOL["scale_rel"]
+    assert float(nx.ceil_to_bf16(torch.tensor([1e-35])).float()) > 0  # fp16 would flush to 0
+
+
+def test_non_finite_values_do_not_touch_other_elements():
+    x = torch.randn(64)
+    x_bad = x.clone()
+    x_bad[5] = float("nan")
+    x_bad[6] = float("inf")
+    q, s = nx.quantize_signed(x_bad)
+    q_ref, s_ref = nx.quantize_signed(torch.where(torch.isfinite(x_bad), x_bad, 0.0))
+    assert torch.equal(q, q_ref) and torch.equal(s.view(torch.int16), s_ref.view(torch.int16))
+    assert q[5] == 0 and q[6] == 0
+    assert torch.equal(s[1:].view(torch.int16), nx.quantize_signed(x)[1][1:].view(torch.int16))
+
+
+def test_phase_places_groups_canonically():
+    """A run starting at phase p quantizes exactly like the canonical groups it lies in."""
+    x = torch.randn(200)
+    q_full, s_full = nx.quantize_signed(x)
+    # a slice that starts and ends on group boundaries reproduces the canonical codes and scales
+    q_mid, s_mid = nx.quantize_signed(x[64:160], phase=0)
+    assert torch.equal(q_mid, q_full[64:160]) and torch.equal(s_mid.view(torch.int16), s_full[2:5].view(torch.int16))
+    # a slice starting mid-group: its first partial group gets its own scale, later groups match
+    q_off, s_off = nx.quantize_signed(x[70:160], phase=70 % 32)
+    assert s_off.numel() == 3
+    assert torch.equal(q_off[26:], q_full[96:160])
+    assert torch.equal(nx.dequantize_signed(q_off, s_off, phase=6)[26:], nx.dequantize_signed(q_full, s_full)[96:160])
+
+
+def test_ceil_to_bf16_is_upper_bound_and_saturates():
+    x = torch.tensor([0.0, 1.0, 1.0 + 2**-10, 3.3e38, 1e-40, 7.0])
+    c = nx.ceil_to_bf16(x).float()
+    assert bool((c >= torch.where(x > 3.39e38, torch.zeros_like(x), x)).all())
+    assert c[0] == 0 and c[1] == 1.0 and c[2] == 1.0 + 2**-7
+    assert math.isfinite(float(c[3]))
