@@ -134,14 +134,17 @@ def ceil_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def _pow2(n: torch.Tensor) -> torch.Tensor:
-    """2**n as fp32 for integer n in [-126, 127], built from the exponent bits (exact)."""
-    return ((n + 127) << 23).to(torch.int32).view(torch.float32)
+    """2**n as fp32 for integer n in [-149, 127], built from bits (subnormal below -126); exact."""
+    normal = (n + 127) << 23
+    sub = torch.bitwise_left_shift(torch.ones_like(n), torch.clamp(n + 149, 0, 22))
+    return torch.where(n >= -126, normal, sub).to(torch.int32).view(torch.float32)
 
 
-def _ldexp(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """x · 2**n in two exact power-of-two steps, so 2**n itself never overflows fp32."""
-    n1 = torch.clamp(n, -100, 100)
-    return (x * _pow2(n1)) * _pow2(n - n1)
+def _exponent(narrow_as_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Unbiased exponent of each value, clamped below to the format's smallest normal exponent."""
+    emin, _ = _NARROW_FORMATS[dtype]
+    e = ((narrow_as_fp32.contiguous().view(torch.int32) >> 23) & 0xFF) - 127
+    return torch.clamp(e, min=emin)
 
 
 def half_ulp_exponent(narrow_as_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -149,9 +152,7 @@ def half_ulp_exponent(narrow_as_fp32: torch.Tensor, dtype: torch.dtype) -> torch
 
     Zero and subnormal values use the subnormal spacing of the format.
     """
-    emin, mant = _NARROW_FORMATS[dtype]
-    e = ((narrow_as_fp32.contiguous().view(torch.int32) >> 23) & 0xFF) - 127
-    return torch.clamp(e, min=emin) - mant - 1
+    return _exponent(narrow_as_fp32, dtype) - _NARROW_FORMATS[dtype][1] - 1
 
 
 def split_master(master: torch.Tensor, dtype: torch.dtype, rho_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -165,8 +166,11 @@ def split_master(master: torch.Tensor, dtype: torch.dtype, rho_dtype: torch.dtyp
     pf = param.float()
     finite = torch.isfinite(pf)
     diff = torch.where(finite, master - pf, 0.0)  # exact (Sterbenz): θ and θ' are within 2x
-    k = half_ulp_exponent(pf, dtype)
-    r = torch.clamp(_ldexp(diff, -k), -1.0, 1.0)
+    # r = diff / (u/2) = (diff · 2^(mant+1)) · 2^-e: both products are exact (powers of two,
+    # no overflow since |diff| ≤ u/2; a subnormal r is below 2^-126 and gives ρ = 0 anyway)
+    mant = _NARROW_FORMATS[dtype][1]
+    r = (diff * float(2 ** (mant + 1))) * _pow2(-_exponent(pf, dtype))
+    r = torch.clamp(r, -1.0, 1.0)
     rho = torch.where(finite, _round_half_up(r * float(n_levels)), 0.0)
     return param, rho.to(rho_dtype)
 
@@ -178,7 +182,7 @@ def merge_master(param: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tens
         return pf
     n_levels = rho_levels(rho.dtype)
     k = half_ulp_exponent(pf, param.dtype)
-    delta = _ldexp(rho.float() * INV_RHO[n_levels], k)
+    delta = (rho.float() * INV_RHO[n_levels]) * _pow2(k)  # one rounding of the exact product
     return torch.where(torch.isfinite(pf), pf + delta, pf)
 
 

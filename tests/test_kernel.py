@@ -38,6 +38,8 @@ def _segmented_params(dtype, seed=0):
         (100, [(0, 3, 61), (3, 0, 0), (3, 1, 40), (4, 96, 1000)]),  # flat-partition-like: several params
         (4100, [(0, 4100, 31)]),  # spans several kernel blocks, phase 31
         (64, [(0, 64, 0)]),
+        (1024, [(0, 1024, 0)]),  # whole aligned blocks: the unmasked, vectorized path
+        (600, [(0, 600, 64)]),
     ]
     for numel, segs in layouts:
         p = torch.nn.Parameter((torch.randn(max(numel, 0), generator=g) * 0.1).to(dtype))
@@ -50,6 +52,10 @@ def _segmented_params(dtype, seed=0):
 def _run(cls, backend, dtype, steps=3, nan_at=None, **kw):
     ps = _segmented_params(dtype)
     opt = cls(ps, backend=backend, **kw)
+    if backend == "triton":  # both kernel paths must be exercised
+        from flashoptim_dist.kernels import fused_step
+
+        assert fused_step.GROUPS_PER_BLOCK * opt.config.group_size <= 1024
     for s in range(steps):
         g = torch.Generator().manual_seed(100 + s)
         for p in ps:

@@ -35,18 +35,8 @@ from .. import numerics as nx
 from ..optim.reference import HYPER_COLUMNS, N_HYPER
 
 # Offsets table columns (int64 per segment).
-_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _NCOLS = range(10)
-
-
-@triton.jit
-def _pow2(n):
-    return ((n + 127) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _ldexp(x, n):
-    n1 = tl.minimum(tl.maximum(n, -100), 100)
-    return (x * _pow2(n1)) * _pow2(n - n1)
+_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _NCOLS = range(11)
+_ROLES_ALIGN = (_P, _G, _R, _C0, _C1)  # element-indexed roles whose alignment matters
 
 
 @triton.jit
@@ -55,9 +45,22 @@ def _is_finite(x):
 
 
 @triton.jit
-def _half_ulp_exp(pf, EMIN: tl.constexpr, MANT: tl.constexpr):
-    e = ((pf.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    return tl.maximum(e, EMIN) - MANT - 1
+def _half_ulp(pf, EMIN: tl.constexpr, MANT: tl.constexpr):
+    """u/2 of narrow values (exact in fp32) as a fp32 power of two: 2^max(e, emin) · 2^-(mant+1).
+
+    Keeping only the exponent bits gives 2^e; the integer max with emin's bits gives the
+    subnormal spacing for zero/subnormal values. Exact (a product of powers of two ≥ 2^-149).
+    Equal to numerics' 2^half_ulp_exponent with 3 integer ops instead of ~12.
+    """
+    eb = tl.maximum(pf.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
+    return eb.to(tl.float32, bitcast=True) * (1.0 / (1 << (MANT + 1)))
+
+
+@triton.jit
+def _inv_pow2_exponent(pf, EMIN: tl.constexpr):
+    """2^-max(e, emin) as fp32; 2^-127 (subnormal) for e = 127. Exact."""
+    eb = tl.maximum((pf.to(tl.int32, bitcast=True) >> 23) & 0xFF, EMIN + 127)
+    return tl.maximum((254 - eb) << 23, 0x00400000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -79,16 +82,32 @@ def _rne_bf16_bits(x):
 
 
 @triton.jit
-def _dequant_signed(q, s, INV_SIGNED: tl.constexpr):
-    y = q.to(tl.float32) * INV_SIGNED
-    x = tl.div_rn(y, 2.0 - tl.abs(y))
-    return x * s
+def _dequant_signed(q, s, lut_ptr):
+    # x(q) = y/(2-|y|), y = q/127, precomputed for all 255 codes by the reference formula
+    # (signed_code_table): a gather from a 1 KiB table instead of a division per element
+    return tl.load(lut_ptr + (q.to(tl.int32) + 128)) * s
 
 
 @triton.jit
 def _dequant_sqrt(q, s, INV_UNSIGNED: tl.constexpr):
     t = (q.to(tl.float32) * INV_UNSIGNED) * s
     return t * t
+
+
+@triton.jit
+def _div(a, b, EXACT: tl.constexpr):
+    if EXACT:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _sqrt(a, EXACT: tl.constexpr):
+    if EXACT:
+        return tl.sqrt_rn(a)
+    else:
+        return tl.sqrt(a)
 
 
 @triton.jit
@@ -99,19 +118,20 @@ def _reciprocal(sbits):
 
 
 @triton.jit
-def _quant_signed(m, mask):
+def _quant_signed(m, mask, EXACT: tl.constexpr):
     m = tl.where(mask & _is_finite(m), m, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(tl.abs(m), axis=1))
     xn = m * _reciprocal(sbits)[:, None]
-    y = tl.div_rn(xn + xn, 1.0 + tl.abs(xn))
+    y = _div(xn + xn, 1.0 + tl.abs(xn), EXACT)
     q = tl.minimum(tl.maximum(tl.floor(y * 127.0 + 0.5), -127.0), 127.0)
     return q.to(tl.int8), sbits
 
 
 @triton.jit
-def _quant_sqrt(v, mask):
+def _quant_sqrt(v, mask, sqrt_v):
+    # sqrt_v = sqrt_rn(v), already computed for Adam's denominator
     ok = mask & _is_finite(v) & (v > 0)
-    r = tl.sqrt_rn(tl.where(ok, v, 0.0))
+    r = tl.where(ok, sqrt_v, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(r, axis=1))
     xn = r * _reciprocal(sbits)[:, None]
     q = tl.minimum(tl.maximum(tl.floor(xn * 255.0 + 0.5), 0.0), 255.0)
@@ -119,103 +139,75 @@ def _quant_sqrt(v, mask):
 
 
 @triton.jit
-def _flash_step_kernel(
-    blk_seg_ptr,
-    blk_start_ptr,
-    offs_ptr,
-    hyper_ptr,
-    p_base,
-    g_base,
-    r_base,
-    s0_base,
-    c0_base,
-    s1_base,
-    c1_base,
-    FAMILY: tl.constexpr,  # 0 adam, 1 sgd, 2 lion
-    DECOUPLED: tl.constexpr,
-    NARROW: tl.constexpr,  # 0 fp32 param, 1 bf16, 2 fp16
-    HAS_RHO: tl.constexpr,
-    RHO_N: tl.constexpr,
-    INV_RHO: tl.constexpr,
-    INV_SIGNED: tl.constexpr,
-    INV_UNSIGNED: tl.constexpr,
-    N_STATES: tl.constexpr,
-    QUANT: tl.constexpr,
-    EMIN: tl.constexpr,
-    MANT: tl.constexpr,
-    NCOLS: tl.constexpr,
-    NHYPER: tl.constexpr,
-    NG: tl.constexpr,
-    G: tl.constexpr,
+def _step_block(
+    p_ptr, g_ptr, r_ptr, s0_ptr, c0_ptr, s1_ptr, c1_ptr, lut_ptr,
+    a, grp, mask, gmask,
+    h0, h1, h2, h3, h4, h5, h6, h7, sign,
+    FAMILY: tl.constexpr, DECOUPLED: tl.constexpr, NARROW: tl.constexpr, HAS_RHO: tl.constexpr,
+    RHO_N: tl.constexpr, INV_RHO: tl.constexpr, INV_UNSIGNED: tl.constexpr, N_STATES: tl.constexpr,
+    QUANT: tl.constexpr, EMIN: tl.constexpr, MANT: tl.constexpr, TWO_MANT1: tl.constexpr,
+    EXACT: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
-    a0 = tl.load(blk_start_ptr + pid)
-    ob = offs_ptr + seg * NCOLS
-    p_off = tl.load(ob + 0)
-    g_off = tl.load(ob + 1)
-    length = tl.load(ob + 7).to(tl.int32)
-    phase = tl.load(ob + 8).to(tl.int32)
-
-    rows = tl.arange(0, NG)
-    a = a0 + rows[:, None] * G + tl.arange(0, G)[None, :]
-    idx = a - phase
-    mask = (idx >= 0) & (idx < length)
-    grp = a0 // G + rows
-    gmask = grp < (phase + length + G - 1) // G
-
-    hb = hyper_ptr + seg * NHYPER
-    h0 = tl.load(hb + 0)
-    h1 = tl.load(hb + 1)
-    h2 = tl.load(hb + 2)
-    h3 = tl.load(hb + 3)
-    h4 = tl.load(hb + 4)
-    h5 = tl.load(hb + 5)
-    h6 = tl.load(hb + 6)
-    h7 = tl.load(hb + 7)
-    sign = tl.load(hb + 8)
-
-    # ---- decode
-    pv = tl.load(p_base + p_off + idx, mask=mask, other=0.0).to(tl.float32)
+    """Decode → update → encode one block. Pointers are at the segment's *aligned origin*
+    (element 0 of the canonical group holding its first element), ``a`` are aligned coordinates.
+    With MASKED=False the whole block lies inside the segment: no masks, so loads vectorize."""
+    if MASKED:
+        pv = tl.load(p_ptr + a, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + a, mask=mask, other=0.0).to(tl.float32)
+    else:
+        pv = tl.load(p_ptr + a).to(tl.float32)
+        g = tl.load(g_ptr + a).to(tl.float32)
     if HAS_RHO:
-        r_off = tl.load(ob + 2)
-        rho = tl.load(r_base + r_off + idx, mask=mask, other=0).to(tl.float32)
-        delta = _ldexp(rho * INV_RHO, _half_ulp_exp(pv, EMIN, MANT))
+        if MASKED:
+            rho = tl.load(r_ptr + a, mask=mask, other=0).to(tl.float32)
+        else:
+            rho = tl.load(r_ptr + a).to(tl.float32)
+        delta = (rho * INV_RHO) * _half_ulp(pv, EMIN, MANT)
         theta = tl.where(_is_finite(pv), pv + delta, pv)
     else:
         theta = pv
-    g = tl.load(g_base + g_off + idx, mask=mask, other=0.0).to(tl.float32)
     g = g * sign
 
     if N_STATES >= 1:
-        c0_off = tl.load(ob + 4)
         if QUANT:
-            s0_off = tl.load(ob + 3)
-            q0 = tl.load(c0_base + c0_off + idx, mask=mask, other=0)
-            sc0 = tl.load(s0_base + s0_off + grp, mask=gmask, other=0.0).to(tl.float32)[:, None]
-            st0 = _dequant_signed(q0, sc0, INV_SIGNED)
+            if MASKED:
+                q0 = tl.load(c0_ptr + a, mask=mask, other=0)
+                sc0 = tl.load(s0_ptr + grp, mask=gmask, other=0.0).to(tl.float32)[:, None]
+            else:
+                q0 = tl.load(c0_ptr + a)
+                sc0 = tl.load(s0_ptr + grp).to(tl.float32)[:, None]
+            st0 = _dequant_signed(q0, sc0, lut_ptr)
         else:
-            st0 = tl.load(c0_base + c0_off + idx, mask=mask, other=0.0)
+            if MASKED:
+                st0 = tl.load(c0_ptr + a, mask=mask, other=0.0)
+            else:
+                st0 = tl.load(c0_ptr + a)
     if N_STATES >= 2:
-        c1_off = tl.load(ob + 6)
         if QUANT:
-            s1_off = tl.load(ob + 5)
-            q1 = tl.load(c1_base + c1_off + idx, mask=mask, other=0)
-            sc1 = tl.load(s1_base + s1_off + grp, mask=gmask, other=0.0).to(tl.float32)[:, None]
+            if MASKED:
+                q1 = tl.load(c1_ptr + a, mask=mask, other=0)
+                sc1 = tl.load(s1_ptr + grp, mask=gmask, other=0.0).to(tl.float32)[:, None]
+            else:
+                q1 = tl.load(c1_ptr + a)
+                sc1 = tl.load(s1_ptr + grp).to(tl.float32)[:, None]
             st1 = _dequant_sqrt(q1, sc1, INV_UNSIGNED)
         else:
-            st1 = tl.load(c1_base + c1_off + idx, mask=mask, other=0.0)
+            if MASKED:
+                st1 = tl.load(c1_ptr + a, mask=mask, other=0.0)
+            else:
+                st1 = tl.load(c1_ptr + a)
 
     # ---- update (mirrors optim/reference.py)
-    if FAMILY == 0:  # adam: decay l2 w1 beta2 w2 eps step_size bc2_sqrt
+    if FAMILY == 0:  # adam: decay l2 w1 beta2 w2 eps step_size inv_bc2_sqrt
         if DECOUPLED:
             theta = theta * h0
         else:
             g = g + h1 * theta
         st0 = st0 + h2 * (g - st0)
         st1 = st1 * h3 + (h4 * g) * g
-        denom = tl.sqrt_rn(st1) * h7 + h5
-        theta = theta + tl.div_rn((-h6) * st0, denom)
+        sqrt_v = _sqrt(st1, EXACT)
+        denom = sqrt_v * h7 + h5
+        theta = theta + _div((-h6) * st0, denom, EXACT)
     elif FAMILY == 1:  # sgd: decay l2 momentum w_damp nesterov first lr
         if DECOUPLED:
             theta = theta * h0
@@ -235,48 +227,162 @@ def _flash_step_kernel(
     # ---- encode
     if N_STATES >= 1:
         if QUANT:
-            q0n, sb0 = _quant_signed(st0, mask)
-            tl.store(c0_base + c0_off + idx, q0n, mask=mask)
-            tl.store(s0_base + s0_off + grp, (sb0 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=gmask)
+            q0n, sb0 = _quant_signed(st0, mask, EXACT)
+            sb0 = (sb0 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            if MASKED:
+                tl.store(c0_ptr + a, q0n, mask=mask)
+                tl.store(s0_ptr + grp, sb0, mask=gmask)
+            else:
+                tl.store(c0_ptr + a, q0n)
+                tl.store(s0_ptr + grp, sb0)
         else:
-            tl.store(c0_base + c0_off + idx, st0, mask=mask)
+            if MASKED:
+                tl.store(c0_ptr + a, st0, mask=mask)
+            else:
+                tl.store(c0_ptr + a, st0)
     if N_STATES >= 2:
         if QUANT:
-            q1n, sb1 = _quant_sqrt(st1, mask)
-            tl.store(c1_base + c1_off + idx, q1n, mask=mask)
-            tl.store(s1_base + s1_off + grp, (sb1 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask=gmask)
+            q1n, sb1 = _quant_sqrt(st1, mask, sqrt_v)
+            sb1 = (sb1 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            if MASKED:
+                tl.store(c1_ptr + a, q1n, mask=mask)
+                tl.store(s1_ptr + grp, sb1, mask=gmask)
+            else:
+                tl.store(c1_ptr + a, q1n)
+                tl.store(s1_ptr + grp, sb1)
         else:
-            tl.store(c1_base + c1_off + idx, st1, mask=mask)
+            if MASKED:
+                tl.store(c1_ptr + a, st1, mask=mask)
+            else:
+                tl.store(c1_ptr + a, st1)
 
     if NARROW == 0:
-        tl.store(p_base + p_off + idx, theta, mask=mask)
-    else:
-        if NARROW == 1:
+        pn = theta
+    elif NARROW == 1:
+        if INTERPRET:  # the interpreter truncates fp32→bf16 casts: round on the bits
             nb = _rne_bf16_bits(theta)
             pn = nb.to(tl.int16).to(tl.bfloat16, bitcast=True)
             pf = (nb << 16).to(tl.float32, bitcast=True)
-        else:
-            pn = theta.to(tl.float16)
+        else:  # cvt.rn.bf16.f32: round to nearest even in one instruction
+            pn = theta.to(tl.bfloat16)
             pf = pn.to(tl.float32)
-        tl.store(p_base + p_off + idx, pn, mask=mask)
-        if HAS_RHO:
-            fin = _is_finite(pf)
-            diff = tl.where(fin, theta - pf, 0.0)
-            r = _ldexp(diff, -_half_ulp_exp(pf, EMIN, MANT))
-            r = tl.minimum(tl.maximum(r, -1.0), 1.0)
-            rq = tl.where(fin, tl.floor(r * (RHO_N * 1.0) + 0.5), 0.0)
-            if RHO_N == 127:
-                tl.store(r_base + r_off + idx, rq.to(tl.int8), mask=mask)
-            else:
-                tl.store(r_base + r_off + idx, rq.to(tl.int16), mask=mask)
+    else:
+        pn = theta.to(tl.float16)
+        pf = pn.to(tl.float32)
+    if MASKED:
+        tl.store(p_ptr + a, pn, mask=mask)
+    else:
+        tl.store(p_ptr + a, pn)
+    if HAS_RHO:
+        fin = _is_finite(pf)
+        diff = tl.where(fin, theta - pf, 0.0)
+        r = (diff * TWO_MANT1) * _inv_pow2_exponent(pf, EMIN)
+        r = tl.minimum(tl.maximum(r, -1.0), 1.0)
+        rq = tl.where(fin, tl.floor(r * (RHO_N * 1.0) + 0.5), 0.0)
+        if RHO_N == 127:
+            rq = rq.to(tl.int8)
+        else:
+            rq = rq.to(tl.int16)
+        if MASKED:
+            tl.store(r_ptr + a, rq, mask=mask)
+        else:
+            tl.store(r_ptr + a, rq)
+
+
+@triton.jit
+def _flash_step_kernel(
+    blk_seg_ptr,
+    blk_start_ptr,
+    offs_ptr,
+    hyper_ptr,
+    p_base,
+    g_base,
+    r_base,
+    s0_base,
+    c0_base,
+    s1_base,
+    c1_base,
+    lut_ptr,
+    FAMILY: tl.constexpr,  # 0 adam, 1 sgd, 2 lion
+    DECOUPLED: tl.constexpr,
+    NARROW: tl.constexpr,  # 0 fp32 param, 1 bf16, 2 fp16
+    HAS_RHO: tl.constexpr,
+    RHO_N: tl.constexpr,
+    INV_RHO: tl.constexpr,
+    INV_UNSIGNED: tl.constexpr,
+    N_STATES: tl.constexpr,
+    QUANT: tl.constexpr,
+    EMIN: tl.constexpr,
+    MANT: tl.constexpr,
+    TWO_MANT1: tl.constexpr,
+    NCOLS: tl.constexpr,
+    NHYPER: tl.constexpr,
+    NG: tl.constexpr,
+    G: tl.constexpr,
+    EXACT: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
+    a0 = tl.multiple_of(tl.load(blk_start_ptr + pid), NG * G)
+    ob = offs_ptr + seg * NCOLS
+    length = tl.load(ob + 7).to(tl.int32)
+    phase = tl.load(ob + 8).to(tl.int32)
+    aligned = tl.load(ob + 9)  # every role's origin offset is a multiple of 16 elements
+
+    rows = tl.arange(0, NG)
+    a = a0 + rows[:, None] * G + tl.arange(0, G)[None, :]
+    mask = (a >= phase) & (a < phase + length)
+    # group index per row, produced by a row reduction so that it lives in the same (slice)
+    # layout as the per-group absmax: scale loads/stores then need no layout conversion
+    grp = tl.min(a, axis=1) // G
+    gmask = grp < (phase + length + G - 1) // G
+
+    hb = hyper_ptr + seg * NHYPER
+    h0 = tl.load(hb + 0)
+    h1 = tl.load(hb + 1)
+    h2 = tl.load(hb + 2)
+    h3 = tl.load(hb + 3)
+    h4 = tl.load(hb + 4)
+    h5 = tl.load(hb + 5)
+    h6 = tl.load(hb + 6)
+    h7 = tl.load(hb + 7)
+    sign = tl.load(hb + 8)
+
+    # origin offsets (element 0 of the segment's first canonical group); the offsets table
+    # stores them already shifted by -phase, scales start at the segment's first group
+    p_o = tl.load(ob + 0)
+    g_o = tl.load(ob + 1)
+    r_o = tl.load(ob + 2)
+    s0_o = tl.load(ob + 3)
+    c0_o = tl.load(ob + 4)
+    s1_o = tl.load(ob + 5)
+    c1_o = tl.load(ob + 6)
+    full = (a0 >= phase) & (a0 + NG * G <= phase + length)
+    if full & (aligned != 0):
+        _step_block(
+            p_base + tl.multiple_of(p_o, 16), g_base + tl.multiple_of(g_o, 16), r_base + tl.multiple_of(r_o, 16),
+            s0_base + s0_o, c0_base + tl.multiple_of(c0_o, 16), s1_base + s1_o, c1_base + tl.multiple_of(c1_o, 16),
+            lut_ptr, a, grp, mask, gmask, h0, h1, h2, h3, h4, h5, h6, h7, sign,
+            FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
+            TWO_MANT1, EXACT, False, INTERPRET,
+        )
+    else:
+        _step_block(
+            p_base + p_o, g_base + g_o, r_base + r_o, s0_base + s0_o, c0_base + c0_o, s1_base + s1_o,
+            c1_base + c1_o, lut_ptr, a, grp, mask, gmask, h0, h1, h2, h3, h4, h5, h6, h7, sign,
+            FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
+            TWO_MANT1, EXACT, True, INTERPRET,
+        )
 
 
 _FAMILY_ID = {"adam": 0, "sgd": 1, "lion": 2}
 _NARROW = {torch.float32: (0, 0, 0), torch.bfloat16: (1, -126, 7), torch.float16: (2, -14, 10)}
 
 #: Canonical groups per program (× G elements per block) and warps per program; overridable
-#: through the environment for tuning (bench/step.py --sweep).
-GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "32"))
+#: through the environment for tuning. 8 groups × 4 warps was fastest of a 4×3 sweep on an
+#: H100 (docs/PERFORMANCE.md, 2026-11-25): larger blocks spill registers.
+GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "8"))
 NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
 
 
@@ -307,6 +413,8 @@ class KernelPlan:
         arr = np.asarray(segs, dtype=np.int64).reshape(-1, 5)
         self.seg_tensor = arr[:, 0].copy()
         self.seg_local = arr[:, 1].copy()
+        # aligned origin: element 0 of the canonical group holding the segment's first element
+        self.seg_origin = arr[:, 1] - arr[:, 3]
         self.group_size = group_size
         self.quantized = quantized
         self.rhos, self.codes, self.scales = rhos, codes, scales
@@ -322,9 +430,9 @@ class KernelPlan:
         offs = np.zeros((len(arr), _NCOLS), dtype=np.int64)
         st = self.seg_tensor
         if rhos is not None:
-            offs[:, _R] = _rel_offsets(rhos, rhos[0])[st] + self.seg_local
+            offs[:, _R] = _rel_offsets(rhos, rhos[0])[st] + self.seg_origin
         for k, cc in enumerate(codes):
-            offs[:, (_C0, _C1)[k]] = _rel_offsets(cc, cc[0])[st] + self.seg_local
+            offs[:, (_C0, _C1)[k]] = _rel_offsets(cc, cc[0])[st] + self.seg_origin
             if quantized:
                 offs[:, (_S0, _S1)[k]] = _rel_offsets(scales[k], scales[k][0])[st] + arr[:, 4]
         offs[:, _LEN] = arr[:, 2]
@@ -341,6 +449,22 @@ class KernelPlan:
         self._copied = None
 
 
+#: False only in bench/step.py's measurement of what bit-exactness costs: approximate division
+#: and square root with FMA contraction. The optimizer always runs EXACT (matches the reference).
+EXACT = True
+
+_LUTS = {}
+
+
+def signed_code_table(device) -> torch.Tensor:
+    """fp32 value of every signed companded code q ∈ [-128, 127] at index q + 128 (unit scale)."""
+    lut = _LUTS.get(device)
+    if lut is None:
+        q = torch.arange(-128, 128, dtype=torch.int8)
+        lut = _LUTS[device] = nx.dequantize_signed(q, torch.ones(8, dtype=torch.bfloat16), 32, 0).to(device)
+    return lut
+
+
 def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows: np.ndarray) -> None:
     """Run one fused step over every segment of ``plan``.
 
@@ -355,8 +479,10 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
     if plan._copied is not None:
         plan._copied.synchronize()
     offs = plan._offs_host.numpy()
-    offs[:, _P] = _rel_offsets(params, params[0])[st] + plan.seg_local
-    offs[:, _G] = _rel_offsets(grads, grads[0])[st] + plan.seg_local
+    offs[:, _P] = _rel_offsets(params, params[0])[st] + plan.seg_origin
+    offs[:, _G] = _rel_offsets(grads, grads[0])[st] + plan.seg_origin
+    # blocks of a segment whose every origin is 16-element aligned load and store vectorized
+    offs[:, _ALIGNED] = np.all(offs[:, _ROLES_ALIGN] % 16 == 0, axis=1)
     plan._hyper_host.numpy()[:] = hyper_rows[st]
     plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
     plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
@@ -383,23 +509,26 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         plan.codes[0][0] if n_states >= 1 else dummy,
         plan.scales[1][0] if (n_states >= 2 and quantized) else dummy,
         plan.codes[1][0] if n_states >= 2 else dummy,
+        signed_code_table(dummy.device),
         FAMILY=_FAMILY_ID[family],
         DECOUPLED=decoupled,
         NARROW=narrow,
         HAS_RHO=has_rho,
         RHO_N=rho_n,
         INV_RHO=nx.INV_RHO.get(rho_n, 0.0),
-        INV_SIGNED=nx.INV_SIGNED,
         INV_UNSIGNED=nx.INV_UNSIGNED,
         N_STATES=n_states,
         QUANT=quantized,
         EMIN=emin,
         MANT=mant,
+        TWO_MANT1=float(2 ** (mant + 1)),
         NCOLS=_NCOLS,
         NHYPER=N_HYPER,
         NG=GROUPS_PER_BLOCK,
         G=plan.group_size,
-        enable_fp_fusion=False,
+        EXACT=EXACT,
+        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        enable_fp_fusion=not EXACT,
         num_warps=NUM_WARPS,
     )
 
