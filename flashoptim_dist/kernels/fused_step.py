@@ -379,11 +379,13 @@ def _flash_step_kernel(
 _FAMILY_ID = {"adam": 0, "sgd": 1, "lion": 2}
 _NARROW = {torch.float32: (0, 0, 0), torch.bfloat16: (1, -126, 7), torch.float16: (2, -14, 10)}
 
-#: Canonical groups per program (× G elements per block) and warps per program; overridable
-#: through the environment for tuning. 8 groups × 4 warps was fastest of a 4×3 sweep on an
-#: H100 (docs/PERFORMANCE.md, 2026-11-25): larger blocks spill registers.
-GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "8"))
-NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
+#: Canonical groups per program (× G elements per block), warps per program and a register cap
+#: per thread; overridable through the environment for tuning. 32 groups × 8 warps capped at 48
+#: registers (4 elements per thread, 2.5× the occupancy of the uncapped 96 registers) was the
+#: fastest of the sweep in docs/PERFORMANCE.md (H100, 2026-11-25).
+GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "32"))
+NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "8"))
+MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "48")) or None
 
 
 def _rel_offsets(tensors, base):
@@ -452,6 +454,8 @@ class KernelPlan:
 #: False only in bench/step.py's measurement of what bit-exactness costs: approximate division
 #: and square root with FMA contraction. The optimizer always runs EXACT (matches the reference).
 EXACT = True
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 _LUTS = {}
 
@@ -527,9 +531,10 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         NG=GROUPS_PER_BLOCK,
         G=plan.group_size,
         EXACT=EXACT,
-        INTERPRET=os.environ.get("TRITON_INTERPRET") == "1",
+        INTERPRET=INTERPRETING,
         enable_fp_fusion=not EXACT,
         num_warps=NUM_WARPS,
+        **({"maxnreg": MAXNREG} if MAXNREG and not INTERPRETING else {}),
     )
 
 
