@@ -12,6 +12,14 @@ What cannot work, and says so:
   over micro-batches, ``GradScaler``, clipping the full gradient) that release cannot give.
 * fp16 parameters: fp16 training needs loss scaling, and ``GradScaler`` unscales and checks
   the *whole* gradient before the step, which no longer exists. Use bf16.
+* Engines where the hook would fire at the wrong time: DDP (before its all-reduce, so ranks
+  would step on different gradients) and FSDP1 (the original parameters' hooks never fire).
+  :mod:`flashoptim_dist.distributed` registers checks that refuse both with the fix.
+
+Gradient accumulation on one device is impossible with release (each backward steps). Under
+FSDP2, ``set_requires_gradient_sync(False)`` accumulation does work: the hooks fire only on the
+micro-batch that reduce-scatters. Clipping by the global norm with release:
+:func:`flashoptim_dist.distributed.clip.enable_gradient_release_with_clipping`.
 """
 
 from __future__ import annotations
@@ -20,7 +28,19 @@ from typing import List
 
 import torch
 
-__all__ = ["enable_gradient_release", "GradientReleaseHandle"]
+__all__ = ["enable_gradient_release", "GradientReleaseHandle", "register_release_check"]
+
+# Engine checks ``fn(model, optimizer)`` that raise where release would be silently wrong (DDP
+# fires the hook before its all-reduce; FSDP1 never fires it). flashoptim_dist.distributed
+# registers its check on import; the core itself imports no engine.
+_RELEASE_CHECKS: list = []
+
+
+def register_release_check(fn) -> None:
+    """Register ``fn(model, optimizer)``, called by :func:`enable_gradient_release` before any
+    hook is installed; it raises to refuse an engine set-up that release cannot support."""
+    if fn not in _RELEASE_CHECKS:
+        _RELEASE_CHECKS.append(fn)
 
 
 class GradientReleaseHandle:
@@ -54,6 +74,8 @@ def enable_gradient_release(model: torch.nn.Module, optimizer) -> GradientReleas
             f"enable_gradient_release needs a Flash optimizer, got {type(optimizer).__name__}; "
             "torch optimizers can be used with per-parameter optimizers instead"
         )
+    for check in _RELEASE_CHECKS:
+        check(model, optimizer)
     if getattr(optimizer, "_gradient_release", None) is not None:
         raise RuntimeError("gradient release is already enabled on this optimizer; remove() the first handle")
     model_params = {id(p) for p in model.parameters()}

@@ -1,0 +1,30 @@
+"""Smoke test of bench/dist.py: the 2-rank FSDP2 benchmark runs on CPU with --tiny through
+torchrun and reports the expected persistent bytes per parameter (params + optimizer state)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_dist_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        os.path.join(ROOT, "bench", "dist.py"), "--tiny", "--json", str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = {r["case"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(res) == {"torch_adamw", "flash", "flash_release"}
+    # fp32 params + fp32 m, v = 12 bytes; bf16 param + int8 ρ, m, v + 2 bf16 scales / 32 = 5.125
+    assert abs(res["torch_adamw"]["bytes_per_param_x_world"] - 12.0) < 0.05
+    for case in ("flash", "flash_release"):
+        assert abs(res[case]["bytes_per_param_x_world"] - 5.125) < 0.05, res[case]
+    assert res["flash_release"]["step_ms"] is None and res["flash"]["step_ms"] > 0
+    assert "bytes/param x world" in proc.stdout
