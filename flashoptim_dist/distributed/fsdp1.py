@@ -132,10 +132,15 @@ def prepare_fsdp1(model: torch.nn.Module) -> int:
             raise _missing_metadata_error("FlatParamHandle.flat_param")
         _check_flat_param(fp)
         params = getattr(fp, "_params", None)
-        if params is None:  # use_orig_params=False: the FlatParameter is what the optimizer sees
+        base = _clean(prefix + "." if prefix else "")
+        if params is None:
+            # use_orig_params=False: the FlatParameter is what the optimizer sees. Its _fqns are
+            # relative to its unit (every block has an "attn.weight"), so attach a spec whose
+            # segment keys carry the unit's path: checkpoint keys must be model-global.
+            lay.set_shard_spec(fp, _flat_spec(fp, base))
+            count += 1
             continue
         sharded = _uses_sharded_strategy(handle)
-        base = _clean(prefix + "." if prefix else "")
         for p, info, fqn, shape, numel in zip(params, fp._shard_param_infos, fp._fqns, fp._shapes, fp._numels):
             key = _clean(base + fqn)
             gshape = tuple(shape)
@@ -165,13 +170,14 @@ except ImportError:  # pragma: no cover
     _FLAT_CACHE = {}
 
 
-def _flat_spec(fp) -> lay.ShardSpec:
+def _flat_spec(fp, prefix: str = "") -> lay.ShardSpec:
+    """Spec of a FlatParameter; ``prefix`` (the unit's module path) makes the keys model-global."""
     _check_flat_param(fp)
     n = fp.numel()
     runs = []
     for info, fqn, numel in zip(fp._shard_param_infos, fp._fqns, fp._numels):
         if info.in_shard and info.numel_in_shard:
-            runs.append((int(info.offset_in_shard), int(info.numel_in_shard), int(info.intra_param_start_idx), fqn, int(numel)))
+            runs.append((int(info.offset_in_shard), int(info.numel_in_shard), int(info.intra_param_start_idx), _clean(prefix + fqn), int(numel)))
     runs.sort()
     segs, pos = [], 0
     for off, length, gstart, fqn, numel in runs:

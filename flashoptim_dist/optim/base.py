@@ -433,10 +433,24 @@ class FlashOptimizer(Optimizer):
             for k, v in st.items():
                 new[k] = v.to(local.device) if torch.is_tensor(v) else v
             new["step"] = int(new["step"].item()) if torch.is_tensor(new.get("step")) else int(new.get("step", 0))
-            info = self._make_info(p)
-            self._check_loaded_state(p, new, info.layout, group)
-            self.state[p] = new
-            self._info[p] = info
+            self.install_state(p, new, group)
+
+    def n_state_slots(self, group: Dict[str, Any]) -> int:
+        """Moment states a param group keeps (SGD without momentum: 0)."""
+        return self._n_states(group)
+
+    def install_state(self, p: torch.Tensor, state: Dict[str, Any], group: Dict[str, Any]) -> None:
+        """Make ``state`` (stored dtypes, this rank's local layout) the state of ``p``.
+
+        Validated like :meth:`load_state_dict` (dtypes and sizes against the layout decided by
+        ``p``'s ShardSpec). ``group`` is explicit because engines such as ZeRO-3 keep
+        ``param_groups`` empty between steps. Used by :mod:`flashoptim_dist.checkpoint`.
+        """
+        info = self._make_info(p)
+        self._check_loaded_state(p, state, info.layout, group)
+        self.state[p] = state
+        self._info[p] = info
+        self._plans.clear()
 
     def _check_loaded_state(self, p, state, layout: lay.StateLayout, group) -> None:
         n = layout.numel
@@ -504,7 +518,9 @@ class FlashOptimizer(Optimizer):
     def dequantized_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
         """fp32 moments (shaped like the local param) and the fp32 master of one parameter."""
         st = self.state[p]
-        info = self._info[p]
+        info = self._info.get(p)
+        if info is None:
+            info = self._info[p] = self._make_info(p)
         layout = info.layout
         local = self._local(p)
         g = self.config.group_size
