@@ -204,8 +204,8 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
     return res
 
 
-def report(all_ranks: list, world: int, device, cfg_desc: str) -> list:
-    lines = [f"# bench/dist.py: {cfg_desc}, world {world}, device {device}"]
+def report(all_ranks: list, world: int, device, cfg_desc: str, title: str = "bench/dist.py") -> list:
+    lines = [f"# {title}: {cfg_desc}, world {world}, device {device}"]
     hdr = f"{'case':<14} {'rank':>4} {'persist GiB':>11} {'peak GiB':>9} {'iter ms':>9} {'step ms':>9}"
     lines.append(hdr)
     summary = []

@@ -131,6 +131,22 @@ def test_state_dict_round_trip_is_bit_exact_and_keeps_dtypes():
     assert all(torch.equal(_bits(a.detach()), _bits(b.detach())) for a, b in zip(m.parameters(), m2.parameters()))
 
 
+def test_flash_state_without_meta_key_still_loads_exactly():
+    """DCP's get_optimizer_state_dict drops the "flashoptim" key; the codes must not be
+    mistaken for torch moments and re-quantized."""
+    m = _model()
+    opt = F.FlashAdamW(m.parameters(), lr=1e-2)
+    _train(m, opt, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["flashoptim"]
+    opt2 = F.FlashAdamW(copy.deepcopy(m).parameters(), lr=1e-2)
+    opt2.load_state_dict(sd)
+    for p, p2 in zip(m.parameters(), opt2.param_groups[0]["params"]):
+        for k, v in opt.state[p].items():
+            if torch.is_tensor(v):
+                assert opt2.state[p2][k].dtype == v.dtype and torch.equal(_bits(v), _bits(opt2.state[p2][k]))
+
+
 def test_load_state_dict_rejects_mismatched_numerics_and_models():
     m = _model()
     opt = F.FlashAdamW(m.parameters())

@@ -388,6 +388,14 @@ class FlashOptimizer(Optimizer):
         the param's device.
         """
         meta = state_dict.get("flashoptim")
+        saved_state = state_dict["state"]
+        # Recognise Flash-format state by its contents too: torch.distributed.checkpoint's
+        # get_optimizer_state_dict drops the top-level "flashoptim" key, and treating ρ and
+        # 8-bit codes as plain torch moments would silently re-quantize them.
+        flash_format = meta is not None or any(
+            isinstance(st, dict) and ("rho" in st or any(str(k).endswith("_scales") for k in st))
+            for st in saved_state.values()
+        )
         if meta is not None:
             version = meta.get("format_version")
             if version != STATE_FORMAT_VERSION:
@@ -409,7 +417,6 @@ class FlashOptimizer(Optimizer):
                         "flashoptim_dist.optim.convert_state_dict(...) or construct the optimizer "
                         "with the saved numeric config"
                     )
-        saved_state = state_dict["state"]
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         params = [p for g in self.param_groups for p in g["params"]]
         id_to_group = {}
@@ -427,7 +434,7 @@ class FlashOptimizer(Optimizer):
             p = params[i]
             group = id_to_group[i]
             local = self._local(p)
-            if meta is None:
+            if not flash_format:
                 st = self._from_torch_state(p, local, st, group)
             new = {}
             for k, v in st.items():

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the virtualenv $VENV (default .venv) with the CPU build of torch 2.13,
+# triton, DeepSpeed (pure-Python build), the test/train extras and this package (editable).
+# Used by tests/run.sh (the test command) and launch/demo.sh (the CPU demo). Idempotent.
+# On a GPU machine install torch for your CUDA version yourself and `pip install -e .[train]`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+# torch first and pinned: the CPU wheel of 2.13.0 (an unpinned torch would pull a CUDA build)
+pip install -q "torch==2.13.0" numpy
+DS_BUILD_OPS=0 pip install -q "deepspeed==0.19.8"
+pip install -q -e ".[test,train]" "transformers==5.23.0" "accelerate==1.15.0"
+if command -v mpicc >/dev/null 2>&1; then pip install -q mpi4py; fi

@@ -1,0 +1,657 @@
+"""Typed configuration of a training run, loaded from YAML/JSON with ``key=value`` overrides.
+
+A config file has one mapping per section (``model``, ``data``, ``optim``, ``engine``,
+``train``, ``dist``, ``compare``); every key is a field of the dataclass of that section, with
+the type, default and meaning documented on the field below. A file may start with
+``extends: other.yaml`` (resolved relative to the file) to start from another file. Input paths
+in a file (``engine.deepspeed_config``, ``data.source``, ``model.path``) are relative to the
+file's folder; on the command line they are relative to the working directory, as are outputs
+(``train.out_dir``) everywhere.
+
+Overrides on the command line use dotted keys and YAML-style values::
+
+    flashoptim-dist train --config configs/cpu_demo.yaml optim.lr=3e-4 train.steps=50 optim.betas=[0.9,0.95]
+
+:func:`load_config` validates once, after merging: an unknown key, a value of the wrong type, a
+value outside its allowed set or range, and contradicting settings all raise
+:class:`ConfigError`, whose message names the key, the value given and what is allowed. All
+problems are reported at once.
+
+``python -m flashoptim_dist.train --help-config`` prints every key with its type, default and
+docstring (read from this file).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "DataConfig",
+    "OptimConfig",
+    "EngineConfig",
+    "TrainConfig",
+    "DistConfig",
+    "CompareConfig",
+    "Config",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "parse_overrides",
+    "field_docs",
+    "describe_config",
+    "FLASH_OPTIMIZERS",
+    "TORCH_OPTIMIZERS",
+    "BASELINE_OF",
+    "ENGINES",
+]
+
+FLASH_OPTIMIZERS = ("FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion")
+TORCH_OPTIMIZERS = ("AdamW", "Adam", "SGD", "SGDW", "Lion")
+#: The torch (fp32) baseline of each Flash optimizer.
+BASELINE_OF = dict(zip(FLASH_OPTIMIZERS, TORCH_OPTIMIZERS))
+ENGINES = ("single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3")
+#: Engines under which gradient release (step in the post-accumulate-grad hook) is supported:
+#: the hook must see the final, reduced gradient of the parameter.
+GRADIENT_RELEASE_ENGINES = ("single", "fsdp2")
+
+OptimizerName = Literal["FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion", "AdamW", "Adam", "SGD", "SGDW", "Lion"]
+EngineName = Literal["single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3"]
+PresetName = Literal["tiny", "mini", "small", "125m", "350m", "1b", "3b", "8b"]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """What model to train."""
+
+    source: Literal["gpt", "hf"] = "gpt"
+    """'gpt': the built-in GPT family (see model.preset); 'hf': a Hugging Face causal LM from the local folder model.path."""
+    preset: PresetName = "tiny"
+    """Size preset of the built-in GPT: tiny (0.14M params), mini, small, 125m, 350m, 1b (Llama-3.2-1B shapes), 3b, 8b (Llama-3-8B shapes)."""
+    path: Optional[str] = None
+    """Folder of a Hugging Face model (config.json + weights) when model.source=hf; nothing is downloaded."""
+    vocab_size: Optional[int] = None
+    """Override the preset's vocabulary size; null: the tokenizer's (tiny/mini/small) or the preset's own."""
+    d_model: Optional[int] = None
+    """Override the preset's width of the residual stream."""
+    n_layers: Optional[int] = None
+    """Override the preset's number of transformer blocks."""
+    n_heads: Optional[int] = None
+    """Override the preset's number of attention heads."""
+    n_kv_heads: Optional[int] = None
+    """Override the preset's number of key/value heads (grouped-query attention)."""
+    d_ff: Optional[int] = None
+    """Override the preset's MLP hidden width."""
+    max_seq_len: Optional[int] = None
+    """Override the preset's maximum sequence length; null: at least data.seq_len."""
+    norm: Optional[Literal["rmsnorm", "layernorm"]] = None
+    """Override the preset's normalisation."""
+    pos_embedding: Optional[Literal["rope", "learned"]] = None
+    """Override the preset's positions: rotary or learned absolute."""
+    mlp: Optional[Literal["swiglu", "gelu"]] = None
+    """Override the preset's MLP type."""
+    tie_embeddings: Optional[bool] = None
+    """Override whether the output head shares the token embedding's weight."""
+    activation_checkpointing: bool = False
+    """Recompute block activations in backward (less memory, ~30% more compute)."""
+    init_device: Literal["auto", "cpu", "meta"] = "auto"
+    """Where the built-in GPT is first built: 'meta' builds without memory and initialises after sharding (FSDP2 only); 'auto' uses meta for presets of 1B parameters and more under FSDP2."""
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are batched."""
+
+    source: str = "stdlib"
+    """'stdlib': the Python standard library's own source files on this machine; otherwise a path to a text file or a directory of text files."""
+    file_pattern: str = "*"
+    """Glob (on file names) selecting files when data.source is a directory."""
+    include_tests: bool = False
+    """With data.source=stdlib, also read the standard library's test packages (~19 MB more)."""
+    max_bytes: Optional[int] = None
+    """Read at most this many bytes of text (null: all)."""
+    tokenizer: Literal["bytes", "hf"] = "bytes"
+    """'bytes': byte-level, 256 ids; 'hf': the tokenizer saved in model.path."""
+    val_fraction: float = 0.05
+    """Share of the corpus held out for validation, in (0, 1)."""
+    seq_len: int = 128
+    """Tokens per training example."""
+    micro_batch_size: int = 8
+    """Examples per forward/backward on one rank."""
+    global_batch_size: Optional[int] = None
+    """Examples per optimizer step over all ranks; a multiple of micro_batch_size x ranks, the quotient being the gradient-accumulation steps. null: micro_batch_size x ranks (no accumulation). Keep it fixed to resume on a different number of ranks with identical data."""
+    eval_sequences: int = 64
+    """Validation examples per evaluation (the same set every time, split over ranks)."""
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer and its schedule."""
+
+    name: OptimizerName = "FlashAdamW"
+    """Flash optimizers (bf16 params + int8 error correction, 8-bit states) or their torch baselines on fp32 params."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas / Lion (beta1, beta2); each in [0, 1)."""
+    eps: float = 1e-8
+    """Adam epsilon (outside the square root)."""
+    weight_decay: float = 0.1
+    """Weight decay (decoupled for AdamW/SGDW/Lion, L2 for Adam/SGD); applied to >=2-D params unless optim.decay_all."""
+    decay_all: bool = False
+    """Also decay 1-D parameters (norm weights, biases)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD Nesterov momentum."""
+    master_weight_bits: Optional[Literal[24, 32]] = 24
+    """Flash only: 24 keeps an int8 error-correction term per bf16 param, 32 an int16 one, null none (plain bf16 weights)."""
+    quantize: bool = True
+    """Flash only: store optimizer states as companded 8-bit codes (false: full precision states)."""
+    gradient_release: bool = False
+    """Flash only: step each parameter in its post-accumulate-grad hook and free its gradient at once (engines: single, fsdp2; no gradient accumulation). With train.max_grad_norm > 0 each step is clipped with the previous step's global gradient norm."""
+    schedule: Literal["constant", "cosine", "linear"] = "cosine"
+    """Learning-rate decay after warmup, down to lr x min_lr_ratio at train.steps."""
+    warmup_steps: int = 20
+    """Steps of linear warmup from 0 to lr."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr, in [0, 1]."""
+
+
+@dataclass
+class EngineConfig:
+    """How the model is distributed over ranks."""
+
+    name: EngineName = "fsdp2"
+    """single (1 rank), ddp, fsdp2 (fully_shard per block), fsdp1 (FullyShardedDataParallel, use_orig_params), zero1/zero2/zero3 (DeepSpeed)."""
+    deepspeed_config: Optional[str] = None
+    """DeepSpeed JSON for zero1/2/3 (e.g. configs/ds_zero3.json). Batch sizes, accumulation and clipping are filled in from this config; null builds a minimal bf16 config."""
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of gradient reduction under fsdp2/fsdp1."""
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """torch.distributed backend; auto: nccl with CUDA, gloo on CPU."""
+    timeout_minutes: float = 30.0
+    """Collective timeout."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 300
+    """Optimizer steps to train for (a resumed run continues up to this number)."""
+    seed: int = 0
+    """Seed of the model initialisation and of the data order."""
+    out_dir: str = "runs/cpu_demo"
+    """Folder for metrics.jsonl, checkpoints/ and summary.json (relative to the working directory)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    log_every: int = 10
+    """Write a metrics line (loss averaged over ranks and steps since the last line) every N steps."""
+    eval_every: int = 100
+    """Evaluate validation loss every N steps and at the end; 0: only at the end."""
+    ckpt_every: int = 100
+    """Checkpoint every N steps and at the end; 0 disables checkpoints."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in out_dir/checkpoints, if any."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda:<local rank> when CUDA is available, else cpu."""
+    threads: int = 0
+    """torch CPU threads per rank; 0: cores / ranks on this node (at least 1)."""
+    stop_after: Optional[int] = None
+    """Leave the loop after this step as if interrupted (no final checkpoint); for demos of resuming."""
+
+
+@dataclass
+class DistConfig:
+    """Starting ranks when the command is run without a launcher."""
+
+    nproc_per_node: Union[int, Literal["auto"]] = "auto"
+    """Without torchrun/mpirun/srun/deepspeed around it, the command starts this many local ranks itself (through torchrun); auto: one per GPU, 2 on CPU, 1 for engine.name=single."""
+
+
+@dataclass
+class CompareConfig:
+    """The `compare` command."""
+
+    baseline: Optional[OptimizerName] = None
+    """Optimizer to compare against; null: the torch baseline of optim.name (FlashAdamW -> AdamW)."""
+    out_dir: Optional[str] = None
+    """Where the PNG and table go; null: <train.out_dir>/compare."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The data."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimizer."""
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The distribution engine."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The loop."""
+    dist: DistConfig = field(default_factory=DistConfig)
+    """Self-launching."""
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    """The compare command."""
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (JSON/YAML-serialisable)."""
+        return config_to_dict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optim": OptimConfig,
+    "engine": EngineConfig,
+    "train": TrainConfig,
+    "dist": DistConfig,
+    "compare": CompareConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Field documentation (attribute docstrings read from this file's source)
+# ----------------------------------------------------------------------------------------------
+
+
+def field_docs(cls) -> dict[str, str]:
+    """The docstring written under each field of dataclass ``cls`` (from its source)."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    body = ast.parse(src).body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _type_desc(tp) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is Union:
+        rest = [a for a in args if a is not type(None)]
+        inner = _type_desc(rest[0]) if len(rest) == 1 else " or ".join(_type_desc(a) for a in rest)
+        return f"{inner}, or null"
+    if origin in (tuple, list):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} " + "/".join(_type_desc(a) for a in dict.fromkeys(args))
+        return "a list of " + _type_desc(args[0])
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=False)
+
+
+def describe_config() -> str:
+    """Human-readable list of every key: type, default and meaning."""
+    lines = []
+    for section, cls in _SECTION_CLASSES.items():
+        lines.append(f"[{section}]  {inspect.getdoc(cls)}")
+        docs = field_docs(cls)
+        hints = _hints(cls)
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            lines.append(f"  {section}.{f.name} = {json.dumps(default)}    ({_type_desc(hints[f.name])})")
+            lines.append(textwrap.fill(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      "))
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Coercion
+# ----------------------------------------------------------------------------------------------
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+class _Bad(Exception):
+    pass
+
+
+def _coerce(value: Any, tp) -> Any:
+    """Convert ``value`` to type ``tp`` or raise _Bad."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Union:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
+            if type(None) in args:
+                return None
+            raise _Bad()
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a)
+            except _Bad:
+                continue
+        raise _Bad()
+    if origin is Literal:
+        for a in args:
+            if value == a and type(value) is type(a):
+                return a
+        for a in args:  # "24" -> 24, 24.0 -> 24
+            try:
+                if _coerce(value, type(a)) == a:
+                    return a
+            except _Bad:
+                pass
+        raise _Bad()
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = _parse_scalar_or_list(value)
+        if not isinstance(value, (list, tuple)):
+            raise _Bad()
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Bad()
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        return origin(_coerce(v, args[0]) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise _Bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                try:
+                    f = float(value)
+                except ValueError:
+                    raise _Bad() from None
+                if f.is_integer():
+                    return int(f)
+        raise _Bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise _Bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise _Bad() from None
+        raise _Bad()
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise _Bad()
+    raise _Bad()
+
+
+def _parse_scalar_or_list(text: str) -> Any:
+    """Parse an override value the way YAML would (falls back to JSON, then the raw string)."""
+    try:
+        import yaml
+
+        return yaml.safe_load(text)
+    except ImportError:
+        pass
+    except Exception:  # noqa: BLE001 - not valid YAML: keep the raw string
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def _read_file(path: Path, seen: tuple = ()) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing file to --config (see configs/)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {str(path)!r} extends itself through {[str(s) for s in seen]}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(
+                f"reading {str(path)!r} needs PyYAML: `pip install pyyaml` (or write the config as .json)"
+            ) from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, got {type(data).__name__}")
+    _resolve_input_paths(data, path.parent)
+    base = data.pop("extends", None)
+    if base is not None:
+        parent = _read_file(path.parent / base, seen + (path.resolve(),))
+        data = _deep_merge(parent, data)
+    return data
+
+
+#: Input paths that a config file gives relative to its own folder (outputs such as
+#: train.out_dir stay relative to the working directory).
+INPUT_PATH_KEYS = (("engine", "deepspeed_config"), ("data", "source"), ("model", "path"))
+
+
+def _resolve_input_paths(data: dict, base_dir: Path) -> None:
+    for section, key in INPUT_PATH_KEYS:
+        sec = data.get(section)
+        if not isinstance(sec, dict) or not isinstance(sec.get(key), str):
+            continue
+        value = sec[key]
+        if (section, key) == ("data", "source") and value == "stdlib":
+            continue
+        if not os.path.isabs(value) and not value.startswith("~"):
+            sec[key] = os.path.normpath(os.path.join(base_dir, value))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ``["optim.lr=3e-4", "train.steps=5"]`` into a nested dict; values parsed like YAML."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(
+                f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-4 or train.steps=100)"
+            )
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(
+                f"override key {key!r} must be section.key with section one of {', '.join(_SECTION_CLASSES)} "
+                f"(e.g. optim.lr=3e-4)"
+            )
+        value = _parse_scalar_or_list(raw) if raw.strip() != "" else ""
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _suggest(name: str, options, prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a :class:`Config` from a nested dict; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    sections = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in _SECTION_CLASSES:
+            errors.append(
+                f"unknown section {section!r}; allowed sections: {', '.join(_SECTION_CLASSES)}{_suggest(section, _SECTION_CLASSES)}"
+            )
+            continue
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            errors.append(f"section {section!r} must be a mapping of key: value, got {values!r}")
+            continue
+        cls = _SECTION_CLASSES[section]
+        hints = _hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                errors.append(
+                    f"unknown key '{section}.{key}' (value {value!r}); allowed keys in '{section}': "
+                    f"{', '.join(hints)}{_suggest(str(key), hints, section + '.')}"
+                )
+                continue
+            try:
+                kwargs[key] = _coerce(value, hints[key])
+            except _Bad:
+                errors.append(f"{section}.{key}={value!r} is invalid: expected {_type_desc(hints[key])}")
+        sections[section] = kwargs
+    if errors:
+        raise ConfigError(_format_errors(errors))
+    cfg = Config(**{name: _SECTION_CLASSES[name](**sections.get(name, {})) for name in _SECTION_CLASSES})
+    validate(cfg)
+    return cfg
+
+
+def _format_errors(errors: list[str]) -> str:
+    if len(errors) == 1:
+        return "config error: " + errors[0]
+    return f"{len(errors)} config errors:\n" + "\n".join(f"  - {e}" for e in errors)
+
+
+def validate(cfg: Config) -> None:
+    """Check ranges and cross-field rules; raise ConfigError listing every problem."""
+    e: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            e.append(msg)
+
+    m, d, o, en, t = cfg.model, cfg.data, cfg.optim, cfg.engine, cfg.train
+    for sec, obj in (("model", m), ("data", d), ("train", t)):
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                     "seq_len", "micro_batch_size", "global_batch_size", "eval_sequences", "steps",
+                     "log_every", "keep_checkpoints", "max_bytes", "stop_after"):
+            if hasattr(obj, name):
+                v = getattr(obj, name)
+                if v is not None:
+                    need(v >= 1, f"{sec}.{name}={v} is invalid: must be a positive integer")
+    for name in ("eval_every", "ckpt_every", "threads"):
+        v = getattr(t, name)
+        need(v >= 0, f"train.{name}={v} is invalid: must be >= 0 (0 disables)")
+    if cfg.dist.nproc_per_node != "auto":
+        need(cfg.dist.nproc_per_node >= 1, f"dist.nproc_per_node={cfg.dist.nproc_per_node} is invalid: must be >= 1 or 'auto'")
+    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} is invalid: must be in (0, 1)")
+    need(o.lr >= 0.0, f"optim.lr={o.lr} is invalid: must be >= 0")
+    need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={list(o.betas)} is invalid: each beta must be in [0, 1)")
+    need(o.eps > 0.0, f"optim.eps={o.eps} is invalid: must be > 0")
+    need(o.weight_decay >= 0.0, f"optim.weight_decay={o.weight_decay} is invalid: must be >= 0")
+    need(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum} is invalid: must be in [0, 1)")
+    need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} is invalid: must be in [0, 1]")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} is invalid: must be >= 0")
+    need(t.max_grad_norm >= 0.0, f"train.max_grad_norm={t.max_grad_norm} is invalid: must be >= 0 (0 disables clipping)")
+    need(en.timeout_minutes > 0, f"engine.timeout_minutes={en.timeout_minutes} is invalid: must be > 0")
+    if d.global_batch_size is not None:
+        need(
+            d.global_batch_size % d.micro_batch_size == 0,
+            f"data.global_batch_size={d.global_batch_size} is invalid: must be a multiple of data.micro_batch_size={d.micro_batch_size}",
+        )
+
+    if m.source == "hf":
+        need(m.path is not None, "model.path=null is invalid with model.source=hf: set model.path to a Hugging Face model folder")
+        if m.path is not None:
+            need(os.path.isdir(m.path), f"model.path={m.path!r} is invalid: no such directory")
+    else:
+        need(m.path is None, f"model.path={m.path!r} is only used with model.source=hf; remove it or set model.source=hf")
+    if d.tokenizer == "hf":
+        need(m.source == "hf", "data.tokenizer='hf' is invalid with model.source=gpt: the tokenizer is read from model.path; use data.tokenizer=bytes")
+    if d.source != "stdlib":
+        need(os.path.exists(d.source), f"data.source={d.source!r} is invalid: no such file or directory (or use 'stdlib')")
+    if m.init_device == "meta":
+        need(en.name == "fsdp2" and m.source == "gpt", f"model.init_device='meta' is invalid with engine.name={en.name!r}/model.source={m.source!r}: it needs engine.name=fsdp2 and model.source=gpt")
+
+    flash = o.name in FLASH_OPTIMIZERS
+    if o.gradient_release:
+        need(flash, f"optim.gradient_release=true is invalid with optim.name={o.name!r}: gradient release is for Flash optimizers ({', '.join(FLASH_OPTIMIZERS)})")
+        need(en.name in GRADIENT_RELEASE_ENGINES, f"optim.gradient_release=true is invalid with engine.name={en.name!r}: allowed engines: {', '.join(GRADIENT_RELEASE_ENGINES)}")
+    if en.name.startswith("zero"):
+        if en.deepspeed_config is not None:
+            need(os.path.isfile(en.deepspeed_config), f"engine.deepspeed_config={en.deepspeed_config!r} is invalid: no such file")
+    else:
+        need(en.deepspeed_config is None, f"engine.deepspeed_config={en.deepspeed_config!r} is only used with engine.name=zero1/zero2/zero3 (got {en.name!r}); remove it")
+    if cfg.compare.baseline is not None:
+        need(cfg.compare.baseline != o.name, f"compare.baseline={cfg.compare.baseline!r} is the same as optim.name; pick another optimizer or null")
+    if e:
+        raise ConfigError(_format_errors(e))
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read ``path`` (YAML or JSON; None: all defaults), apply ``key=value`` overrides, validate."""
+    data = _read_file(Path(path)) if path else {}
+    if overrides:
+        data = _deep_merge(data, parse_overrides(overrides))
+    return config_from_dict(data)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Nested dict of a Config (tuples become lists)."""
+
+    def conv(v):
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        return v
+
+    return {s: {k: conv(v) for k, v in dataclasses.asdict(getattr(cfg, s)).items()} for s in _SECTION_CLASSES}

@@ -1,0 +1,439 @@
+"""Engines: how the model and optimizer are laid out over ranks, behind one small interface.
+
+=========  ===================================================================================
+engine     what it does
+=========  ===================================================================================
+single     one rank, whole tensors.
+ddp        ``DistributedDataParallel``; whole tensors on every rank, gradients all-reduced.
+fsdp2      ``fully_shard`` on every block (``model.fsdp_units()``) and on the root; params are
+           DTensors sharded on dim 0 over a 1-D device mesh of all ranks.
+fsdp1      ``FullyShardedDataParallel(use_orig_params=True)``, one unit per block
+           (``ModuleWrapPolicy``); on CPU with ``device_id=torch.device('cpu')``.
+zero1/2/3  DeepSpeed ZeRO through ``flashoptim_dist.deepspeed.initialize`` (same signature as
+           ``deepspeed.initialize``), which accepts ``{"optimizer": {"type": "FlashAdamW"}}``.
+=========  ===================================================================================
+
+Precision: Flash optimizers get bf16 parameters (``cast_model`` before wrapping; norms and
+RoPE compute in fp32 inside the model). Torch baselines keep fp32 parameters and compute in bf16:
+``torch.autocast`` for single/ddp, ``MixedPrecisionPolicy(param_dtype=bf16)`` for fsdp2,
+``MixedPrecision(param_dtype=bf16)`` for fsdp1, DeepSpeed's ``bf16`` section for zero*.
+Gradients are reduced in ``engine.reduce_dtype`` (fp32 by default) under FSDP.
+
+Gradient accumulation: ``micro_context(is_last)`` suppresses gradient synchronisation on all
+but the last micro-step (``no_sync`` / ``set_requires_gradient_sync``); DeepSpeed counts
+micro-steps itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .config import FLASH_OPTIMIZERS, Config
+from .optimizers import build_optimizer, is_flash, optimizer_kwargs
+
+__all__ = ["Engine", "build_engine", "EngineError", "deepspeed_config", "local_tensor"]
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run with this config/launch; the message says what to change."""
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local part of a tensor (``to_local()`` of a DTensor, the tensor itself otherwise)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+class Engine:
+    """A wrapped model + optimizer with the operations the training loop needs."""
+
+    def __init__(self, name: str, model: nn.Module, module: nn.Module, optimizer, device: torch.device,
+                 autocast: bool = False, grad_release=None) -> None:
+        self.name = name
+        self.model = model
+        """What to call for forward (the wrapper)."""
+        self.module = module
+        """The underlying model (unwrapped where the wrapper is a separate object, e.g. DDP)."""
+        self.optimizer = optimizer
+        self.device = device
+        self.autocast = autocast
+        self.grad_release = grad_release
+
+    # -- forward/backward ---------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def micro_context(self, is_last: bool):
+        """Context for one micro-step's forward+backward; gradient sync only when ``is_last``."""
+        return contextlib.nullcontext()
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a micro-batch (forward only)."""
+        with self._autocast():
+            logits = self.model(x)
+        return cross_entropy(logits, y)
+
+    def backward(self, loss: torch.Tensor, accum: int) -> None:
+        """Backward of one micro-step's loss, scaled by 1/accum."""
+        (loss / accum).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> Optional[float]:
+        """Clip the global gradient norm to ``max_norm`` and return the norm before clipping."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return None
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(local_tensor(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))
+
+    def step(self, max_grad_norm: float, before_zero_grad: Optional[Callable[[], None]] = None) -> Optional[float]:
+        """Clip (if ``max_grad_norm`` > 0), step, call ``before_zero_grad``, zero the gradients."""
+        norm = None
+        if self.grad_release is None:
+            if max_grad_norm > 0:
+                norm = self.clip_grad_norm(max_grad_norm)
+            self.optimizer.step()
+        else:  # the hooks already stepped; a clipping handle knows the gradient norm
+            last = getattr(self.grad_release, "last_norm", None)
+            norm = None if last is None else float(last)
+        if before_zero_grad is not None:
+            before_zero_grad()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def set_lr(self, lr: float) -> None:
+        """Set the learning rate of every parameter group."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def eval_mode(self, on: bool) -> None:
+        """Switch between eval (no dropout, no activation checkpointing) and train mode."""
+        self.model.train(not on)
+
+    # -- introspection --------------------------------------------------------------------------
+    def ckpt_targets(self):
+        """``(model, optimizer)`` to hand to the checkpoint functions."""
+        return self.module if self.name == "ddp" else self.model, self.optimizer
+
+    def param_tensors(self) -> list[torch.Tensor]:
+        """This rank's parameter storage (local shards)."""
+        return [local_tensor(p) for p in self.module.parameters()]
+
+    def grad_tensors(self) -> list[torch.Tensor]:
+        """This rank's gradient storage (local shards)."""
+        return [local_tensor(p.grad) for p in self.module.parameters() if p.grad is not None]
+
+    def optimizer_state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor held in ``optimizer.state`` (local shards)."""
+        return list(_tensors_in(getattr(self.optimizer, "state", {})))
+
+    def close(self) -> None:
+        """Remove hooks installed by the engine."""
+        if self.grad_release is not None:
+            self.grad_release.remove()
+            self.grad_release = None
+
+
+def _tensors_in(obj):
+    if isinstance(obj, torch.Tensor):
+        yield local_tensor(obj)
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v)
+
+
+class _DDPEngine(Engine):
+    def micro_context(self, is_last: bool):
+        return contextlib.nullcontext() if is_last else self.model.no_sync()
+
+
+class _FSDP2Engine(Engine):
+    def micro_context(self, is_last: bool):
+        self.model.set_requires_gradient_sync(is_last)
+        return contextlib.nullcontext()
+
+    def eval_mode(self, on: bool) -> None:
+        super().eval_mode(on)
+        if not on:
+            # A forward without backward (evaluation) leaves the root unit's parameters unsharded
+            # (FSDP2 keeps the root gathered for the backward that would follow). Reshard so that
+            # checkpoints, memory accounting and the optimizer see the sharded parameters again.
+            from torch.distributed.fsdp import FSDPModule
+
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+
+
+class _FSDP1Engine(Engine):
+    def micro_context(self, is_last: bool):
+        return contextlib.nullcontext() if is_last else self.model.no_sync()
+
+    def clip_grad_norm(self, max_norm: float) -> Optional[float]:
+        return float(self.model.clip_grad_norm_(max_norm))
+
+
+class _DeepSpeedEngine(Engine):
+    """DeepSpeed: engine.backward / engine.step per micro-step; DeepSpeed accumulates and clips."""
+
+    def loss(self, x, y):
+        return cross_entropy(self.model(x), y)
+
+    def backward(self, loss, accum):
+        self.model.backward(loss)
+        self.model.step()
+
+    def step(self, max_grad_norm, before_zero_grad=None):
+        norm = None
+        getter = getattr(self.model, "get_global_grad_norm", None)
+        if callable(getter):
+            value = getter()
+            norm = None if value is None else float(value)
+        if before_zero_grad is not None:
+            before_zero_grad()
+        return norm
+
+    def ckpt_targets(self):
+        return self.model, self.optimizer
+
+    def param_tensors(self):
+        out = []
+        for p in self.model.module.parameters():
+            ds = getattr(p, "ds_tensor", None)  # ZeRO-3 partition
+            out.append(ds if ds is not None else p)
+        return out
+
+    def grad_tensors(self):
+        out = [p.grad for p in self.model.module.parameters() if p.grad is not None]
+        inner = getattr(self.optimizer, "optimizer", None)
+        for group in getattr(inner, "param_groups", []):
+            out.extend(p.grad for p in group["params"] if p.grad is not None)
+        return out
+
+    def optimizer_state_tensors(self):
+        # The client optimizer's state (e.g. Flash ρ and 8-bit codes) plus the flat partitions it
+        # optimizes when they are not the model's own storage (e.g. DeepSpeed's fp32 masters).
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        out = list(_tensors_in(getattr(inner, "state", {})))
+        # ZeRO's flat bf16 partitions are slices of the buffer the model's params live in: same storage.
+        model_storages = {t.untyped_storage().data_ptr() for t in self.param_tensors() if t.numel()}
+        for group in getattr(inner, "param_groups", []):
+            out.extend(p for p in group["params"] if p.numel() and p.untyped_storage().data_ptr() not in model_storages)
+        return out
+
+    def eval_mode(self, on: bool) -> None:
+        (self.model.eval if on else self.model.train)()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _bf16_cast(model: nn.Module) -> nn.Module:
+    from flashoptim_dist import cast_model
+
+    return cast_model(model, dtype=torch.bfloat16)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
+    """The DeepSpeed config dict for ``cfg``: the JSON file (or a minimal one) plus the trainer's
+    batch sizes, accumulation, clipping, ZeRO stage and (for Flash optimizers) optimizer entry.
+
+    Raises EngineError where the file contradicts the trainer config (a different ZeRO stage or
+    optimizer type, a batch size that does not match, a "scheduler" entry).
+    """
+    stage = int(cfg.engine.name[-1])
+    if cfg.engine.deepspeed_config:
+        with open(cfg.engine.deepspeed_config) as fh:
+            try:
+                ds = json.load(fh)
+            except ValueError as e:
+                raise EngineError(f"engine.deepspeed_config={cfg.engine.deepspeed_config!r} is not valid JSON: {e}") from None
+        src = repr(cfg.engine.deepspeed_config)
+    else:
+        ds, src = {}, "the built-in DeepSpeed config"
+    ds = copy.deepcopy(ds)
+    zero = ds.setdefault("zero_optimization", {})
+    if "stage" in zero and int(zero["stage"]) != stage:
+        raise EngineError(
+            f"engine.name={cfg.engine.name!r} but {src} has zero_optimization.stage={zero['stage']}; "
+            f"make them agree (engine.name=zero{zero['stage']} or edit the JSON)"
+        )
+    zero["stage"] = stage
+    if "scheduler" in ds:
+        raise EngineError(f"{src} has a 'scheduler' entry; remove it: the trainer sets the learning rate (optim.schedule)")
+    mb, gb = cfg.data.micro_batch_size, cfg.data.micro_batch_size * world_size * grad_accum
+    for key, want in (("train_micro_batch_size_per_gpu", mb), ("gradient_accumulation_steps", grad_accum), ("train_batch_size", gb)):
+        have = ds.get(key, "auto")
+        if have != "auto" and int(have) != want:
+            raise EngineError(f"{src} sets {key}={have} but the trainer config gives {want}; remove it from the JSON or set it to \"auto\"")
+        ds[key] = want
+    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    ds.setdefault("steps_per_print", 10**9)
+    bf16 = ds.setdefault("bf16", {"enabled": True})
+    if is_flash(cfg.optim.name):
+        bf16.setdefault("bf16_master_weights_and_grads", True)
+        bf16.setdefault("bf16_optimizer_states", True)
+        opt = ds.get("optimizer")
+        if opt is None:
+            params = optimizer_kwargs(cfg.optim)
+            params["betas"] = list(params.get("betas", ())) or None
+            ds["optimizer"] = {"type": cfg.optim.name, "params": {k: v for k, v in params.items() if v is not None}}
+        elif str(opt.get("type", "")).lower() != cfg.optim.name.lower():
+            raise EngineError(
+                f"{src} has optimizer type {opt.get('type')!r} but optim.name={cfg.optim.name!r}; make them agree"
+            )
+    else:
+        opt = ds.get("optimizer")
+        if opt is not None and str(opt.get("type", "")).lower() in {n.lower() for n in FLASH_OPTIMIZERS}:
+            # A Flash config reused for its torch baseline (e.g. by `compare`): the trainer builds
+            # the baseline optimizer itself and hands it to DeepSpeed.
+            del ds["optimizer"]
+            for key in ("bf16_master_weights_and_grads", "bf16_optimizer_states"):
+                bf16.pop(key, None)
+        elif opt is not None:
+            raise EngineError(
+                f"{src} has an 'optimizer' entry but optim.name={cfg.optim.name!r} is a torch baseline that the trainer "
+                "builds itself; remove the entry or choose a Flash optimizer"
+            )
+    return ds
+
+
+def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum: int, meta: bool = False) -> Engine:
+    """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
+    the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
+    name = cfg.engine.name
+    rank, world = _world()
+    flash = is_flash(cfg.optim.name)
+    reduce_dtype = torch.float32 if cfg.engine.reduce_dtype == "fp32" else torch.bfloat16
+
+    if cfg.optim.gradient_release and grad_accum > 1:
+        raise EngineError(
+            f"optim.gradient_release=true cannot accumulate gradients (here {grad_accum} micro-steps per step): "
+            "set data.global_batch_size = data.micro_batch_size x ranks, or turn gradient release off"
+        )
+    if name == "single" and world != 1:
+        raise EngineError(
+            f"engine.name=single runs on one rank but the launcher started {world}; "
+            "use engine.name=ddp/fsdp2/fsdp1 or launch one process"
+        )
+
+    if name.startswith("zero"):
+        return _build_deepspeed(cfg, model, device, world, grad_accum)
+
+    if name in ("single", "ddp"):
+        model.to(device)
+        if flash:
+            _bf16_cast(model)
+        module = model
+        if name == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        opt = build_optimizer(cfg.optim, module)
+        cls = _DDPEngine if name == "ddp" else Engine
+        eng = cls(name, model, module, opt, device, autocast=not flash)
+    elif name == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if flash:
+            _bf16_cast(model)
+        if not meta:
+            model.to(device)
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=None if flash else torch.bfloat16, reduce_dtype=reduce_dtype)
+        units = model.fsdp_units()
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        if meta:
+            model.to_empty(device=device)
+            model.init_weights()
+        opt = build_optimizer(cfg.optim, model)
+        eng = _FSDP2Engine(name, model, model, opt, device)
+    elif name == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        if flash:
+            _bf16_cast(model)
+        unit_types = {type(u) for u in model.fsdp_units()}
+        mp = MixedPrecision(
+            param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, buffer_dtype=torch.bfloat16
+        )
+        model = FSDP(
+            model,
+            auto_wrap_policy=ModuleWrapPolicy(unit_types) if unit_types else None,
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            mixed_precision=mp,
+            device_id=device if device.type == "cuda" else torch.device("cpu"),
+            use_orig_params=True,
+        )
+        if flash:
+            try:
+                from flashoptim_dist.distributed import prepare_fsdp1
+            except ImportError:  # pragma: no cover - older core without the FSDP1 adapter
+                prepare_fsdp1 = None
+            if prepare_fsdp1 is not None:
+                prepare_fsdp1(model)  # canonical layout of the flat slices, before the optimizer
+        opt = build_optimizer(cfg.optim, model)
+        eng = _FSDP1Engine(name, model, model, opt, device)
+    else:  # pragma: no cover - the config validator rejects other names
+        raise EngineError(f"engine.name={name!r} is not supported")
+
+    if cfg.optim.gradient_release:
+        if cfg.train.max_grad_norm > 0:
+            # Clipped with the previous step's global norm (the current one is unknown while the
+            # hooks update parameters in the middle of backward).
+            from flashoptim_dist.distributed import enable_gradient_release_with_clipping
+
+            eng.grad_release = enable_gradient_release_with_clipping(
+                eng.module, eng.optimizer, cfg.train.max_grad_norm, mode="previous"
+            )
+        else:
+            from flashoptim_dist import enable_gradient_release
+
+            eng.grad_release = enable_gradient_release(eng.module, eng.optimizer)
+    return eng
+
+
+def _build_deepspeed(cfg: Config, model: nn.Module, device: torch.device, world: int, grad_accum: int) -> Engine:
+    try:
+        from flashoptim_dist.deepspeed import initialize
+    except ImportError as e:
+        raise EngineError(
+            f"engine.name={cfg.engine.name!r} needs flashoptim_dist.deepspeed.initialize, which cannot be imported ({e}). "
+            "Install DeepSpeed (`DS_BUILD_OPS=0 pip install deepspeed`) and make sure flashoptim_dist.deepspeed is present, "
+            "or use engine.name=fsdp2"
+        ) from e
+    ds = deepspeed_config(cfg, world, grad_accum)
+    kwargs = dict(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    if not is_flash(cfg.optim.name):
+        kwargs["optimizer"] = build_optimizer(cfg.optim, model)
+    out = initialize(**kwargs)
+    engine, optimizer = out[0], out[1]
+    return _DeepSpeedEngine(cfg.engine.name, engine, engine.module, optimizer, device)

@@ -1,0 +1,224 @@
+"""A real one-node SLURM cluster for tests: munged + slurmctld + slurmd in a scratch directory.
+
+Follows ../shared/notes/slurm-local.md (Debian's slurm-wlm and munge, run as root). Everything
+the daemons write (state, spool, logs, the munge socket) stays under the scratch directory, the
+ports are picked free, and the daemons are stopped by their pids, never by name, so a test
+session leaves nothing running.
+
+Use the ``slurm_cluster`` fixture (module scope), or :class:`SlurmCluster` directly::
+
+    with SlurmCluster(tmp_dir) as cluster:
+        subprocess.run(["srun", "-N1", "-n2", "hostname"], env=cluster.env(), check=True)
+
+The fixture skips (with the reason) only when the binaries are missing or the tests do not run
+as root; CI installs the packages with .ci/setup_system.sh and runs as root.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
+CLIENTS = ("srun", "sbatch", "sinfo", "scontrol")
+MUNGE_KEY = "/etc/munge/munge.key"
+
+
+def missing_requirements() -> Optional[str]:
+    """Why a local cluster cannot start here, or None when it can."""
+    missing = [d for d in DAEMONS if not os.access(d, os.X_OK)] + [c for c in CLIENTS if shutil.which(c) is None]
+    if not shutil.which("setpriv"):
+        missing.append("setpriv")
+    if missing:
+        return (
+            f"SLURM/munge binaries not installed ({', '.join(missing)}); install them with "
+            "`bash .ci/setup_system.sh` (apt-get install slurm-wlm munge)"
+        )
+    if os.geteuid() != 0:
+        return "a local SLURM cluster needs root (slurmd and munged); run the tests as root, as CI does"
+    try:
+        pwd.getpwnam("munge")
+    except KeyError:
+        return "the 'munge' user does not exist; reinstall the munge package (bash .ci/setup_system.sh)"
+    if not os.path.exists(MUNGE_KEY):
+        return f"{MUNGE_KEY} is missing; create it with `mungekey --create` (bash .ci/setup_system.sh does)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SlurmCluster:
+    """munged + slurmctld + slurmd with all state under ``root``; :meth:`start` / :meth:`stop`."""
+
+    def __init__(self, root: Path, cpus: int = 2) -> None:
+        self.root = Path(root)
+        self.cpus = cpus
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.conf = self.root / "slurm.conf"
+        self.munge_socket = self.root / "munge" / "munge.socket"
+
+    # ------------------------------------------------------------------------------------------
+    def env(self, **extra) -> dict:
+        """Environment for client commands (srun, sbatch, sinfo) talking to this cluster."""
+        env = dict(os.environ)
+        # A SLURM job's variables leaking in from an outer allocation would confuse the clients.
+        for k in list(env):
+            if k.startswith("SLURM_") and k != "SLURM_CONF":
+                del env[k]
+        env["SLURM_CONF"] = str(self.conf)
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def _write_conf(self) -> None:
+        r = self.root
+        ctld_port, d_port = _free_port(), _free_port()
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=flashoptimtest",
+                    "SlurmctldHost=localhost",
+                    f"SlurmctldPort={ctld_port}",
+                    f"SlurmdPort={d_port}",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={self.munge_socket}",
+                    f"StateSaveLocation={r}/spool_ctld",
+                    f"SlurmdSpoolDir={r}/spool_d",
+                    f"SlurmctldPidFile={r}/slurmctld.pid",
+                    f"SlurmdPidFile={r}/slurmd.pid",
+                    f"SlurmctldLogFile={r}/log/slurmctld.log",
+                    f"SlurmdLogFile={r}/log/slurmd.log",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_CPU",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "SchedulerType=sched/backfill",
+                    "SchedulerParameters=sched_interval=1",
+                    "MessageTimeout=30",
+                    "KillWait=5",
+                    f"NodeName=localhost CPUs={self.cpus} State=UNKNOWN",
+                    "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
+                    "",
+                ]
+            )
+        )
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.root / "log" / f"{name}.out", "ab")
+        self.procs[name] = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env(), start_new_session=True
+        )
+        log.close()
+
+    def logs(self) -> str:
+        """The daemons' log files, for failure messages."""
+        out = []
+        for f in sorted((self.root / "log").glob("*")):
+            text = f.read_text(errors="replace")[-3000:]
+            out.append(f"--- {f.name}\n{text}")
+        return "\n".join(out)
+
+    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+        """Start the three daemons and wait until the node is idle (raises with the logs if not)."""
+        reason = missing_requirements()
+        if reason:
+            raise RuntimeError(reason)
+        for d in ("spool_ctld", "spool_d", "log", "munge"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        munge = pwd.getpwnam("munge")
+        os.chown(self.root / "munge", munge.pw_uid, munge.pw_gid)
+        os.chmod(self.root / "munge", 0o755)
+        os.chmod(self.root, 0o755)
+        for parent in self.root.parents:  # munged refuses a socket that others cannot reach
+            if not parent.stat().st_mode & 0o001:
+                raise RuntimeError(
+                    f"{parent} is not searchable by other users (mode {oct(parent.stat().st_mode & 0o777)}); "
+                    "munged needs o+x on every directory above its socket: put the cluster elsewhere"
+                )
+        self._write_conf()
+        m = self.root / "munge"
+        self._spawn(
+            "munged",
+            [
+                "setpriv", "--reuid=munge", "--regid=munge", "--init-groups", "/usr/sbin/munged", "-F",
+                f"--socket={self.munge_socket}", f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log",
+                f"--seed-file={m}/munged.seed", f"--key-file={MUNGE_KEY}",
+            ],
+        )
+        deadline = time.time() + timeout
+        while not self.munge_socket.exists():
+            if self.procs["munged"].poll() is not None or time.time() > deadline:
+                log = (m / "munged.log").read_text(errors="replace") if (m / "munged.log").exists() else ""
+                self.stop()
+                raise RuntimeError(f"munged did not start:\n{log}\n{self.logs()}")
+            time.sleep(0.1)
+        self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-c", "-f", str(self.conf)])
+        time.sleep(0.5)
+        self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+        while True:
+            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env(), capture_output=True, text=True)
+            if "idle" in out.stdout:
+                return self
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead or time.time() > deadline:
+                logs = self.logs()
+                self.stop()
+                raise RuntimeError(f"SLURM node not idle (dead: {dead}; sinfo: {out.stdout!r} {out.stderr!r}):\n{logs}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stop slurmd, slurmctld and munged by their pids (TERM, then KILL after 15 s)."""
+        for name in ("slurmd", "slurmctld", "munged"):
+            p = self.procs.pop(name, None)
+            if p is None or p.poll() is not None:
+                continue
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+    def __enter__(self) -> "SlurmCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A running one-node SLURM cluster for the tests of one module; stopped afterwards."""
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    # Not under pytest's tmp_path: its directories are private (0700) and munged insists that
+    # every directory above its socket be searchable by all.
+    root = Path(tempfile.mkdtemp(prefix="flashoptim-slurm-"))
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
