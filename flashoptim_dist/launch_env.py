@@ -359,7 +359,10 @@ def _main(argv: list[str]) -> int:
     except LaunchEnvError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(le.to_dict(), sort_keys=True), flush=True)
+    # one write() of the whole line: ranks sharing a launcher's pipe then never interleave
+    # (print() writes the text and the newline separately)
+    sys.stdout.write(json.dumps(le.to_dict(), sort_keys=True) + "\n")
+    sys.stdout.flush()
     return 0
 
 
