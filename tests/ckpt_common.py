@@ -104,6 +104,13 @@ def make_opt(module, lr=1e-2, **kw):
     return fo.FlashAdamW(module.parameters(), lr=lr, weight_decay=0.1, **kw)
 
 
+def fresh(seed: int = 0):
+    """A new model and a FlashAdamW over *its* parameters (a load target; an optimizer built for
+    another model instance is refused by save/load)."""
+    model = make_net(seed)
+    return model, make_opt(model)
+
+
 def make_sched(opt):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
 

@@ -13,6 +13,11 @@ Cases:
 * ``native_z{2,3}``: a checkpoint written by ``engine.save_checkpoint`` (for ``ckpt convert``).
 * ``zero2_cut``: train the odd-sized ds_model under ZeRO-2 (real steps, fragments cut groups),
   save ``DIR/z2``; load it into ZeRO-3 (other cuts), check, save ``DIR/z2_z3``.
+* ``gpt_round_robin_z2``: the trainer's GPT (tiny preset) under ZeRO-2 with
+  ``round_robin_gradients`` (DeepSpeed reorders the flat buffer, its ``_hp_mapping`` does not
+  follow): 2 real steps, save ``DIR/gpt_rr``; rank 0 dumps the engine's own full bf16 parameters
+  (``DIR/gpt_rr_live.pt``, ZeRO-2 keeps a full copy on every rank) as the oracle; then a fresh
+  engine loads the checkpoint and dumps its parameters too (``DIR/gpt_rr_loaded.pt``).
 """
 
 from __future__ import annotations
@@ -137,6 +142,44 @@ def case_zero2_cut(root):
     return {"cut_boundaries": cut, "n": n, "loss": float(loss.detach()), "bytes_per_param": info["bytes_per_param"]}
 
 
+def case_gpt_round_robin(root):
+    from flashoptim_dist.models.gpt import GPT, preset
+
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "bf16": {"enabled": True, "bf16_master_weights_and_grads": True, "bf16_optimizer_states": True},
+        "zero_optimization": {"stage": 2, "round_robin_gradients": True},
+        "optimizer": {"type": "FlashAdamW", "params": {"lr": 1e-2, "weight_decay": 0.1}},
+        "gradient_clipping": 1.0,
+        "steps_per_print": 10**9,
+    }
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = GPT(preset("tiny", max_seq_len=32))
+        return fds.initialize(model=model, config=cfg)[0]
+
+    engine = build(0)
+    g = torch.Generator().manual_seed(100 + dist.get_rank())
+    for _ in range(2):
+        x = torch.randint(0, 256, (2, 17), generator=g)
+        loss = F.cross_entropy(engine(x[:, :-1]).float().reshape(-1, 256), x[:, 1:].reshape(-1))
+        engine.backward(loss)
+        engine.step()
+    path = os.path.join(root, "gpt_rr")
+    ck.save(path, engine, engine.optimizer, step=2)
+    if dist.get_rank() == 0:
+        torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, path + "_live.pt")
+    engine.destroy()
+    engine2 = build(1)
+    ck.load(path, engine2, engine2.optimizer)
+    n = C.check_local_state_equals(C.canonical_tensors(path), engine2, engine2.optimizer)
+    if dist.get_rank() == 0:
+        torch.save({n: p.detach().clone() for n, p in engine2.module.named_parameters()}, path + "_loaded.pt")
+    engine2.destroy()
+    return {"n": n, "loss": float(loss.detach())}
+
+
 def case_native(stage, root):
     """A checkpoint written by DeepSpeed itself (engine.save_checkpoint) for the converter."""
     from ds_model import batch, make_model
@@ -167,6 +210,7 @@ def main():
     torch.set_num_threads(1)
     plan = [(f"from_fsdp2_z{s}", lambda s=s: case_from_fsdp2(s, a.root)) for s in (1, 2, 3)]
     plan.append(("zero2_cut", lambda: case_zero2_cut(a.root)))
+    plan.append(("gpt_round_robin_z2", lambda: case_gpt_round_robin(a.root)))
     plan += [(f"native_z{s}", lambda s=s: case_native(s, a.root)) for s in (2, 3)]
     todo = a.cases.split(",")
     results = {"deepspeed": deepspeed.__version__}

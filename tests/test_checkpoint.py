@@ -140,11 +140,11 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
         ck.save(tmp_path / "a", model, opt, overwrite=True, step=K + 1)
     monkeypatch.setattr(fs, "_write_item", orig)
     assert not C.diff_canonical(before, C.canonical_tensors(str(tmp_path / "a")))
-    assert ck.load(tmp_path / "a", C.make_net(1), C.make_opt(C.make_net(1)))["step"] == K
+    assert ck.load(tmp_path / "a", *C.fresh(1))["step"] == K
     tmp = [d for d in os.listdir(tmp_path) if d.startswith(".a.tmp-")]
     assert len(tmp) == 1
     with pytest.raises(ck.IncompleteCheckpointError, match="interrupted"):
-        ck.load(tmp_path / tmp[0], C.make_net(1), C.make_opt(C.make_net(1)))
+        ck.load(tmp_path / tmp[0], *C.fresh(1))
 
 
 # ------------------------------------------------------------------------------ damage is detected
@@ -432,3 +432,20 @@ def test_model_only_checkpoints(tmp_path):
         ck.load(tmp_path / "model", m2, o2)
     ck.load(tmp_path / "model", m2)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), m2.parameters()))
+
+
+def test_optimizer_tensor_outside_the_model_is_refused_before_writing(tmp_path):
+    """A tensor the optimizer updates but the model does not own would have no FQN: its state
+    would be missing from the checkpoint. save and load refuse, naming it, and write nothing."""
+    model = C.make_net(0)
+    stray = torch.nn.Parameter(torch.zeros(5, 7, dtype=torch.bfloat16))
+    opt = fo.FlashAdamW([{"params": list(model.parameters())}, {"params": [stray]}], lr=1e-2)
+    stray.grad = torch.ones_like(stray)
+    opt.step()
+    path = str(tmp_path / "ck")
+    with pytest.raises(ck.CheckpointError, match=r"\[5, 7\] \(param group 1\) is not a parameter of the model"):
+        ck.save(path, model, opt)
+    assert os.listdir(tmp_path) == [], "nothing may be written"
+    ck.save(path, model, C.make_opt(model))
+    with pytest.raises(ck.CheckpointError, match="not a parameter of the model"):
+        ck.load(path, model, opt)

@@ -231,6 +231,79 @@ def test_cut_groups_are_agreed_to_one_canonical_scale(tmp_path):
     assert not C.diff_canonical(canon, C.canonical_tensors(os.path.join(root, "cut1")))
 
 
+# ------------------------------------------------------- FSDP2 root left unsharded by an eval forward
+
+
+def _eval_forward(wrapped, step):
+    with torch.no_grad():
+        wrapped.eval()
+        wrapped(C.batch(step)[0])
+        wrapped.train()
+
+
+def _unsharded(module):
+    return sorted(C.clean(n) for n, p in module.named_parameters() if type(p).__name__ != "DTensor")
+
+
+def _save_after_eval_forward(rank, world, root):
+    import flashoptim_dist.checkpoint as ck
+    from flashoptim_dist.checkpoint import _views
+
+    model = C.make_net(0)
+    wrapped, module = C.wrap("fsdp2", model, world)
+    opt = C.make_opt(module)
+    sched = C.make_sched(opt)
+    C.real_step(wrapped, opt, 0)
+    ck.save(os.path.join(root, "before_eval"), wrapped, opt, lr_scheduler=sched, step=1)
+    _eval_forward(wrapped, 1)
+    out = {"unsharded_after_eval": _unsharded(module)}
+    # the safety net alone (automatic reshard switched off): refuses before writing, naming the parameter
+    orig = _views.reshard_fsdp2
+    _views.reshard_fsdp2 = lambda m: 0
+    try:
+        ck.save(os.path.join(root, "refused"), wrapped, opt, step=1)
+        out["refused"] = None
+    except ck.CheckpointError as e:
+        out["refused"] = str(e)
+    finally:
+        _views.reshard_fsdp2 = orig
+    ck.save(os.path.join(root, "after_eval"), wrapped, opt, lr_scheduler=sched, step=1)
+    out["unsharded_after_save"] = _unsharded(module)
+    out["loss_after"] = C.real_step(wrapped, opt, 2)  # training goes on (the root is gathered again)
+    # a load while the root is unsharded must land in the sharded parameters the optimizer updates
+    model2 = C.make_net(1)
+    w2, m2 = C.wrap("fsdp2", model2, world)
+    opt2 = C.make_opt(m2, lr=0.5)
+    C.real_step(w2, opt2, 5)
+    _eval_forward(w2, 6)
+    ck.load(os.path.join(root, "after_eval"), w2, opt2)
+    out["n_loaded"] = C.check_local_state_equals(C.canonical_tensors(os.path.join(root, "after_eval")), m2, opt2)
+    out["loss_loaded"] = C.real_step(w2, opt2, 2)
+    return out
+
+
+def test_fsdp2_save_after_eval_forward_is_complete(tmp_path):
+    """After a forward without backward FSDP2 leaves the root unit (emb, head, bias2) unsharded;
+    save/load reshard it first instead of silently leaving out its optimizer state."""
+    root = str(tmp_path)
+    res = run_distributed(_save_after_eval_forward, 2, root)
+    r0 = res[0]
+    assert r0["unsharded_after_eval"] == ["bias2", "emb.weight", "head.weight"], (
+        "the scenario needs FSDP2 to leave the root's parameters unsharded after an eval forward: "
+        f"{r0['unsharded_after_eval']}")
+    msg = r0["refused"]
+    assert msg is not None and "emb.weight" in msg and "m.reshard()" in msg, msg
+    assert not os.path.exists(os.path.join(root, "refused")) and not [n for n in os.listdir(root) if n.startswith(".refused")]
+    assert all(r["unsharded_after_save"] == [] for r in res)
+    before = C.canonical_tensors(os.path.join(root, "before_eval"))
+    assert {"flash.emb.weight.exp_avg", "flash.head.weight.rho", "flash.bias2.exp_avg_sq.scales"} <= set(before)
+    bad = C.diff_canonical(before, C.canonical_tensors(os.path.join(root, "after_eval")))
+    assert not bad, f"the save after the eval forward differs from the one before it: {bad[:6]}"
+    assert all(r["n_loaded"] > 0 for r in res)
+    # same state, same batch: the step after the load is the step after the save
+    assert res[0]["loss_loaded"] == res[0]["loss_after"]
+
+
 # ------------------------------------------------------------------ a rank dies in the middle of a save
 
 
@@ -275,7 +348,7 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     assert leftovers, "the interrupted save should have left its temp directory (and nothing at the final path)"
     # the partial directory is never taken for a checkpoint
     with pytest.raises(ck.IncompleteCheckpointError, match="COMPLETE is missing"):
-        ck.load(os.path.join(root, leftovers[0]), C.make_net(0), C.make_opt(C.make_net(0)))
+        ck.load(os.path.join(root, leftovers[0]), *C.fresh(0))
     # the previous checkpoint is intact and loads
     assert not C.diff_canonical(before, C.canonical_tensors(os.path.join(root, "ck")))
     model = C.make_net(3)
@@ -286,7 +359,7 @@ def test_rank_killed_mid_save_leaves_previous_checkpoint(tmp_path):
     # the next save of the same path removes the leftovers
     run_distributed(_save_at, 2, root, "ck", K + 1, True)
     assert not [n for n in os.listdir(root) if n.startswith(".ck.")]
-    assert ck.load(os.path.join(root, "ck"), C.make_net(0), C.make_opt(C.make_net(0)))["step"] == K + 1
+    assert ck.load(os.path.join(root, "ck"), *C.fresh(0))["step"] == K + 1
 
 
 # ------------------------------------------------------------------------------ DeepSpeed ZeRO
@@ -369,6 +442,21 @@ def test_zero2_checkpoint_with_cut_fragments_is_canonical(ds_results):
     ck.load(os.path.join(root, "z2"), m, opt)
     ck.save(os.path.join(root, "z2_plain"), m, opt, step=3)
     assert not C.diff_canonical(z2, C.canonical_tensors(os.path.join(root, "z2_plain")))
+
+
+def test_zero2_round_robin_gpt_checkpoint_holds_each_parameters_values(ds_results):
+    """ZeRO-2 with round_robin_gradients on the trainer's GPT: DeepSpeed lays the flat buffer out
+    in round-robin order but computes ``_hp_mapping`` in parameter order, so fragments read from
+    it name the wrong elements. The checkpoint must hold every parameter's own values (oracle:
+    the engine's full bf16 copy), and loading it must give them back."""
+    root, rec = _ds_case(ds_results, "gpt_round_robin_z2")
+    assert rec["n"] > 0 and torch.isfinite(torch.tensor(rec["loss"]))
+    canon = C.canonical_tensors(os.path.join(root, "gpt_rr"))
+    for tag in ("live", "loaded"):
+        params = torch.load(os.path.join(root, f"gpt_rr_{tag}.pt"))
+        assert len(params) == 21
+        bad = [n for n, p in params.items() if not torch.equal(C.bits(canon["model." + n]), C.bits(p))]
+        assert not bad, f"{tag}: the checkpoint's values of {bad[:5]} are not the engine's ({len(bad)} parameters)"
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -43,6 +43,8 @@ def test_deepspeed_launcher_maps_ranks(tmp_path):
 
 @pytest.mark.parametrize("config,stage", [("cpu_zero2.yaml", 2), ("cpu_zero3.yaml", 3)])
 def test_zero_with_flash_optimizer_from_json(tmp_path, config, stage):
+    """Train 2 steps under ZeRO-{2,3}, checkpoint, resume to step 3; the ZeRO-2 checkpoint also
+    resumes on one rank under another engine."""
     out = tmp_path / f"zero{stage}"
     common = [*TINY, "optim.name=FlashAdamW", f"train.out_dir={out}", "train.ckpt_every=2"]
     env = clean_env(CONFIG=CONFIGS / config, NUM_GPUS=2, MASTER_PORT=29750 + stage)
@@ -51,6 +53,27 @@ def test_zero_with_flash_optimizer_from_json(tmp_path, config, stage):
     assert sorted(train_losses(out)) == [1, 2] and checkpoint_steps(out) == [2]
     s = summary(out)
     assert s["world_size"] == 2 and s["optimizer"] == "FlashAdamW"
+    # the canonical checkpoint of flashoptim_dist.checkpoint (not DeepSpeed's own), which any engine can load
+    meta = json.loads((out / "checkpoints" / "step_00000002" / "flashoptim.json").read_text())
+    assert (meta["engine"], meta["world_size"], meta["step"]) == (f"zero{stage}", 2, 2)
+    if stage == 2:
+        other = tmp_path / "zero2_on_one_rank"
+        shutil.copytree(out, other)
     proc = run(["bash", str(LAUNCH / "deepspeed.sh"), *common, "train.steps=3"], cwd=tmp_path, env=env, timeout=TIMEOUT)
     assert "resumed from step 2" in proc.stdout
     assert summary(out)["final_step"] == 3
+    if stage == 2:
+        # the 2-rank ZeRO-2 checkpoint resumes in one process under engine=single: same weights, so the
+        # loss of step 3 (measured before its update) is the ZeRO-2 run's up to summation order
+        from launch_helpers import preserved_environ
+
+        from flashoptim_dist.train.config import load_config
+        from flashoptim_dist.train.trainer import main_train
+
+        cfg = load_config(CONFIGS / "cpu_demo.yaml", [*common, "engine.name=single", f"train.out_dir={other}",
+                                                       "train.threads=1", "train.steps=3"])
+        with preserved_environ():
+            res = main_train(cfg)
+        assert res["resumed_from"] == 2 and res["final_step"] == 3
+        a, b = train_losses(out), train_losses(other)
+        assert abs(a[3] - b[3]) < 2e-3, (a, b)

@@ -20,6 +20,10 @@ optimizer (plain fp32 AdamW through DCP: 12).
   each rank writes only the runs of each parameter it holds (``ShardSpec`` segments), nothing is
   gathered. Loading reads, on each rank, the runs it holds now: N ranks → M ranks and engine A →
   engine B are the same operation.
+* **Never incomplete.** FSDP2 units left unsharded when ``save``/``load`` is called (the root
+  after an evaluation forward without backward) are resharded first with the public
+  ``FSDPModule.reshard()``; an optimizer tensor that is not a parameter of the model raises
+  :class:`CheckpointError` naming it, before anything is written or loaded.
 * **Canonical scales.** A quantization group cut by a shard boundary has one scale per side at
   run time; at save the sides agree on the larger one (an exchange of those scales only) and
   re-quantize their codes of that group against it, so the bytes on disk do not depend on the

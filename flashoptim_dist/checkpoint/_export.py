@@ -26,7 +26,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .. import numerics as nx
-from ..optim.base import FlashOptimizer
+from ..optim.base import FlashOptimizer, allocate_state
 from . import _comm
 from . import _format as F
 from ._dcp import Chunked, FlashLoadPlanner, flat_range_boxes
@@ -295,15 +295,7 @@ def load_weights(source, model, optimizer=None, *, name_map: Optional[Callable[[
             for ti in view.tensors:
                 names = view.state_names[: n_state_slots(client, client.param_groups[ti.group])]
                 n, dev = ti.local.numel(), ti.local.device
-                new = {"step": 0}
-                if ti.layout.rho_dtype is not None:
-                    new["rho"] = torch.zeros(n, dtype=ti.layout.rho_dtype, device=dev)
-                for name, kind in names:
-                    if ti.layout.quantized:
-                        new[name] = torch.zeros(n, dtype=torch.int8 if kind == "signed" else torch.uint8, device=dev)
-                        new[name + "_scales"] = torch.zeros(ti.layout.n_scales, dtype=torch.bfloat16, device=dev)
-                    else:
-                        new[name] = torch.zeros(n, dtype=torch.float32, device=dev)
+                new = allocate_state(ti.layout, client.family, len(names), dev)
                 for si in ti.segs:
                     if si.fqn in missing:
                         continue

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from .. import layout as lay
 from .. import numerics as nx
-from ..optim.base import FlashOptimizer
+from ..optim.base import FlashOptimizer, allocate_state
 from ..optim.reference import FAMILIES
 from . import _comm
 from . import _format as F
@@ -396,6 +396,10 @@ def load(
     source); without it such a load raises :class:`NumericConfigMismatchError` before anything
     is modified. ``verify``: "checksum" (CRC-32 of every file, default), "size" or "none".
 
+    FSDP2 units left unsharded (e.g. the root after an evaluation forward) are resharded
+    first with ``FSDPModule.reshard()``, so the values land in the sharded parameters the
+    optimizer updates.
+
     Returns ``{"step", "extra", "saved_world_size", "engine", "converted", "path"}``.
     """
     if verify not in ("checksum", "size", "none"):
@@ -489,15 +493,7 @@ def _plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool)
             opt_tensor_ids.add(id(ti.tensor))
             dev, n = ti.local.device, ti.local.numel()
             names = view.state_names[: n_state_slots(client, client.param_groups[ti.group])]
-            new: Dict[str, Any] = {"step": 0}
-            if ti.layout.rho_dtype is not None:
-                new["rho"] = torch.zeros(n, dtype=ti.layout.rho_dtype, device=dev)
-            for name, kind in names:
-                if ti.layout.quantized:
-                    new[name] = torch.zeros(n, dtype=torch.int8 if kind == "signed" else torch.uint8, device=dev)
-                    new[name + "_scales"] = torch.zeros(ti.layout.n_scales, dtype=torch.bfloat16, device=dev)
-                else:
-                    new[name] = torch.zeros(n, dtype=torch.float32, device=dev)
+            new = allocate_state(ti.layout, client.family, len(names), dev)
             pstage, seg_reads = [], []
             for si in ti.segs:
                 ls, L, gs = si.seg.local_start, si.seg.length, si.seg.global_start

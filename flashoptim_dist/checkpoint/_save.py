@@ -384,6 +384,13 @@ def save(
     boundary cuts are agreed to one scale before writing. The checkpoint appears at ``path``
     only when complete (see :mod:`flashoptim_dist.checkpoint`). Returns a summary dict
     (``path``, ``bytes``, ``numel``, ``bytes_per_param``, ``world_size``, ``seconds``).
+
+    FSDP2: units whose parameters are unsharded at the time of the call — the root after an
+    evaluation forward without backward — are resharded first with the public
+    ``FSDPModule.reshard()`` (no communication; the next forward gathers them again), so the
+    optimizer state of every parameter is written. An optimizer tensor that cannot be matched
+    to a parameter of ``model`` raises :class:`CheckpointError` naming it before anything is
+    written: a save is never incomplete.
     """
     t0 = time.perf_counter()
     group = process_group

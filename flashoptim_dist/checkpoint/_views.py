@@ -108,6 +108,50 @@ def _detect_engine(model, module: nn.Module) -> str:
     return "replicated" if w > 1 else "single"
 
 
+def reshard_fsdp2(module: nn.Module) -> int:
+    """Put every FSDP2 unit of ``module`` back into its sharded state; returns how many units
+    there are.
+
+    A forward without a backward (evaluation under ``torch.no_grad``) leaves the root unit's
+    parameters unsharded: FSDP2 keeps the root gathered for the backward it expects, and while
+    it is, the module holds plain full tensors instead of the sharded DTensors the optimizer
+    updates. ``FSDPModule.reshard()`` (public, not recursive, a no-op for a unit that is already
+    sharded, no communication) registers the sharded parameters again; the next forward gathers
+    them as usual.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return 0
+    n = 0
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+            n += 1
+    return n
+
+
+def _unmatched_error(unmatched: List[Tuple[torch.Tensor, int]], params: Dict[str, "ParamInfo"]) -> CheckpointError:
+    """The error for optimizer tensors that are not parameters of the model (nothing is written)."""
+    shapes = [f"{list(t.shape)} (param group {gi})" for t, gi in unmatched]
+    held = f"{len(unmatched)} optimizer tensor(s) of global shape {', '.join(shapes[:6])}{' ...' if len(shapes) > 6 else ''}"
+    plain = [f for f, pi in params.items() if not _is_dtensor(pi.param)
+             and any(list(pi.global_shape) == list(t.shape) for t, _ in unmatched)]
+    if any(_is_dtensor(t) for t, _ in unmatched) and plain:
+        return CheckpointError(
+            f"the optimizer holds DTensor shards whose parameters are not in their sharded state in the model: "
+            f"{', '.join(plain[:8])} {'is a plain full tensor' if len(plain) == 1 else 'are plain full tensors'} "
+            f"({held}); FSDP2 leaves a unit unsharded after a forward without backward. Call m.reshard() on every "
+            "FSDPModule (for m in model.modules(): if isinstance(m, FSDPModule): m.reshard()) before saving or "
+            "loading; nothing was written or loaded"
+        )
+    return CheckpointError(
+        f"{held} {'is' if len(unmatched) == 1 else 'are'} not a parameter of the model passed to save/load, so "
+        "their state would be missing from the checkpoint; pass the model the optimizer was built for (the same "
+        "wrapped module), or build the optimizer over model.parameters(). Nothing was written or loaded"
+    )
+
+
 @dataclasses.dataclass
 class ParamInfo:
     fqn: str
@@ -218,9 +262,16 @@ def _optimizer_tensors(model, client) -> List[Tuple[torch.Tensor, int]]:
 
 
 def build_view(model, optimizer=None) -> View:
-    """Describe what this rank holds of ``model`` (and ``optimizer``) in global coordinates."""
+    """Describe what this rank holds of ``model`` (and ``optimizer``) in global coordinates.
+
+    FSDP2 units left unsharded (e.g. the root after an evaluation forward) are resharded first
+    (:func:`reshard_fsdp2`). Raises :class:`CheckpointError` when an optimizer tensor cannot be
+    matched to a parameter of ``model``, so nothing is ever saved or loaded with state missing.
+    """
     module = unwrap_model(model)
+    reshard_fsdp2(module)
     engine = _detect_engine(model, module)
+    deepspeed = is_deepspeed_engine(model)
     client = client_optimizer(optimizer) if optimizer is not None else None
     flash = isinstance(client, FlashOptimizer)
 
@@ -236,10 +287,18 @@ def build_view(model, optimizer=None) -> View:
 
     tensors: List[TensorInfo] = []
     state_names: List[Tuple[str, str]] = []
+    unmatched: List[Tuple[torch.Tensor, int]] = []
     if flash:
         cfg = client.config
         state_names = list(FAMILIES[client.family])
         for t, gi in _optimizer_tensors(model, client):
+            if deepspeed and lay.get_shard_spec(t) is None:
+                raise CheckpointError(
+                    f"a ZeRO flat partition of {t.numel()} elements (param group {gi}) carries no fragment layout, so "
+                    "which parameters it holds is unknown; build the engine with flashoptim_dist.deepspeed.initialize "
+                    "(or call flashoptim_dist.deepspeed.register() before deepspeed.initialize), or call "
+                    "flashoptim_dist.deepspeed.attach_shard_specs(engine) right after deepspeed.initialize"
+                )
             spec = lay.resolve_shard(t)
             local = spec.local(t) if spec.local is not None else t
             layout = lay.state_layout(
@@ -256,9 +315,12 @@ def build_view(model, optimizer=None) -> View:
                     continue
                 if _is_padding_key(seg.key):
                     continue  # padding inside a flat partition (DeepSpeed: None, FSDP1: "<fsdp1 padding>")
+                if seg.key is None and deepspeed:
+                    continue  # padding between/after the parameter fragments of a ZeRO flat partition
                 fqn = seg.key if seg.key is not None else by_id.get(id(t))
                 if fqn is None:
-                    continue  # a tensor the model does not own: DeepSpeed gaps
+                    unmatched.append((t, gi))
+                    break
                 fqn = clean_fqn(fqn)
                 if fqn not in params:
                     raise CheckpointError(
@@ -278,6 +340,8 @@ def build_view(model, optimizer=None) -> View:
                     )
                 segs.append(SegInfo(fqn, seg, soff))
             tensors.append(TensorInfo(t, local.detach().reshape(-1), layout, gi, segs))
+    if unmatched:
+        raise _unmatched_error(unmatched, params)
     return View(engine, module, client, flash, params, buffers, tensors, state_names)
 
 

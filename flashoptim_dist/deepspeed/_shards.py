@@ -86,26 +86,102 @@ def tile_segments(fragments: List[Segment], numel: int) -> tuple:
 # ----------------------------------------------------------------------------------- ZeRO-1/2
 
 
+def _zero12_layout(opt, i: int):
+    """``(flat, [(param, offset in flat)], partition_start, partition_numel)`` of group ``i``: where
+    DeepSpeed actually put every parameter in the flat bit16 buffer and which slice of it this
+    rank's partition is.
+
+    Read from the flattening record (``round_robin_bit16_groups``/``round_robin_bit16_offsets``,
+    the order and offsets ``_update_model_bit16_weights`` uses) and the partition views
+    (``parallel_partitioned_bit16_groups``), not from ``lp._hp_mapping``: DeepSpeed 0.19.8's
+    ``_link_all_hp_params`` computes ``_hp_mapping`` in ``bit16_groups`` order, which differs from the
+    buffer's order under ``zero_optimization.round_robin_gradients`` (the fragments then name the
+    wrong elements). Returns None when this DeepSpeed lacks the record.
+    """
+    flats = getattr(opt, "bit16_groups_flat", None)
+    order = getattr(opt, "round_robin_bit16_groups", None)
+    offsets = getattr(opt, "round_robin_bit16_offsets", None)
+    parts = getattr(opt, "parallel_partitioned_bit16_groups", None)
+    groups = getattr(opt, "real_dp_process_group", None)
+    if flats is None or order is None or offsets is None or parts is None or groups is None:
+        return None
+    if len(offsets) <= i or len(order[i]) != len(offsets[i]):
+        return None
+    import deepspeed.comm as dist
+
+    flat = flats[i]
+    rank = dist.get_rank(group=groups[i])
+    part = parts[i][rank]
+    if part.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr():
+        raise DeepSpeedInternalsError(
+            f"DeepSpeed {_ds_version()}: the rank's bit16 partition of group {i} is not a view of the flat bit16 "
+            "buffer; cannot tell which parameter elements it holds"
+        )
+    pstart = part.storage_offset() - flat.storage_offset()
+    placed = []
+    for lp, off in zip(order[i], offsets[i]):
+        off = int(off)
+        if lp.numel() and lp.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+            actual = lp.storage_offset() - flat.storage_offset()
+            if actual != off:
+                raise DeepSpeedInternalsError(
+                    f"DeepSpeed {_ds_version()}: a parameter of group {i} lies at offset {actual} of the flat bit16 "
+                    f"buffer but round_robin_bit16_offsets says {off}; cannot build a segment list"
+                )
+        placed.append((lp, off))
+    return flat, placed, int(pstart), int(part.numel())
+
+
 def _zero12_specs(opt, names: Dict[torch.Tensor, str]) -> List[tuple]:
     flats = _need(opt, "single_partition_of_fp32_groups", "the flat partitions given to the client optimizer")
     groups = _need(opt, "bit16_groups", "the model parameters of each group")
     result = []
     for i, flat in enumerate(flats):
         frags = []
-        for lp in groups[i]:
-            if not hasattr(lp, "_hp_mapping"):
+        layout = _zero12_layout(opt, i)
+        if layout is not None:
+            _, placed, pstart, pnumel = layout
+            if pnumel != flat.numel():
                 raise DeepSpeedInternalsError(
-                    f"DeepSpeed {_ds_version()}: ZeRO-1/2 parameters carry no '_hp_mapping' (fragment address); "
-                    "flashoptim_dist.deepspeed needs DeepSpeed 0.19.8's tensor_fragment linkage"
+                    f"DeepSpeed {_ds_version()}: group {i}'s partition has {flat.numel()} elements but its slice of "
+                    f"the flat bit16 buffer has {pnumel}"
                 )
-            m = lp._hp_mapping
-            if m is None:
-                continue
-            hp = _need(m, "hp_fragment_address", "fragment offset in the flat partition")
-            lpa = _need(m, "lp_fragment_address", "fragment offset inside the parameter")
-            if lp not in names:
-                raise DeepSpeedInternalsError("a ZeRO parameter is missing from engine.param_names")
-            frags.append(Segment(int(hp.start), int(hp.numel), int(lpa.start), names[lp], int(lp.numel())))
+            pend = pstart + pnumel
+            for lp, off in placed:
+                n = lp.numel()
+                a, b = max(off, pstart), min(off + n, pend)
+                if b <= a:
+                    continue
+                if lp not in names:
+                    raise DeepSpeedInternalsError("a ZeRO parameter is missing from engine.param_names")
+                frags.append(Segment(a - pstart, b - a, a - off, names[lp], int(n)))
+        else:  # older DeepSpeed without the flattening record: DeepSpeed's own fragment addresses
+            if getattr(opt, "round_robin_gradients", False):
+                raise DeepSpeedInternalsError(
+                    f"DeepSpeed {_ds_version()} has no round_robin_bit16_offsets and zero_optimization."
+                    "round_robin_gradients is on: its fragment addresses (_hp_mapping) do not follow the reordered "
+                    "buffer; set round_robin_gradients to false or use DeepSpeed 0.19.8"
+                )
+            for lp in groups[i]:
+                if not hasattr(lp, "_hp_mapping"):
+                    raise DeepSpeedInternalsError(
+                        f"DeepSpeed {_ds_version()}: ZeRO-1/2 parameters carry no '_hp_mapping' (fragment address); "
+                        "flashoptim_dist.deepspeed needs DeepSpeed 0.19.8's tensor_fragment linkage"
+                    )
+                m = lp._hp_mapping
+                if m is None:
+                    continue
+                hp = _need(m, "hp_fragment_address", "fragment offset in the flat partition")
+                lpa = _need(m, "lp_fragment_address", "fragment offset inside the parameter")
+                if lp not in names:
+                    raise DeepSpeedInternalsError("a ZeRO parameter is missing from engine.param_names")
+                frags.append(Segment(int(hp.start), int(hp.numel), int(lpa.start), names[lp], int(lp.numel())))
+        for f in frags:
+            if f.global_start < 0 or f.global_start + f.length > f.global_numel:
+                raise DeepSpeedInternalsError(
+                    f"DeepSpeed {_ds_version()}: fragment [{f.global_start}, {f.global_start + f.length}) of {f.key} "
+                    f"lies outside its {f.global_numel} elements"
+                )
         result.append((flat, tile_segments(frags, flat.numel())))
     return result
 

@@ -39,7 +39,7 @@ from .. import numerics as nx
 from ..config import FlashConfig
 from .reference import FAMILIES, N_HYPER, SegmentViews, reference_step_segment
 
-__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION"]
+__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
 #: Version of the optimizer state_dict / checkpoint state format.
 STATE_FORMAT_VERSION = 1
@@ -66,6 +66,24 @@ def _triton_usable(device: torch.device, backend: str) -> bool:
             )
         return True
     return False
+
+
+def allocate_state(layout: lay.StateLayout, family: str, n_states: int, device) -> Dict[str, Any]:
+    """Zero state of one optimizer tensor in its stored dtypes (see the table above):
+    ``step`` 0, ``rho`` (int8/int16) when the layout keeps one, and per moment either int8/uint8
+    codes + bf16 scales (quantized) or fp32 values. The one place that decides state dtypes."""
+    n = layout.numel
+    state: Dict[str, Any] = {"step": 0}
+    if layout.rho_dtype is not None:
+        state["rho"] = torch.zeros(n, dtype=layout.rho_dtype, device=device)
+    for name, kind in FAMILIES[family][:n_states]:
+        if layout.quantized:
+            dt = torch.int8 if kind == "signed" else torch.uint8
+            state[name] = torch.zeros(n, dtype=dt, device=device)
+            state[name + "_scales"] = torch.zeros(layout.n_scales, dtype=torch.bfloat16, device=device)
+        else:
+            state[name] = torch.zeros(n, dtype=torch.float32, device=device)
+    return state
 
 
 class _TensorInfo:
@@ -154,21 +172,9 @@ class FlashOptimizer(Optimizer):
         return _TensorInfo(spec, layout)
 
     def _fresh_state(self, p: torch.Tensor, info: _TensorInfo, group: Dict[str, Any]) -> None:
-        layout = info.layout
         local = self._local(p)
-        dev, n = local.device, local.numel()
-        state = self.state[p]
-        state["step"] = 0
-        if layout.rho_dtype is not None:
-            # the current narrow value is exact, so the correction starts at zero
-            state["rho"] = torch.zeros(n, dtype=layout.rho_dtype, device=dev)
-        for name, kind in FAMILIES[self.family][: self._n_states(group)]:
-            if layout.quantized:
-                dt = torch.int8 if kind == "signed" else torch.uint8
-                state[name] = torch.zeros(n, dtype=dt, device=dev)
-                state[name + "_scales"] = torch.zeros(layout.n_scales, dtype=torch.bfloat16, device=dev)
-            else:
-                state[name] = torch.zeros(n, dtype=torch.float32, device=dev)
+        # the current narrow value is exact, so ρ starts at zero like the moments
+        self.state[p].update(allocate_state(info.layout, self.family, self._n_states(group), local.device))
 
     def _info_for(self, p: torch.Tensor, group: Dict[str, Any]) -> _TensorInfo:
         info = self._info.get(p)

@@ -3,24 +3,22 @@
     save_train_state(ckpt_dir, step, model, optimizer, extra) -> Path
     load_latest(ckpt_dir, model, optimizer) -> step or None
 
-Layout: ``<ckpt_dir>/step_00000100/`` holds the model and optimizer state (DCP files) and
-``train_state.json`` (step, world size, ``extra``). A checkpoint is written into
-``<ckpt_dir>/.tmp-step_00000100/`` by all ranks, and rank 0 renames it to its final name only
-after every rank finished writing, so after a crash a ``step_*`` directory is either complete or
-absent and the previous checkpoint is intact. Leftover ``.tmp-*`` directories are ignored and
-removed by the next save. The newest ``keep`` checkpoints are kept.
+Layout: ``<ckpt_dir>/step_00000100/``, one directory per saved step; the newest ``keep`` are kept.
 
-Storage: ``torch.distributed.checkpoint`` (DCP) with ``get_state_dict``/``set_state_dict``, so
-a checkpoint written on N ranks loads on M ranks and across single/DDP/FSDP2/FSDP1 (keys are
-parameter FQNs without wrapper prefixes). A DeepSpeed engine is saved with its own
-``save_checkpoint``/``load_checkpoint`` into the same step directory (same rename protocol).
+Flash optimizers, under every engine (single, DDP, FSDP2, FSDP1 and DeepSpeed ZeRO-1/2/3), are
+saved and loaded with :mod:`flashoptim_dist.checkpoint` (``save``/``load``/``latest_checkpoint``):
+the canonical, compressed layout (~5.1 B/param) that loads on any number of ranks and under any
+other engine, so a ZeRO-2 run resumes under FSDP2 or on another world size like any other. That
+module writes atomically (a temporary directory renamed into place after its ``COMPLETE``
+manifest) and verifies sizes and checksums before loading; ``extra`` goes into the checkpoint.
 
-Flash optimizers (except under DeepSpeed, which uses its own engine checkpoint for now) are
-saved with ``flashoptim_dist.checkpoint.save/load`` when that module is importable (compact canonical state, ~5.1 B/param, any world size and engine, its own atomic
-rename and ``COMPLETE`` manifest; ``extra`` goes into its metadata). Torch baselines (and Flash
-without that module) use plain DCP with ``get_state_dict``/``set_state_dict`` as described above.
-Either way a step directory counts as complete only with its marker (``train_state.json`` or
-``COMPLETE``).
+Torch baselines (``optim.name=AdamW`` etc., which the checkpoint module does not store) use
+plain DCP (``get_state_dict``/``set_state_dict``; reshardable across world sizes and
+single/DDP/FSDP2/FSDP1) or, under DeepSpeed, the engine's own ``save_checkpoint``, written into
+a temporary directory and moved into place by the checkpoint module's commit step; their
+completion marker is ``train_state.json``. Either way a ``step_*`` directory counts only with its
+marker (``COMPLETE`` or ``train_state.json``); what interrupted saves leave behind is ignored and
+removed by the next save.
 
 The checkpoint directory must be on a file system all ranks see (as for any DCP checkpoint).
 """
@@ -28,10 +26,10 @@ The checkpoint directory must be on a file system all ranks see (as for any DCP 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,6 +42,8 @@ __all__ = ["save_train_state", "load_latest", "list_checkpoints", "read_train_st
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
 _STATE_FILE = "train_state.json"
 _FORMAT = "flashoptim_dist.train.ckpt/1"
+_FLASH_COMPLETE = "COMPLETE"
+_FLASH_META = "flashoptim.json"
 
 
 def _rank_world() -> tuple[int, int]:
@@ -79,24 +79,11 @@ def _is_deepspeed(model) -> bool:
     return callable(getattr(model, "save_checkpoint", None)) and callable(getattr(model, "load_checkpoint", None))
 
 
-_FLASH_COMPLETE = "COMPLETE"
-_FLASH_META = "flashoptim.json"
+def _is_flash(optimizer) -> bool:
+    """A Flash optimizer, directly or as the client of DeepSpeed's ZeRO optimizer."""
+    from flashoptim_dist.optim.base import FlashOptimizer
 
-
-def _flash_checkpoint(optimizer):
-    """``flashoptim_dist.checkpoint`` when it can store ``optimizer`` (a Flash optimizer), else None."""
-    try:
-        from flashoptim_dist.optim.base import FlashOptimizer
-    except ImportError:
-        return None
-    inner = getattr(optimizer, "optimizer", None)  # DeepSpeed's ZeRO optimizer wraps the client
-    if not isinstance(optimizer, FlashOptimizer) and not isinstance(inner, FlashOptimizer):
-        return None
-    try:
-        import flashoptim_dist.checkpoint as fckpt
-    except ImportError:
-        return None
-    return fckpt
+    return isinstance(optimizer, FlashOptimizer) or isinstance(getattr(optimizer, "optimizer", None), FlashOptimizer)
 
 
 def list_checkpoints(ckpt_dir) -> list[tuple[int, Path]]:
@@ -113,26 +100,14 @@ def list_checkpoints(ckpt_dir) -> list[tuple[int, Path]]:
 
 
 def read_train_state(path) -> dict:
-    """Step, world size and ``extra`` of a checkpoint directory (either storage)."""
+    """Step, world size and ``extra`` of a checkpoint directory (either storage; ``extra`` of a
+    Flash checkpoint is returned by ``flashoptim_dist.checkpoint.load`` and is empty here)."""
     path = Path(path)
     if (path / _STATE_FILE).is_file():
         return json.loads((path / _STATE_FILE).read_text())
     meta = json.loads((path / _FLASH_META).read_text())
     return {"format": "flashoptim_dist.checkpoint", "step": meta.get("step"), "world_size": meta.get("world_size"),
-            "extra": meta.get("extra") or {}}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+            "engine": meta.get("engine"), "extra": {}}
 
 
 def save_train_state(ckpt_dir, step: int, model, optimizer, extra: Optional[dict] = None, keep: Optional[int] = None) -> Path:
@@ -145,24 +120,34 @@ def save_train_state(ckpt_dir, step: int, model, optimizer, extra: Optional[dict
     rank, world = _rank_world()
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / f"step_{step:08d}"
-    tmp = ckpt_dir / f".tmp-step_{step:08d}"
-    fckpt = _flash_checkpoint(optimizer)
-    if fckpt is not None:
-        if rank == 0:
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale(ckpt_dir)
-        _barrier()
-        fckpt.save(str(final), model, optimizer, extra=extra or {}, step=step, overwrite=True)
-        if rank == 0:
-            _prune(ckpt_dir, keep)
-        _barrier()
-        return final
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale(ckpt_dir)
-        tmp.mkdir()
     _barrier()
+    if _is_flash(optimizer):
+        import flashoptim_dist.checkpoint as fckpt
 
+        fckpt.save(str(final), model, optimizer, extra=extra or {}, step=step, overwrite=True)
+    else:
+        _save_torch_baseline(final, step, world, model, optimizer, extra)
+    if rank == 0:
+        _prune(ckpt_dir, keep)
+    _barrier()
+    return final
+
+
+def _save_torch_baseline(final: Path, step: int, world: int, model, optimizer, extra) -> None:
+    """A torch baseline's checkpoint: plain DCP (or DeepSpeed's own) into a temporary directory,
+    ``train_state.json`` last, then the checkpoint module's commit (fsync + rename into place)."""
+    from flashoptim_dist.checkpoint import _format as F
+    from flashoptim_dist.checkpoint._save import _commit
+
+    rank, _ = _rank_world()
+    tmp = None
+    if rank == 0:
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"  # removed by _remove_stale if left over
+        tmp.mkdir()
+    tmp = Path(_broadcast(str(tmp) if tmp is not None else None))
     if _is_deepspeed(model):
         model.save_checkpoint(str(tmp), tag="state")
     else:
@@ -173,30 +158,17 @@ def save_train_state(ckpt_dir, step: int, model, optimizer, extra: Optional[dict
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _barrier()
-
     if rank == 0:
         state = {"format": _FORMAT, "step": step, "world_size": world, "time": time.time(), "extra": extra or {}}
-        with open(tmp / _STATE_FILE, "w") as fh:
-            json.dump(state, fh, indent=1, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it
-            old = ckpt_dir / f".tmp-old-{final.name}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        _prune(ckpt_dir, keep)
+        F.write_json_durable(str(tmp / _STATE_FILE), json.loads(json.dumps(state, default=str)))
+        _commit(str(tmp), str(final))
     _barrier()
-    return final
 
 
 def _remove_stale(ckpt_dir: Path) -> None:
-    """Delete what interrupted saves left: ``.tmp-step_*`` (ours), ``.step_*.tmp-*`` (flashoptim_dist.checkpoint)."""
-    for pattern in (".tmp-step_*", ".step_*.tmp-*", ".tmp-old-step_*"):
+    """Delete what interrupted saves left: ``.step_*.tmp-*``/``.step_*.old-*`` (the checkpoint
+    module's commit) and ``.tmp-step_*``/``.tmp-old-step_*`` (older versions of this module)."""
+    for pattern in (".step_*.tmp-*", ".step_*.old-*", ".tmp-step_*", ".tmp-old-step_*"):
         for stale in ckpt_dir.glob(pattern):
             shutil.rmtree(stale, ignore_errors=True)
 
@@ -210,28 +182,46 @@ def _prune(ckpt_dir: Path, keep: Optional[int]) -> None:
 def load_latest(ckpt_dir, model, optimizer) -> Optional[int]:
     """Load the newest complete checkpoint in ``ckpt_dir`` into ``model``/``optimizer``.
 
-    Collective. Returns its step, or None when there is none (nothing is changed then). Works at
-    any world size for DCP checkpoints (resharding is done by DCP).
+    Collective. Returns its step, or None when there is none (nothing is changed then). A Flash
+    checkpoint loads at any world size and under any engine (ZeRO included); a torch baseline's
+    DCP checkpoint at any world size under single/DDP/FSDP2/FSDP1.
     """
     rank, _ = _rank_world()
+    flash = _is_flash(optimizer)
     latest = None
     if rank == 0:
         found = list_checkpoints(ckpt_dir)
-        latest = (found[-1][0], str(found[-1][1])) if found else None
+        if found:
+            step, path = found[-1]
+            kind = "flash" if (path / _FLASH_COMPLETE).is_file() else "torch"
+            if kind == "flash":
+                import flashoptim_dist.checkpoint as fckpt
+
+                chosen = fckpt.latest_checkpoint(ckpt_dir)  # the highest saved step with a COMPLETE manifest
+                if chosen is not None:
+                    path = Path(chosen)
+                    step = read_train_state(path)["step"] or step
+            latest = (int(step), str(path), kind)
     latest = _broadcast(latest)
     if latest is None:
         return None
-    step, path = latest
-    if (Path(path) / _FLASH_COMPLETE).is_file():
-        fckpt = _flash_checkpoint(optimizer)
-        if fckpt is None:
+    step, path, kind = latest
+    if kind == "flash":
+        if not flash:
             raise RuntimeError(
                 f"{path} was written by flashoptim_dist.checkpoint for a Flash optimizer, but this run's optimizer "
                 f"is {type(optimizer).__name__}; resume with the same optimizer (optim.name) or start a new train.out_dir"
             )
+        import flashoptim_dist.checkpoint as fckpt
+
         fckpt.load(path, model, optimizer)
         _barrier()
         return step
+    if flash:
+        raise RuntimeError(
+            f"{path} was written for a torch baseline optimizer (train_state.json, plain DCP), but this run's optimizer "
+            f"is a Flash optimizer; resume with the same optimizer (optim.name) or start a new train.out_dir"
+        )
     if _is_deepspeed(model):
         load_path, _ = model.load_checkpoint(path, tag="state")
         if load_path is None:
