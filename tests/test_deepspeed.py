@@ -49,10 +49,12 @@ from flashoptim_dist.deepspeed import FlashDeepSpeedConfigError  # noqa: E402
 from flashoptim_dist.deepspeed._shards import tile_segments  # noqa: E402
 from flashoptim_dist.layout import Segment  # noqa: E402
 
-LOSS_RTOL = 1e-3
-NORM_RTOL = 2e-2
-WEIGHT_RTOL = 0.05
-WEIGHT_SENSITIVITY = 0.2
+from tolerances import TOLERANCES as TOL  # noqa: E402
+
+LOSS_RTOL = TOL["zero_loss_rtol"]
+NORM_RTOL = TOL["zero_grad_norm_rtol"]
+WEIGHT_RTOL = TOL["zero_weight_rtol"]
+WEIGHT_SENSITIVITY = TOL["zero_weight_sensitivity"]
 LAUNCH_TIMEOUT_S = 600
 
 

@@ -30,8 +30,10 @@ from dist_utils import (
     run_distributed,
 )
 
-LOSS_TOL = 5e-3
-EXACT_TOL = 1e-5
+from tolerances import TOLERANCES as TOL  # noqa: E402
+
+LOSS_TOL = TOL["engine_loss_vs_one_device"]
+EXACT_TOL = TOL["engine_loss_vs_accumulated"]
 CLIP = 0.5
 
 

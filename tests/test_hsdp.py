@@ -1,5 +1,5 @@
 """HSDP (FSDP2 on a 2×2 replicate × shard mesh, 4 gloo ranks): shard invariance, training that
-follows the one-device run (LOSS_TOL explained in test_fsdp2_e2e.py; with 4 ranks the gradient
+follows the one-device run (LOSS_TOL: tests/tolerances.py; with 4 ranks the gradient
 sum order differs from one-device accumulation, so only LOSS_TOL applies), and gradient release
 (the hooks run after the replicate all-reduce) equal to the normal path bit for bit."""
 
@@ -10,7 +10,9 @@ import torch
 from dist_utils import E2E_LR, E2E_STEPS, build_tiny_gpt, e2e_batches, lm_loss, rank_slice, reference_losses, run_distributed
 from test_fsdp2_invariance import _invariance_worker
 
-LOSS_TOL = 5e-3
+from tolerances import TOLERANCES as TOL  # noqa: E402
+
+LOSS_TOL = TOL["engine_loss_vs_one_device"]
 
 
 def _hsdp_worker(rank, world):

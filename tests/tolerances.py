@@ -28,4 +28,22 @@ TOLERANCES = {
     # Kernel vs reference: bit exact — both do the same IEEE fp32 ops in the same order
     # (enable_fp_fusion=False, div_rn, sqrt_rn, integer bf16 rounding).
     "kernel_vs_reference_codes": 0,
+    # Engines (FSDP2/HSDP/FSDP1/DDP, 20 steps of a small bf16 GPT) vs the one-device Flash run,
+    # absolute loss (losses 2.8–4.9): two one-device runs that only split the batch differently
+    # already differ by up to 7e-4 (bf16 reduction order), so 5e-3 leaves ~7x margin; training
+    # on un-averaged gradients misses by 0.55 (a test checks it falls outside).
+    "engine_loss_vs_one_device": 5e-3,
+    # 2-rank run vs the one-device run that accumulates gradients over the same two
+    # micro-batches: the bf16 gradient sum is exact either way; only fp32 loss averaging differs.
+    "engine_loss_vs_accumulated": 1e-5,
+    # ZeRO-1/2/3 vs one-process Flash, relative per-step loss (observed ≤ 1.6e-4): DeepSpeed
+    # reduces bf16 gradients in its own bucket order.
+    "zero_loss_rtol": 1e-3,
+    # DeepSpeed's global grad norm over bf16 partitions vs the fp32 norm of one process.
+    "zero_grad_norm_rtol": 2e-2,
+    # Final weights with gradient_clipping + accumulation vs the reference (observed ≈ 1.3%);
+    # a reference without clipping or with summed accumulation is ≥ 20% away
+    # ("zero_weight_sensitivity": the test asserts the wrong variants land outside it).
+    "zero_weight_rtol": 0.05,
+    "zero_weight_sensitivity": 0.2,
 }
