@@ -10,8 +10,12 @@ PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-# torch first and pinned: the CPU wheel of 2.13.0 (an unpinned torch would pull a CUDA build)
-pip install -q "torch==2.13.0" numpy
+# torch first and pinned: the CPU wheel of 2.13.0 (an unpinned torch would pull a CUDA build);
+# a torch already in the venv (e.g. a CUDA build you chose) is kept
+if ! python -c "import torch" >/dev/null 2>&1; then
+    pip install -q "torch==2.13.0"
+fi
+pip install -q numpy
 DS_BUILD_OPS=0 pip install -q "deepspeed==0.19.8"
 pip install -q -e ".[test,train]" "transformers==5.23.0" "accelerate==1.15.0"
 if command -v mpicc >/dev/null 2>&1; then pip install -q mpi4py; fi
