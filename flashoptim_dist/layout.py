@@ -27,7 +27,7 @@ Engines tell the optimizer what a rank holds by attaching a :class:`ShardSpec` t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -166,15 +166,6 @@ class StateLayout:
     n_scales: int
     rho_dtype: Optional[torch.dtype]
     quantized: bool
-
-    def state_bytes(self, n_states: int) -> int:
-        """Bytes of persistent state: ρ + codes/fp32 moments + bf16 scales."""
-        rho = 0 if self.rho_dtype is None else self.numel * torch.empty((), dtype=self.rho_dtype).element_size()
-        if self.quantized:
-            per_state = self.numel + 2 * self.n_scales
-        else:
-            per_state = 4 * self.numel
-        return rho + n_states * per_state
 
 
 def rho_dtype_for(param_dtype: torch.dtype, master_weight_bits: Optional[int]) -> Optional[torch.dtype]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn

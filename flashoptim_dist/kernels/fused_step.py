@@ -19,7 +19,8 @@ absmax is a row reduction. Scale ``j`` of a segment is the group of aligned inde
 Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn``/``sqrt_rn``,
 every operation is an IEEE round-to-nearest fp32 operation in the reference's order, so results
 match the reference bit for bit (tested under the interpreter, and on GPU through bench/).
-bf16 rounding is done on the bit pattern (the interpreter truncates fp32→bf16 casts).
+fp32→bf16 uses the GPU's round-to-nearest-even cvt; under the interpreter, which truncates that
+cast, the rounding is done on the bit pattern instead.
 """
 
 from __future__ import annotations

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
-from collections import defaultdict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -89,7 +87,7 @@ def allocate_state(layout: lay.StateLayout, family: str, n_states: int, device) 
 class _TensorInfo:
     """What the optimizer knows about one optimizer tensor (cached at state init)."""
 
-    __slots__ = ("spec", "layout", "local_fn", "grad_fn", "numerics_checked")
+    __slots__ = ("spec", "layout", "numerics_checked")
 
     def __init__(self, spec: lay.ShardSpec, layout: lay.StateLayout):
         self.spec = spec
@@ -280,7 +278,7 @@ class FlashOptimizer(Optimizer):
         return out
 
     def _launch(self, key, entries) -> None:
-        device, pdtype, gdtype, rho_dtype, quantized, n_states = key
+        device, _, _, rho_dtype, quantized, n_states = key
         group_size = self.config.group_size
         hyper = self._hyper_table(entries)
         names = [name for name, _ in FAMILIES[self.family][:n_states]]
@@ -489,9 +487,6 @@ class FlashOptimizer(Optimizer):
             state[k] = v.reshape(-1).contiguous()
 
     # ------------------------------------------------------------------ torch interop
-    def _torch_state_names(self, group) -> List[str]:
-        return [name for name, _ in FAMILIES[self.family][: self._n_states(group)]]
-
     def _from_torch_state(self, p, local, st, group) -> Dict[str, Any]:
         """Quantize a plain torch.optim state entry into this optimizer's layout."""
         layout = self._make_info(p).layout
@@ -528,7 +523,7 @@ class FlashOptimizer(Optimizer):
             out[name + "_scales"] = scales
         return out
 
-    def dequantized_state(self, p: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def dequantized_state(self, p: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
         """fp32 moments (shaped like the local param) and the fp32 master of one parameter."""
         st = self.state[p]
         info = self._info.get(p)
@@ -539,7 +534,7 @@ class FlashOptimizer(Optimizer):
         g = self.config.group_size
         out = {"step": st["step"]}
         out["master"] = nx.merge_master(local.reshape(-1), st.get("rho")).view(local.shape)
-        for name, kind in FAMILIES[self.family][: self._n_states(self._group_of(p))]:
+        for name, kind in FAMILIES[self.family][: self._n_states(group or self._group_of(p))]:
             if not layout.quantized:
                 out[name] = st[name].view(local.shape).clone()
                 continue
@@ -561,24 +556,17 @@ class FlashOptimizer(Optimizer):
         :meth:`master_params` (θ' + ρ correction).
         """
         sd = super().state_dict()
-        params = [p for g in self.param_groups for p in g["params"]]
+        params = [(p, g) for g in self.param_groups for p in g["params"]]
         state = {}
-        for i, p in enumerate(params):
+        for i, (p, group) in enumerate(params):
             if p not in self.state or "step" not in self.state[p]:
                 continue
-            dq = self.dequantized_state(p)
+            dq = self.dequantized_state(p, group)
             entry = {"step": torch.tensor(float(dq["step"]))}
-            for name in self._torch_state_names(self._group_of(p)):
+            for name, _ in FAMILIES[self.family][: self._n_states(group)]:
                 entry[name] = dq[name]
             state[i] = entry
-        groups = []
-        for g in sd["param_groups"]:
-            g = {k: v for k, v in g.items() if k not in self._flash_only_group_keys()}
-            groups.append(g)
-        return {"state": state, "param_groups": groups}
-
-    def _flash_only_group_keys(self) -> Tuple[str, ...]:
-        return ()
+        return {"state": state, "param_groups": sd["param_groups"]}
 
     @torch.no_grad()
     def master_params(self) -> List[torch.Tensor]:

@@ -23,7 +23,7 @@ are freed right after each parameter's update, so only one tensor's grad is aliv
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch

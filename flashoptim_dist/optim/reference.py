@@ -44,10 +44,6 @@ FAMILIES: Dict[str, tuple] = {
 }
 
 
-def col(family: str, name: str) -> int:
-    return HYPER_COLUMNS[family].index(name)
-
-
 @dataclass
 class SegmentViews:
     """1-D views of one segment's storage (all of ``length`` elements except the scales).
