@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from .. import launch_env
 from .config import Config, validate
 from .optimizers import baseline_of, is_flash
-from .trainer import run_training, shutdown
+from .trainer import in_process_group, run_training
 
 __all__ = ["run_compare", "main_compare", "plot_compare", "compare_table"]
 
@@ -147,11 +146,4 @@ def run_compare(cfg: Config) -> dict:
 
 def main_compare(cfg: Config) -> dict:
     """Start the process group, run :func:`run_compare`, end cleanly."""
-    launch_env.init_distributed(cfg.engine.backend, cfg.engine.timeout_minutes)
-    try:
-        report = run_compare(cfg)
-    except BaseException:
-        shutdown(clean=False)
-        raise
-    shutdown()
-    return report
+    return in_process_group(run_compare, cfg)

@@ -340,17 +340,22 @@ def run_training(cfg: Config) -> dict:
     return result
 
 
-def main_train(cfg: Config) -> dict:
-    """Start the process group, run :func:`run_training`, end cleanly (barrier + destroy)."""
+def in_process_group(fn, cfg: Config):
+    """Start the process group, return ``fn(cfg)``, end cleanly (barrier + destroy)."""
     launch_env.init_distributed(cfg.engine.backend, cfg.engine.timeout_minutes)
     try:
-        result = run_training(cfg)
+        result = fn(cfg)
     except BaseException:
         # No barrier here: another rank may be stuck in a collective and would never arrive.
         shutdown(clean=False)
         raise
     shutdown()
     return result
+
+
+def main_train(cfg: Config) -> dict:
+    """Start the process group, run :func:`run_training`, end cleanly (barrier + destroy)."""
+    return in_process_group(run_training, cfg)
 
 
 def shutdown(clean: bool = True) -> None:
