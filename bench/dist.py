@@ -33,6 +33,7 @@ counted from the tensors (params + optimizer state) and peak is not reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -72,6 +73,9 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (1024; 32 with --tiny)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--ac", action="store_true",
+                    help="activation checkpointing per block: activations stop setting the peak, so "
+                         "what gradient release saves (the sharded grads) shows in it")
     ap.add_argument("--json", default=None, help="write the results (rank 0) to this file")
     args = ap.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -241,6 +245,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     device, mesh = setup(args.tiny)
     cfg = model_config(args.tiny)
+    if args.ac:
+        cfg = dataclasses.replace(cfg, activation_checkpointing=True)
     if args.tiny:
         torch.set_num_threads(1)
     results = []
@@ -257,6 +263,7 @@ def main(argv=None) -> int:
             f"GPT d_model={cfg.d_model} layers={cfg.n_layers} vocab={cfg.vocab_size} "
             f"({cfg.num_params():.4g} params), batch {args.batch}x{args.seq} tokens/rank, "
             f"{args.iters} iters, median of last {args.measure}"
+            + (", activation checkpointing per block" if args.ac else "")
         )
         summary = report(flat, world, name, desc)
         if args.json:

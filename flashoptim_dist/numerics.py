@@ -33,8 +33,10 @@ bf16 has fp32's 8-bit exponent, so the scale keeps the same relative precision (
 is where LLM second moments live. Rounding *up* keeps every |x| = |m|/s ≤ 1, so nothing clips;
 the price is at most 2^-8 of the code range.
 
-**Rounding** of codes and ρ is round-half-up, ``floor(z + 0.5)``, which is the same on every
-backend (round-half-even is not available in every Triton backend).
+**Rounding** of codes and ρ is round-half-to-even (``torch.round``). The kernel gets it from
+the fp32 adder, ``(z + 1.5·2^23)`` leaves round(z) in the low mantissa bits for |z| < 2^22,
+which costs one add and one integer subtract instead of a floor and a float→int conversion
+(the conversion unit is a quarter-rate pipe on Hopper and was one of the kernel's bottlenecks).
 
 **Non-finite state values** (a NaN or inf gradient) are stored as code 0 and do not enter the
 group's scale, so they cannot corrupt the other elements of their group, let alone other groups.
@@ -118,8 +120,9 @@ def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(s > 0, torch.ones_like(s) / torch.where(s > 0, s, 1.0), 0.0)
 
 
-def _round_half_up(z: torch.Tensor) -> torch.Tensor:
-    return torch.floor(z + 0.5)
+def _round_code(z: torch.Tensor) -> torch.Tensor:
+    """Nearest integer, ties to even (the kernel's fp32-adder rounding)."""
+    return torch.round(z)
 
 
 def ceil_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +174,7 @@ def split_master(master: torch.Tensor, dtype: torch.dtype, rho_dtype: torch.dtyp
     mant = _NARROW_FORMATS[dtype][1]
     r = (diff * float(2 ** (mant + 1))) * _pow2(-_exponent(pf, dtype))
     r = torch.clamp(r, -1.0, 1.0)
-    rho = torch.where(finite, _round_half_up(r * float(n_levels)), 0.0)
+    rho = torch.where(finite, _round_code(r * float(n_levels)), 0.0)
     return param, rho.to(rho_dtype)
 
 
@@ -215,7 +218,7 @@ def quantize_signed(
     scale = ceil_to_bf16(g.abs().amax(dim=1))
     xn = g * _reciprocal(scale)[:, None]
     y = (xn + xn) / (1.0 + xn.abs())
-    q = torch.clamp(_round_half_up(y * float(SIGNED_LEVELS)), -SIGNED_LEVELS, SIGNED_LEVELS)
+    q = torch.clamp(_round_code(y * float(SIGNED_LEVELS)), -SIGNED_LEVELS, SIGNED_LEVELS)
     return _ungroup(q, phase, xf.numel()).to(torch.int8), scale
 
 
@@ -238,7 +241,7 @@ def quantize_sqrt(
     g = _grouped(r, phase, group_size)
     scale = ceil_to_bf16(g.amax(dim=1))
     xn = g * _reciprocal(scale)[:, None]
-    q = torch.clamp(_round_half_up(xn * float(UNSIGNED_LEVELS)), 0, UNSIGNED_LEVELS)
+    q = torch.clamp(_round_code(xn * float(UNSIGNED_LEVELS)), 0, UNSIGNED_LEVELS)
     return _ungroup(q, phase, vf.numel()).to(torch.uint8), scale
 
 
@@ -258,7 +261,7 @@ def quantize_linear_signed(
     g = _grouped(xf, phase, group_size)
     scale = ceil_to_bf16(g.abs().amax(dim=1))
     s = scale.float()[:, None]
-    q = _round_half_up(torch.where(s > 0, g / torch.where(s > 0, s, 1.0), 0.0) * float(SIGNED_LEVELS))
+    q = _round_code(torch.where(s > 0, g / torch.where(s > 0, s, 1.0), 0.0) * float(SIGNED_LEVELS))
     return _ungroup(q, phase, xf.numel()).to(torch.int8), scale
 
 

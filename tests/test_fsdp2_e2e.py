@@ -73,8 +73,15 @@ def _run(rank, world, mesh, batches, *, release=None, accum=1, clip=None):
     params = list(model.parameters())
     opt = fo.FlashAdamW(params, lr=E2E_LR, weight_decay=0.01)
     handle = None
+    launches = []
     if release == "plain":
+        from flashoptim_dist.distributed import fsdp2_release_units
+
         handle = fo.enable_gradient_release(model, opt)
+        n_units = len(set(fsdp2_release_units(params).values()))
+        assert 1 < n_units < len(params)
+        step_items = opt._step_items
+        opt._step_items = lambda items: (launches.append(len(items)), step_items(items))[1]
     elif release in ("previous", "two_pass"):
         handle = enable_gradient_release_with_clipping(model, opt, CLIP, mode=release)
     losses, norms = [], []
@@ -98,6 +105,10 @@ def _run(rank, world, mesh, batches, *, release=None, accum=1, clip=None):
                 norms.append(handle.last_norm)
             for p in params:
                 assert p.grad is None, "release must free every gradient"
+            if release == "plain":
+                # one launch per fully_shard unit (its grads come from one reduce-scatter), not per param
+                assert len(launches) == n_units and sum(launches) == len(params), launches
+                launches.clear()
             continue
         if clip == "torch":
             mine = float(grad_norm(params))

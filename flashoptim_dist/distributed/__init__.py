@@ -9,7 +9,9 @@ Importing this package (``flashoptim_dist`` does it) registers, without touching
 * the FSDP1 adapter (:mod:`.fsdp1`): FlatParameters (``use_orig_params=False``) work as they are;
   original parameters (``use_orig_params=True``) need :func:`prepare_fsdp1` before the optimizer
   is built;
-* the gradient-release check (:mod:`.ddp`): release is refused under DDP and FSDP1.
+* the gradient-release check (:mod:`.ddp`): release is refused under DDP and FSDP1;
+* the FSDP2 release units (:func:`.fsdp2.fsdp2_release_units`): release steps one
+  ``fully_shard`` unit per launch.
 
 DDP and plain replicated training need nothing: whole tensors are the default.
 
@@ -36,12 +38,19 @@ from .. import release as _release
 from .clip import ClippedReleaseHandle, clip_coefficient, enable_gradient_release_with_clipping, grad_norm
 from .ddp import check_gradient_release, find_ddp
 from .fsdp1 import FSDP1_PADDING_KEY, fsdp1_shard_adapter, is_fsdp1_param, prepare_fsdp1
-from .fsdp2 import check_fsdp2_unit, chunk_range, dtensor_row_block, fsdp2_shard_adapter, is_dtensor
+from .fsdp2 import (
+    check_fsdp2_unit,
+    chunk_range,
+    dtensor_row_block,
+    fsdp2_release_units,
+    fsdp2_shard_adapter,
+    is_dtensor,
+)
 
 _layout.register_shard_adapter(fsdp2_shard_adapter)
 _layout.register_shard_adapter(fsdp1_shard_adapter)
-if hasattr(_release, "register_release_check"):
-    _release.register_release_check(check_gradient_release)
+_release.register_release_check(check_gradient_release)
+_release.register_release_units(fsdp2_release_units)
 
 __all__ = [
     "prepare_fsdp1",

@@ -367,6 +367,19 @@ def _build_spec(p, local) -> lay.ShardSpec:
     return lay.ShardSpec(global_shape=gshape, segments=(seg,), local=_local_of, grad=_grad_of)
 
 
+def fsdp2_release_units(params) -> dict:
+    """:func:`~flashoptim_dist.release.register_release_units` hook: FSDP2 reduce-scatters one
+    ``fully_shard`` unit at a time and calls its parameters' post-accumulate-grad hooks one after
+    the other, their gradients views of one buffer — so gradient release steps a unit at once."""
+    out = {}
+    for p in params:
+        if is_dtensor(p):
+            group, _ = _lookup_unit(p)
+            if group is not None:
+                out[id(p)] = ("fsdp2", id(group))
+    return out
+
+
 def fsdp2_shard_adapter(p) -> Optional[lay.ShardSpec]:
     """:func:`~flashoptim_dist.layout.register_shard_adapter` hook: the ShardSpec of a DTensor
     parameter (FSDP2 / HSDP), ``None`` for anything else."""

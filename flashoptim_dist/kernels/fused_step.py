@@ -18,7 +18,17 @@ absmax is a row reduction. Scale ``j`` of a segment is the group of aligned inde
 
 Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn``/``sqrt_rn``,
 every operation is an IEEE round-to-nearest fp32 operation in the reference's order, so results
-match the reference bit for bit (tested under the interpreter, and on GPU through bench/).
+match the reference bit for bit (tested under the interpreter, and on GPU through bench/). The
+compander's two quotients use ``_div_normal`` (the ``div.rn`` fast path without its range check),
+proven identical to ``div_rn`` on every input that can reach them (bench/kernel_lab.py).
+
+Cost model (H100, 2026-11-25): the kernel is bound by instruction issue, not by DRAM — the same
+loads and stores with trivial math run at ~98% of copy bandwidth. What made it 1.7× faster than
+the first version: no data-dependent gather (a 1 KiB dequantization table made the compiler
+transpose the whole tile through shared memory), group indices from an arange instead of a
+reduction, 8 elements per thread, integer↔float conversions and rounding through the fp32
+adder instead of the quarter-rate conversion pipe, one compare per finiteness test, and masked
+edge blocks split in sub-tiles so they do not set the register count of the whole kernel.
 fp32→bf16 uses the GPU's round-to-nearest-even cvt; under the interpreter, which truncates that
 cast, the rounding is done on the bit pattern instead.
 """
@@ -39,10 +49,16 @@ from ..optim.reference import HYPER_COLUMNS, N_HYPER
 _P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _NCOLS = range(11)
 _ROLES_ALIGN = (_P, _G, _R, _C0, _C1)  # element-indexed roles whose alignment matters
 
+INV_SIGNED = tl.constexpr(nx.INV_SIGNED)
+
+
+#: Largest finite fp32: |x| <= FLT_MAX is false exactly for ±inf and NaN (one compare).
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)
+
 
 @triton.jit
-def _is_finite(x):
-    return (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000
+def _finite(x):
+    return tl.abs(x) <= _FLT_MAX
 
 
 @triton.jit
@@ -51,9 +67,10 @@ def _half_ulp(pf, EMIN: tl.constexpr, MANT: tl.constexpr):
 
     Keeping only the exponent bits gives 2^e; the integer max with emin's bits gives the
     subnormal spacing for zero/subnormal values. Exact (a product of powers of two ≥ 2^-149).
-    Equal to numerics' 2^half_ulp_exponent with 3 integer ops instead of ~12.
+    The min with 2^127's bits keeps ±inf/NaN params at a finite spacing, so θ' + δ is θ' itself
+    for them without a separate finiteness test (inf + finite = inf, NaN + x = NaN).
     """
-    eb = tl.maximum(pf.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
+    eb = tl.minimum(tl.maximum(pf.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23), 0x7F000000)
     return eb.to(tl.float32, bitcast=True) * (1.0 / (1 << (MANT + 1)))
 
 
@@ -83,15 +100,56 @@ def _rne_bf16_bits(x):
 
 
 @triton.jit
-def _dequant_signed(q, s, lut_ptr):
-    # x(q) = y/(2-|y|), y = q/127, precomputed for all 255 codes by the reference formula
-    # (signed_code_table): a gather from a 1 KiB table instead of a division per element
-    return tl.load(lut_ptr + (q.to(tl.int32) + 128)) * s
+def _int_to_f32(q, BIAS: tl.constexpr):
+    """Exact fp32 value of an integer code q ≥ -BIAS (|q| < 2^22): the bits of 2^23 + BIAS + q
+    read as a float, minus 2^23 + BIAS. One integer add and one fp32 add, where a plain
+    conversion would use the quarter-rate conversion pipe."""
+    return (q.to(tl.int32) + (0x4B000000 + BIAS)).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
+
+
+@triton.jit
+def _round_code(z, LO: tl.constexpr, HI: tl.constexpr):
+    """round(clamp(z, LO, HI)) with ties to even, as int32 (numerics._round_code). Adding
+    1.5·2^23 makes the fp32 adder round z to an integer held in the low mantissa bits."""
+    zc = tl.minimum(tl.maximum(z, LO * 1.0), HI * 1.0)
+    return (zc + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def _rcp_approx(x, INTERPRET: tl.constexpr):
+    if INTERPRET:
+        return 1.0 / x
+    else:  # MUFU.RCP: ~1 ulp, one quarter-rate instruction
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _div_normal(a, b, INTERPRET: tl.constexpr):
+    """a/b correctly rounded, for a, b and a/b in fp32's normal range: the fast path of CUDA's
+    ``div.rn`` (one Newton step on the reciprocal, one residual correction) without its range
+    check and slow-path call. Used only for the compander's quotients, whose operands are in
+    [-2, 2] × [1, 2]: bench/kernel_lab.py --v2 checks it against ``div_rn`` on every fp32
+    x ∈ [0, 1.01] (0 mismatches, H200, 2026-11-25), and quotients too small to be normal round
+    to code 0 either way."""
+    r = _rcp_approx(b, INTERPRET)
+    e = tl.fma(-b, r, 1.0)
+    r = tl.fma(r, e, r)
+    q = a * r
+    res = tl.fma(-b, q, a)
+    return tl.fma(res, r, q)
+
+
+@triton.jit
+def _dequant_signed(q, s, INTERPRET: tl.constexpr):
+    # x(q) = y/(2-|y|), y = q/127: the 255 possible quotients are checked exhaustively
+    y = _int_to_f32(q, 128) * INV_SIGNED
+    return _div_normal(y, 2.0 - tl.abs(y), INTERPRET) * s
 
 
 @triton.jit
 def _dequant_sqrt(q, s, INV_UNSIGNED: tl.constexpr):
-    t = (q.to(tl.float32) * INV_UNSIGNED) * s
+    t = (_int_to_f32(q, 0) * INV_UNSIGNED) * s
     return t * t
 
 
@@ -119,29 +177,34 @@ def _reciprocal(sbits):
 
 
 @triton.jit
-def _quant_signed(m, mask, EXACT: tl.constexpr):
-    m = tl.where(mask & _is_finite(m), m, 0.0)
+def _quant_signed(m, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    # non-finite values become 0 and stay out of the group's scale
+    ok = _finite(m)
+    if MASKED:
+        ok = ok & mask
+    m = tl.where(ok, m, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(tl.abs(m), axis=1))
     xn = m * _reciprocal(sbits)[:, None]
-    y = _div(xn + xn, 1.0 + tl.abs(xn), EXACT)
-    q = tl.minimum(tl.maximum(tl.floor(y * 127.0 + 0.5), -127.0), 127.0)
-    return q.to(tl.int8), sbits
+    y = _div_normal(xn + xn, 1.0 + tl.abs(xn), INTERPRET)
+    return _round_code(y * 127.0, -127, 127).to(tl.int8), sbits
 
 
 @triton.jit
-def _quant_sqrt(v, mask, sqrt_v):
-    # sqrt_v = sqrt_rn(v), already computed for Adam's denominator
-    ok = mask & _is_finite(v) & (v > 0)
+def _quant_sqrt(mask, sqrt_v, MASKED: tl.constexpr):
+    # sqrt_v = sqrt_rn(v), already computed for Adam's denominator; v ≥ 0 by construction, so
+    # the finiteness of √v is that of v (NaN and +inf give NaN and +inf) and √0 = 0
+    ok = _finite(sqrt_v)
+    if MASKED:
+        ok = ok & mask
     r = tl.where(ok, sqrt_v, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(r, axis=1))
     xn = r * _reciprocal(sbits)[:, None]
-    q = tl.minimum(tl.maximum(tl.floor(xn * 255.0 + 0.5), 0.0), 255.0)
-    return q.to(tl.uint8), sbits
+    return _round_code(xn * 255.0, 0, 255).to(tl.uint8), sbits
 
 
 @triton.jit
 def _step_block(
-    p_ptr, g_ptr, r_ptr, s0_ptr, c0_ptr, s1_ptr, c1_ptr, lut_ptr,
+    p_ptr, g_ptr, r_ptr, s0_ptr, c0_ptr, s1_ptr, c1_ptr,
     a, grp, mask, gmask,
     h0, h1, h2, h3, h4, h5, h6, h7, sign,
     FAMILY: tl.constexpr, DECOUPLED: tl.constexpr, NARROW: tl.constexpr, HAS_RHO: tl.constexpr,
@@ -160,11 +223,10 @@ def _step_block(
         g = tl.load(g_ptr + a).to(tl.float32)
     if HAS_RHO:
         if MASKED:
-            rho = tl.load(r_ptr + a, mask=mask, other=0).to(tl.float32)
+            rho = tl.load(r_ptr + a, mask=mask, other=0)
         else:
-            rho = tl.load(r_ptr + a).to(tl.float32)
-        delta = (rho * INV_RHO) * _half_ulp(pv, EMIN, MANT)
-        theta = tl.where(_is_finite(pv), pv + delta, pv)
+            rho = tl.load(r_ptr + a)
+        theta = pv + (_int_to_f32(rho, RHO_N + 1) * INV_RHO) * _half_ulp(pv, EMIN, MANT)
     else:
         theta = pv
     g = g * sign
@@ -177,7 +239,7 @@ def _step_block(
             else:
                 q0 = tl.load(c0_ptr + a)
                 sc0 = tl.load(s0_ptr + grp).to(tl.float32)[:, None]
-            st0 = _dequant_signed(q0, sc0, lut_ptr)
+            st0 = _dequant_signed(q0, sc0, INTERPRET)
         else:
             if MASKED:
                 st0 = tl.load(c0_ptr + a, mask=mask, other=0.0)
@@ -228,7 +290,7 @@ def _step_block(
     # ---- encode
     if N_STATES >= 1:
         if QUANT:
-            q0n, sb0 = _quant_signed(st0, mask, EXACT)
+            q0n, sb0 = _quant_signed(st0, mask, MASKED, INTERPRET)
             sb0 = (sb0 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
             if MASKED:
                 tl.store(c0_ptr + a, q0n, mask=mask)
@@ -243,7 +305,7 @@ def _step_block(
                 tl.store(c0_ptr + a, st0)
     if N_STATES >= 2:
         if QUANT:
-            q1n, sb1 = _quant_sqrt(st1, mask, sqrt_v)
+            q1n, sb1 = _quant_sqrt(mask, sqrt_v, MASKED)
             sb1 = (sb1 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
             if MASKED:
                 tl.store(c1_ptr + a, q1n, mask=mask)
@@ -275,11 +337,9 @@ def _step_block(
     else:
         tl.store(p_ptr + a, pn)
     if HAS_RHO:
-        fin = _is_finite(pf)
-        diff = tl.where(fin, theta - pf, 0.0)
-        r = (diff * TWO_MANT1) * _inv_pow2_exponent(pf, EMIN)
-        r = tl.minimum(tl.maximum(r, -1.0), 1.0)
-        rq = tl.where(fin, tl.floor(r * (RHO_N * 1.0) + 0.5), 0.0)
+        # (θ − θ')·2^(mant+1)·2^-e, clamped to [-1, 1] inside _round_code; ρ = 0 for ±inf/NaN θ'
+        r = ((theta - pf) * TWO_MANT1) * _inv_pow2_exponent(pf, EMIN)
+        rq = tl.where(_finite(pf), _round_code(r * (RHO_N * 1.0), -RHO_N, RHO_N), 0)
         if RHO_N == 127:
             rq = rq.to(tl.int8)
         else:
@@ -303,7 +363,6 @@ def _flash_step_kernel(
     c0_base,
     s1_base,
     c1_base,
-    lut_ptr,
     FAMILY: tl.constexpr,  # 0 adam, 1 sgd, 2 lion
     DECOUPLED: tl.constexpr,
     NARROW: tl.constexpr,  # 0 fp32 param, 1 bf16, 2 fp16
@@ -320,6 +379,7 @@ def _flash_step_kernel(
     NHYPER: tl.constexpr,
     NG: tl.constexpr,
     G: tl.constexpr,
+    MASK_SPLIT: tl.constexpr,
     EXACT: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):
@@ -331,13 +391,7 @@ def _flash_step_kernel(
     phase = tl.load(ob + 8).to(tl.int32)
     aligned = tl.load(ob + 9)  # every role's origin offset is a multiple of 16 elements
 
-    rows = tl.arange(0, NG)
-    a = a0 + rows[:, None] * G + tl.arange(0, G)[None, :]
-    mask = (a >= phase) & (a < phase + length)
-    # group index per row, produced by a row reduction so that it lives in the same (slice)
-    # layout as the per-group absmax: scale loads/stores then need no layout conversion
-    grp = tl.min(a, axis=1) // G
-    gmask = grp < (phase + length + G - 1) // G
+    n_groups = (phase + length + G - 1) // G
 
     hb = hyper_ptr + seg * NHYPER
     h0 = tl.load(hb + 0)
@@ -361,32 +415,48 @@ def _flash_step_kernel(
     c1_o = tl.load(ob + 6)
     full = (a0 >= phase) & (a0 + NG * G <= phase + length)
     if full & (aligned != 0):
+        rows = tl.arange(0, NG)
+        a = a0 + rows[:, None] * G + tl.arange(0, G)[None, :]
+        # group index per row from an arange (not a reduction over ``a``: that made the compiler
+        # give the whole tile a one-element-per-thread layout with 5 shuffle rounds per reduction)
+        grp = a0 // G + rows
         _step_block(
             p_base + tl.multiple_of(p_o, 16), g_base + tl.multiple_of(g_o, 16), r_base + tl.multiple_of(r_o, 16),
             s0_base + s0_o, c0_base + tl.multiple_of(c0_o, 16), s1_base + s1_o, c1_base + tl.multiple_of(c1_o, 16),
-            lut_ptr, a, grp, mask, gmask, h0, h1, h2, h3, h4, h5, h6, h7, sign,
+            a, grp, a, grp, h0, h1, h2, h3, h4, h5, h6, h7, sign,
             FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
             TWO_MANT1, EXACT, False, INTERPRET,
         )
     else:
-        _step_block(
-            p_base + p_o, g_base + g_o, r_base + r_o, s0_base + s0_o, c0_base + c0_o, s1_base + s1_o,
-            c1_base + c1_o, lut_ptr, a, grp, mask, gmask, h0, h1, h2, h3, h4, h5, h6, h7, sign,
-            FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-            TWO_MANT1, EXACT, True, INTERPRET,
-        )
+        # Edge blocks (a segment's first/last block, or unaligned storage): masked accesses
+        # cannot be vectorized, so the compiler gives them one element per thread and a 64-bit
+        # address each; done in MASK_SPLIT sub-tiles so this path does not set the register
+        # count (and so the occupancy) of the whole kernel.
+        # (names differ from the other branch: Triton wants same-named values to match in shape)
+        for c in tl.static_range(MASK_SPLIT):
+            rows_e = c * (NG // MASK_SPLIT) + tl.arange(0, NG // MASK_SPLIT)
+            a_e = a0 + rows_e[:, None] * G + tl.arange(0, G)[None, :]
+            grp_e = a0 // G + rows_e
+            _step_block(
+                p_base + p_o, g_base + g_o, r_base + r_o, s0_base + s0_o, c0_base + c0_o, s1_base + s1_o,
+                c1_base + c1_o, a_e, grp_e, (a_e >= phase) & (a_e < phase + length), grp_e < n_groups, h0, h1, h2, h3, h4, h5, h6, h7, sign,
+                FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
+                TWO_MANT1, EXACT, True, INTERPRET,
+            )
 
 
 _FAMILY_ID = {"adam": 0, "sgd": 1, "lion": 2}
 _NARROW = {torch.float32: (0, 0, 0), torch.bfloat16: (1, -126, 7), torch.float16: (2, -14, 10)}
 
-#: Canonical groups per program (× G elements per block), warps per program and a register cap
-#: per thread; overridable through the environment for tuning. 32 groups × 8 warps capped at 48
-#: registers (4 elements per thread, 2.5× the occupancy of the uncapped 96 registers) was the
-#: fastest of the sweep in docs/PERFORMANCE.md (H100, 2026-11-25).
+#: Canonical groups per program (× G elements per block), warps per program and an optional
+#: register cap per thread; overridable through the environment for tuning. 32 groups × 4
+#: warps = 8 elements per thread (16-byte bf16 accesses, 2 shuffle rounds per group
+#: reduction), no cap: the fastest of the sweep in docs/PERFORMANCE.md (H200, 2026-11-25).
 GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "32"))
-NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "8"))
-MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "48")) or None
+NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
+MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "0")) or None
+#: Sub-tiles of a masked edge block (see the kernel).
+MASK_SPLIT = int(os.environ.get("FLASHOPTIM_MASK_SPLIT", "4"))
 
 
 def _rel_offsets(tensors, base):
@@ -458,18 +528,6 @@ EXACT = True
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
-_LUTS = {}
-
-
-def signed_code_table(device) -> torch.Tensor:
-    """fp32 value of every signed companded code q ∈ [-128, 127] at index q + 128 (unit scale)."""
-    lut = _LUTS.get(device)
-    if lut is None:
-        q = torch.arange(-128, 128, dtype=torch.int8)
-        lut = _LUTS[device] = nx.dequantize_signed(q, torch.ones(8, dtype=torch.bfloat16), 32, 0).to(device)
-    return lut
-
-
 def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows: np.ndarray) -> None:
     """Run one fused step over every segment of ``plan``.
 
@@ -514,7 +572,6 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         plan.codes[0][0] if n_states >= 1 else dummy,
         plan.scales[1][0] if (n_states >= 2 and quantized) else dummy,
         plan.codes[1][0] if n_states >= 2 else dummy,
-        signed_code_table(dummy.device),
         FAMILY=_FAMILY_ID[family],
         DECOUPLED=decoupled,
         NARROW=narrow,
@@ -530,6 +587,7 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         NCOLS=_NCOLS,
         NHYPER=N_HYPER,
         NG=GROUPS_PER_BLOCK,
+        MASK_SPLIT=min(MASK_SPLIT, GROUPS_PER_BLOCK),
         G=plan.group_size,
         EXACT=EXACT,
         INTERPRET=INTERPRETING,
