@@ -25,7 +25,8 @@ Cases (each one a fresh model and optimizer, run one after the other in this pro
 Printed per rank: persistent GiB (allocated at the start of an iteration: params + optimizer
 state, grads already freed), peak GiB (max allocated over the measured iterations), and for the
 case: persistent bytes/param × world (sum over ranks / params), iteration ms and optimizer-step
-ms (synchronized before and after ``step()``; under release the update runs inside backward and
+ms (synchronized before and after ``step()``; "host ms" is the part until ``step()`` returns;
+under release the update runs inside backward and
 the step column says so). On CPU the allocator numbers are not available: persistent bytes are
 counted from the tensors (params + optimizer state) and peak is not reported.
 """
@@ -163,7 +164,7 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
         for _ in range(args.iters)
     ]
-    iter_ms, step_ms, persistent = [], [], []
+    iter_ms, step_ms, host_ms, persistent = [], [], [], []
     first_measured = args.iters - args.measure
     for it in range(args.iters):
         if it == first_measured and cuda:
@@ -180,6 +181,7 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
             sync(device)
             s0 = time.perf_counter()
             opt.step()
+            host_ms.append((time.perf_counter() - s0) * 1e3)  # until step() returns: host work
             sync(device)
             step_ms.append((time.perf_counter() - s0) * 1e3)
             opt.zero_grad(set_to_none=True)
@@ -196,6 +198,7 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         "tensor_bytes": tensor_bytes(model, opt),
         "iter_ms": statistics.median(iter_ms[first_measured:]),
         "step_ms": statistics.median(step_ms[first_measured:]) if step_ms else None,
+        "step_host_ms": statistics.median(host_ms[first_measured:]) if host_ms else None,
         "n_params": n_params,
         "final_loss": None,
     }
@@ -210,7 +213,7 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
 
 def report(all_ranks: list, world: int, device, cfg_desc: str, title: str = "bench/dist.py") -> list:
     lines = [f"# {title}: {cfg_desc}, world {world}, device {device}"]
-    hdr = f"{'case':<14} {'rank':>4} {'persist GiB':>11} {'peak GiB':>9} {'iter ms':>9} {'step ms':>9}"
+    hdr = f"{'case':<14} {'rank':>4} {'persist GiB':>11} {'peak GiB':>9} {'iter ms':>9} {'step ms':>9} {'host ms':>8}"
     lines.append(hdr)
     summary = []
     for case in dict.fromkeys(r["case"] for r in all_ranks):
@@ -218,7 +221,8 @@ def report(all_ranks: list, world: int, device, cfg_desc: str, title: str = "ben
         for r in rows:
             peak = f"{r['peak_bytes'] / GiB:9.3f}" if r["peak_bytes"] is not None else f"{'n/a':>9}"
             step = f"{r['step_ms']:9.2f}" if r["step_ms"] is not None else f"{'in bwd':>9}"
-            lines.append(f"{case:<14} {r['rank']:>4} {r['persistent_bytes'] / GiB:11.3f} {peak} {r['iter_ms']:9.2f} {step}")
+            host = f"{r['step_host_ms']:8.2f}" if r.get("step_host_ms") is not None else f"{'':>8}"
+            lines.append(f"{case:<14} {r['rank']:>4} {r['persistent_bytes'] / GiB:11.3f} {peak} {r['iter_ms']:9.2f} {step} {host}")
         n = rows[0]["n_params"]
         bpp = sum(r["persistent_bytes"] for r in rows) / n
         tb = sum(r["tensor_bytes"] for r in rows) / n

@@ -56,8 +56,8 @@ def _check_div_kernel(out_ptr, start, n, BLOCK: tl.constexpr):
     b = 1.0 + tl.abs(xn)
     y1 = fs._div_normal(a, b, False)
     y2 = tl.div_rn(a, b)
-    c1 = fs._round_code(y1 * 127.0, -127, 127)
-    c2 = fs._round_code(y2 * 127.0, -127, 127)
+    c1 = fs._round_int(y1 * 127.0)
+    c2 = fs._round_int(y2 * 127.0)
     tl.atomic_add(out_ptr, tl.sum((ok & (y1 != y2)).to(tl.int32)))
     tl.atomic_add(out_ptr + 1, tl.sum((ok & (c1 != c2)).to(tl.int32)))
     y = ((offs & 255).to(tl.float32) - 127.0) * fs.INV_SIGNED

@@ -108,20 +108,10 @@ def _int_to_f32(q, BIAS: tl.constexpr):
 
 
 @triton.jit
-def _round_code(z, LO: tl.constexpr, HI: tl.constexpr):
-    """round(clamp(z, LO, HI)) with ties to even, as int32 (numerics._round_code). Adding
-    1.5·2^23 makes the fp32 adder round z to an integer held in the low mantissa bits."""
-    zc = tl.minimum(tl.maximum(z, LO * 1.0), HI * 1.0)
-    return (zc + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
-
-
-@triton.jit
-def _rcp_approx(x, INTERPRET: tl.constexpr):
-    if INTERPRET:
-        return 1.0 / x
-    else:  # MUFU.RCP: ~1 ulp, one quarter-rate instruction
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+def _round_int(z):
+    """round(z), ties to even, as int32, for |z| < 2^22: adding 1.5·2^23 makes the fp32 adder
+    round z to an integer held in the low mantissa bits."""
+    return (z + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
 
 
 @triton.jit
@@ -129,15 +119,35 @@ def _div_normal(a, b, INTERPRET: tl.constexpr):
     """a/b correctly rounded, for a, b and a/b in fp32's normal range: the fast path of CUDA's
     ``div.rn`` (one Newton step on the reciprocal, one residual correction) without its range
     check and slow-path call. Used only for the compander's quotients, whose operands are in
-    [-2, 2] × [1, 2]: bench/kernel_lab.py --v2 checks it against ``div_rn`` on every fp32
-    x ∈ [0, 1.01] (0 mismatches, H200, 2026-11-25), and quotients too small to be normal round
-    to code 0 either way."""
-    r = _rcp_approx(b, INTERPRET)
-    e = tl.fma(-b, r, 1.0)
-    r = tl.fma(r, e, r)
-    q = a * r
-    res = tl.fma(-b, q, a)
-    return tl.fma(res, r, q)
+    [-2, 2] × [1, 2]: bench/kernel_lab.py checks it against ``div_rn`` on every fp32
+    x ∈ [0, 1.01] (0 mismatches, H100 and H200, 2026-11-25), and quotients too small to be
+    normal round to code 0 either way. Written in PTX so that ``-b`` folds into the FMAs
+    (Triton lowers a negation to ``0 - b``, an extra instruction)."""
+    if INTERPRET:
+        r = 1.0 / b
+        e = tl.fma(-b, r, 1.0)
+        r = tl.fma(r, e, r)
+        q = a * r
+        res = tl.fma(-b, q, a)
+        return tl.fma(res, r, q)
+    else:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .f32 r, e, q, t, nb;
+            rcp.approx.ftz.f32 r, $2;
+            neg.f32 nb, $2;
+            fma.rn.f32 e, nb, r, 0f3F800000;
+            fma.rn.f32 r, r, e, r;
+            mul.rn.f32 q, $1, r;
+            fma.rn.f32 t, nb, q, $1;
+            fma.rn.f32 $0, t, r, q;
+            }""",
+            "=r,r,r",
+            [a, b],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
 
 
 @triton.jit
@@ -186,7 +196,9 @@ def _quant_signed(m, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
     sbits = _ceil_to_bf16_bits(tl.max(tl.abs(m), axis=1))
     xn = m * _reciprocal(sbits)[:, None]
     y = _div_normal(xn + xn, 1.0 + tl.abs(xn), INTERPRET)
-    return _round_code(y * 127.0, -127, 127).to(tl.int8), sbits
+    # |xn| ≤ 1 + 2^-23 (s ≥ the group absmax, 1/s rounded), so |127·y| < 127.0001 rounds into
+    # [-127, 127]: no clamp needed (the reference's clamp never acts)
+    return _round_int(y * 127.0).to(tl.int8), sbits
 
 
 @triton.jit
@@ -199,7 +211,8 @@ def _quant_sqrt(mask, sqrt_v, MASKED: tl.constexpr):
     r = tl.where(ok, sqrt_v, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(r, axis=1))
     xn = r * _reciprocal(sbits)[:, None]
-    return _round_code(xn * 255.0, 0, 255).to(tl.uint8), sbits
+    # 0 ≤ xn ≤ 1 + 2^-23 (−0 for v = −0 rounds to 0): 255·xn rounds into [0, 255] unclamped
+    return _round_int(xn * 255.0).to(tl.uint8), sbits
 
 
 @triton.jit
@@ -337,9 +350,11 @@ def _step_block(
     else:
         tl.store(p_ptr + a, pn)
     if HAS_RHO:
-        # (θ − θ')·2^(mant+1)·2^-e, clamped to [-1, 1] inside _round_code; ρ = 0 for ±inf/NaN θ'
+        # r = (θ − θ')/(u/2) = (θ − θ')·2^(mant+1)·2^-e. θ' = RNE(θ) gives |θ − θ'| ≤ u/2 for
+        # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
+        # and the reference's clamp to [-1, 1] never acts; ρ = 0 for ±inf/NaN θ'
         r = ((theta - pf) * TWO_MANT1) * _inv_pow2_exponent(pf, EMIN)
-        rq = tl.where(_finite(pf), _round_code(r * (RHO_N * 1.0), -RHO_N, RHO_N), 0)
+        rq = tl.where(_finite(pf), _round_int(r * (RHO_N * 1.0)), 0)
         if RHO_N == 127:
             rq = rq.to(tl.int8)
         else:
@@ -433,7 +448,7 @@ def _flash_step_kernel(
         # address each; done in MASK_SPLIT sub-tiles so this path does not set the register
         # count (and so the occupancy) of the whole kernel.
         # (names differ from the other branch: Triton wants same-named values to match in shape)
-        for c in tl.static_range(MASK_SPLIT):
+        for c in range(MASK_SPLIT):
             rows_e = c * (NG // MASK_SPLIT) + tl.arange(0, NG // MASK_SPLIT)
             a_e = a0 + rows_e[:, None] * G + tl.arange(0, G)[None, :]
             grp_e = a0 // G + rows_e
