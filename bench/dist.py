@@ -74,6 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (1024; 32 with --tiny)")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--profile-step", action="store_true",
+                    help="rank 0: print a cProfile of the last iteration's optimizer step (host side)")
     ap.add_argument("--ac", action="store_true",
                     help="activation checkpointing per block: activations stop setting the peak, so "
                          "what gradient release saves (the sharded grads) shows in it")
@@ -105,6 +107,18 @@ def setup(tiny: bool):
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     return device, mesh
+
+
+def profile_step(opt) -> None:
+    """One optimizer step under cProfile (host side), top functions by own time."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    opt.step()
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(14)
 
 
 def sync(device):
@@ -180,7 +194,10 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         if handle is None:
             sync(device)
             s0 = time.perf_counter()
-            opt.step()
+            if it == args.iters - 1 and args.profile_step and dist.get_rank() == 0:
+                profile_step(opt)
+            else:
+                opt.step()
             host_ms.append((time.perf_counter() - s0) * 1e3)  # until step() returns: host work
             sync(device)
             step_ms.append((time.perf_counter() - s0) * 1e3)

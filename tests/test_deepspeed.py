@@ -160,6 +160,20 @@ def test_bf16_master_keys_are_set(stage):
     assert any("bf16 flat partitions" in n for n in notes)
 
 
+def test_zero3_reduce_bucket_default_only_when_unset():
+    from flashoptim_dist.deepspeed._config import ZERO3_REDUCE_BUCKET_SIZE
+
+    cfg, notes = fds.prepare_config(_cfg(zero_optimization={"stage": 3}), deepspeed_version="0.19.8")
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == ZERO3_REDUCE_BUCKET_SIZE
+    assert any("reduce_bucket_size" in n for n in notes)
+    cfg, notes = fds.prepare_config(_cfg(zero_optimization={"stage": 3, "reduce_bucket_size": 5e8}),
+                                    deepspeed_version="0.19.8")
+    assert cfg["zero_optimization"]["reduce_bucket_size"] == 5e8  # the user's value wins
+    assert not any("reduce_bucket_size" in n for n in notes)
+    cfg, _ = fds.prepare_config(_cfg(zero_optimization={"stage": 2}), deepspeed_version="0.19.8")
+    assert "reduce_bucket_size" not in cfg["zero_optimization"]
+
+
 def test_old_deepspeed_and_explicit_fp32_partitions_keep_fp32_masters():
     cfg, notes = fds.prepare_config(_cfg(), deepspeed_version="0.18.2")
     assert "bf16_master_weights_and_grads" not in cfg["bf16"]
