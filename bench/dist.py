@@ -118,7 +118,7 @@ def profile_step(opt) -> None:
     pr.enable()
     opt.step()
     pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(14)
+    pstats.Stats(pr).sort_stats("cumulative").print_stats(18)
 
 
 def sync(device):

@@ -149,6 +149,11 @@ def _grad_of(p):
     g = p.grad
     if g is None:
         return None
+    t = getattr(g, "_local_tensor", None)  # a DTensor gradient (FSDP2 makes them like the param)
+    if t is not None:
+        gp, pp = g._spec.placements, p._spec.placements
+        if gp is pp or gp == pp:  # identity first: this runs for every parameter every step
+            return t
     if is_dtensor(g):
         if tuple(g.placements) != tuple(p.placements):
             raise RuntimeError(
