@@ -157,7 +157,7 @@ def main():
 
         shapes = llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336)
         defaults = (fused_step.MAXNREG, fused_step.GROUPS_PER_BLOCK, fused_step.NUM_WARPS)
-        configs = [(None, 16, 2), (None, 32, 4), (None, 64, 8), (None, 64, 4), (None, 32, 8), (None, 16, 4)]
+        configs = [(None, 16, 2), (None, 32, 4), (56, 32, 4), (None, 64, 8), (None, 32, 8), (None, 16, 4)]
         for cfg in configs:
             fused_step.MAXNREG, fused_step.GROUPS_PER_BLOCK, fused_step.NUM_WARPS = cfg
             params, opt = make("FlashAdamW-24", shapes)

@@ -28,3 +28,17 @@ def test_bench_dist_tiny(tmp_path):
         assert abs(res[case]["bytes_per_param_x_world"] - 5.125) < 0.05, res[case]
     assert res["flash_release"]["step_ms"] is None and res["flash"]["step_ms"] > 0
     assert "bytes/param x world" in proc.stdout
+
+
+def test_run_isolated_starts_one_process_group_per_case():
+    env = dict(os.environ, TORCHRUN="echo torchrun", NPROC="3")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "run_isolated.sh"), "bench/dist.py", "flash,torch_adamw",
+                           "--tiny", "--ac"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "torchrun --nproc_per_node 3 bench/dist.py --cases flash --tiny --ac",
+        "torchrun --nproc_per_node 3 bench/dist.py --cases torch_adamw --tiny --ac",
+    ]
+    bad = subprocess.run(["bash", os.path.join(ROOT, "bench", "run_isolated.sh"), "bench/dist.py"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "usage" in bad.stderr

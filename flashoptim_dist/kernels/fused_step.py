@@ -50,6 +50,7 @@ _P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _NCOLS = range(11)
 _ROLES_ALIGN = (_P, _G, _R, _C0, _C1)  # element-indexed roles whose alignment matters
 
 INV_SIGNED = tl.constexpr(nx.INV_SIGNED)
+_SIGN = 8  # hyper column of the gradient sign (−1 when maximizing), the same for every family
 
 
 #: Largest finite fp32: |x| <= FLT_MAX is false exactly for ±inf and NaN (one compare).
@@ -223,7 +224,7 @@ def _step_block(
     FAMILY: tl.constexpr, DECOUPLED: tl.constexpr, NARROW: tl.constexpr, HAS_RHO: tl.constexpr,
     RHO_N: tl.constexpr, INV_RHO: tl.constexpr, INV_UNSIGNED: tl.constexpr, N_STATES: tl.constexpr,
     QUANT: tl.constexpr, EMIN: tl.constexpr, MANT: tl.constexpr, TWO_MANT1: tl.constexpr,
-    EXACT: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr,
+    EXACT: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
     """Decode → update → encode one block. Pointers are at the segment's *aligned origin*
     (element 0 of the canonical group holding its first element), ``a`` are aligned coordinates.
@@ -242,7 +243,8 @@ def _step_block(
         theta = pv + (_int_to_f32(rho, RHO_N + 1) * INV_RHO) * _half_ulp(pv, EMIN, MANT)
     else:
         theta = pv
-    g = g * sign
+    if MAXIMIZE:  # some segment maximizes: sign = -1 there, +1 elsewhere (exact either way)
+        g = g * sign
 
     if N_STATES >= 1:
         if QUANT:
@@ -397,6 +399,7 @@ def _flash_step_kernel(
     MASK_SPLIT: tl.constexpr,
     EXACT: tl.constexpr,
     INTERPRET: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
@@ -440,7 +443,7 @@ def _flash_step_kernel(
             s0_base + s0_o, c0_base + tl.multiple_of(c0_o, 16), s1_base + s1_o, c1_base + tl.multiple_of(c1_o, 16),
             a, grp, a, grp, h0, h1, h2, h3, h4, h5, h6, h7, sign,
             FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-            TWO_MANT1, EXACT, False, INTERPRET,
+            TWO_MANT1, EXACT, False, INTERPRET, MAXIMIZE,
         )
     else:
         # Edge blocks (a segment's first/last block, or unaligned storage): masked accesses
@@ -456,7 +459,7 @@ def _flash_step_kernel(
                 p_base + p_o, g_base + g_o, r_base + r_o, s0_base + s0_o, c0_base + c0_o, s1_base + s1_o,
                 c1_base + c1_o, a_e, grp_e, (a_e >= phase) & (a_e < phase + length), grp_e < n_groups, h0, h1, h2, h3, h4, h5, h6, h7, sign,
                 FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-                TWO_MANT1, EXACT, True, INTERPRET,
+                TWO_MANT1, EXACT, True, INTERPRET, MAXIMIZE,
             )
 
 
@@ -561,7 +564,9 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
     offs[:, _G] = _rel_offsets(grads, grads[0])[st] + plan.seg_origin
     # blocks of a segment whose every origin is 16-element aligned load and store vectorized
     offs[:, _ALIGNED] = np.all(offs[:, _ROLES_ALIGN] % 16 == 0, axis=1)
-    plan._hyper_host.numpy()[:] = hyper_rows[st]
+    hyper = plan._hyper_host.numpy()
+    hyper[:] = hyper_rows[st]
+    maximize = bool((hyper[:, _SIGN] != 1.0).any())
     plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
     plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
     if plan._offs_dev.is_cuda:
@@ -606,6 +611,7 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         G=plan.group_size,
         EXACT=EXACT,
         INTERPRET=INTERPRETING,
+        MAXIMIZE=maximize,
         enable_fp_fusion=not EXACT,
         num_warps=NUM_WARPS,
         **({"maxnreg": MAXNREG} if MAXNREG and not INTERPRETING else {}),
@@ -613,3 +619,4 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
 
 
 assert len(HYPER_COLUMNS["adam"]) == N_HYPER
+assert all(cols[_SIGN] == "sign" for cols in HYPER_COLUMNS.values())
