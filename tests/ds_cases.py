@@ -307,6 +307,7 @@ def case_stage(stage, workdir, how):
         "keys_match": sorted(exported) == sorted(shapes),
         "shapes_match": all(list(exported[n].shape) == shapes[n] for n in shapes if n in exported),
     }
+    rec["universal"] = universal_round_trip(engine, opt, stage, ckdir, exported, workdir)
     rec["train"] += train_steps(engine, range(SAVE_AT, STEPS))
     rec["state_bytes_per_element"] = engine_facts(engine)["state_bytes_per_element"]
     final = snapshot(engine)
@@ -325,6 +326,68 @@ def case_stage(stage, workdir, how):
     destroy(engine2)
     rec["seconds"] = time.time() - t0
     return rec
+
+
+def _universal_tensor(path):
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    return obj["param"] if isinstance(obj, dict) else obj
+
+
+def universal_round_trip(engine, opt, stage, ckdir, exported, workdir):
+    """Flash checkpoint → plain Adam checkpoint → DeepSpeed's ds_to_universal → a DeepSpeed engine
+    with torch AdamW loading it (checkpoint.load_universal): masters carry ρ, moments are the
+    dequantized Flash moments, at every step of the chain."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    from flashoptim_dist.deepspeed.plain_checkpoint import convert_to_plain_checkpoint
+
+    plain, uni = os.path.join(workdir, f"plain_z{stage}"), os.path.join(workdir, f"universal_z{stage}")
+    if rank() == 0:
+        src = convert_to_plain_checkpoint(ckdir, plain, tag="s5", overwrite=True)
+        ds_to_universal(SimpleNamespace(input_folder=src, output_folder=os.path.join(uni, "s5"), num_extract_workers=1,
+                                        num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                        inject_missing_state=True))
+    dist.barrier()
+    # the universal files against this rank's live optimizer (its own layout, not the offline one)
+    fp32_wrong, moment_wrong, checked = 0, 0, 0
+    for flat in fds.flat_partitions(engine):
+        spec = get_shard_spec(flat)
+        dq = engine.basic_optimizer.dequantized_state(flat, {})
+        for s in spec.segments:
+            if s.key is None or s.length == 0:
+                continue
+            sl = slice(s.local_start, s.local_start + s.length)
+            base = os.path.join(uni, "s5", "zero", s.key)
+            full = _universal_tensor(os.path.join(base, "fp32.pt")).reshape(-1)
+            fp32_wrong += int(not torch.equal(full, exported[s.key].reshape(-1)))
+            for name in ("exp_avg", "exp_avg_sq"):
+                got = _universal_tensor(os.path.join(base, f"{name}.pt")).reshape(-1)[s.global_start: s.global_start + s.length]
+                moment_wrong += int(not torch.equal(got, dq[name].reshape(-1)[sl]))
+            checked += 1
+    # DeepSpeed itself loads it into torch AdamW with fp32 masters (its default bf16 mode)
+    import json as _json
+
+    with open(CONFIGS[stage]) as fh:
+        cfg = _json.load(fh)
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.95], "eps": 1e-8,
+                                                    "weight_decay": 0.01, "torch_adam": True}}
+    cfg["checkpoint"] = {"load_universal": True}
+    eng, _, _, _ = deepspeed.initialize(model=make_model(seed=7), config=cfg)
+    eng.load_checkpoint(uni, tag="s5", load_optimizer_states=True, load_lr_scheduler_states=False)
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    loaded_wrong = 0
+    for n, p in eng.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        loaded_wrong += int(full is None or not torch.equal(full.reshape(-1).cpu(), exported[n].reshape(-1)))
+        for name in ("exp_avg", "exp_avg_sq"):
+            st = safe_get_full_optimizer_state(p, name)
+            want = _universal_tensor(os.path.join(uni, "s5", "zero", n, f"{name}.pt"))
+            loaded_wrong += int(st is None or not torch.equal(st.reshape(-1).cpu(), want.reshape(-1)))
+    destroy(eng)
+    return {"fp32_mismatches": int(all_sum(fp32_wrong)), "moment_mismatches": int(all_sum(moment_wrong)),
+            "fragments_checked": int(all_sum(checked)), "loaded_mismatches": int(all_sum(loaded_wrong)),
+            "n_params": len(exported)}
 
 
 def case_fp32_partitions(workdir):

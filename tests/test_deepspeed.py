@@ -313,6 +313,16 @@ def test_zero_to_fp32_export_includes_rho(ds, stage):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
+def test_universal_checkpoint_round_trip(ds, stage):
+    # Flash checkpoint -> plain Adam checkpoint -> DeepSpeed's ds_to_universal -> torch AdamW engine
+    u = _case(ds, f"z{stage}")["universal"]
+    assert u["n_params"] > 0 and u["fragments_checked"] >= u["n_params"]
+    assert u["fp32_mismatches"] == 0  # universal fp32 weights == ρ-merged masters (not bare bf16)
+    assert u["moment_mismatches"] == 0  # universal moments == the live optimizer's dequantized moments
+    assert u["loaded_mismatches"] == 0  # DeepSpeed loads exactly those into its own AdamW
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_gradient_accumulation_averages(ds, stage):
     z = _case(ds, f"sgd_ga_z{stage}")
     assert z["clip"] == 0.0

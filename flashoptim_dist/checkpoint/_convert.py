@@ -73,9 +73,17 @@ def _tag_dir(path: str, tag) -> str:
     return d
 
 
-def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False) -> dict:
-    """Convert DeepSpeed checkpoint ``path`` (written with a Flash optimizer) into ``out``."""
-    from . import _save
+def read_zero_checkpoint(path, tag=None) -> dict:
+    """Every rank's flat partitions of a DeepSpeed checkpoint written with a Flash optimizer, with
+    the segments (fragments of parameters) the optimizer used — the layout its scales follow.
+
+    Returns a dict: ``dir``, ``optim_files``, ``model_sd`` (rank 0's model states), ``stage``,
+    ``world``, ``fmeta`` (the client's "flashoptim" entry), ``config`` (FlashConfig), ``cls_name``,
+    ``groups`` (param-group hyper-parameters), ``shapes`` ({name: shape}), ``frozen`` and
+    ``ranks``: per rank ``(optimizer_state_dict, [(local, segments, group index, state), ...])``,
+    one entry per saved flat partition in save order.
+    """
+    from ..deepspeed._shards import tile_segments
 
     d = _tag_dir(os.fspath(path), tag)
     optim_files = sorted(glob.glob(os.path.join(d, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")),
@@ -107,12 +115,10 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
     if frozen and stage == 3:
         raise F.CheckpointError("converting ZeRO-3 checkpoints with frozen parameters is not supported")
 
-    views: List[View] = []
+    per_rank = []
     offsets: Dict[str, int] = {}  # ZeRO-1/2: elements of each param seen on lower ranks
     for r, osd in enumerate(ranks):
         csd = osd[base_key]
-        client = _OfflineClient(cls_name, fmeta["family"], cfg, [dict(g) for g in groups])
-        params = {n: ParamInfo(n, None, s, torch.bfloat16, []) for n, s in all_shapes.items()}
         tensors = []
         if stage in (1, 2):
             parts = osd["single_partition_of_fp32_groups"]
@@ -127,8 +133,6 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
                     gs = offsets.get(name, 0)
                     offsets[name] = gs + n
                     frags.append(lay.Segment(start, n, gs, name, math.prod(all_shapes[name])))
-                from ..deepspeed._shards import tile_segments
-
                 tensors.append((local, tile_segments(frags, numel), gi, st))
         else:
             flats = osd["fp32_flat_groups"]
@@ -146,20 +150,45 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
                     raise F.CheckpointError(
                         f"{optim_files[r]}: ZeRO-3 sub-group {si} has {flat.numel()} elements, its parameters' "
                         f"partitions add up to {off}; this DeepSpeed version lays partitions out differently")
-                from ..deepspeed._shards import tile_segments
-
                 tensors.append((flat.clone(), tile_segments(frags, flat.numel()), 0 if len(groups) == 1 else None, st))
-                if len(groups) != 1:
-                    raise F.CheckpointError("converting ZeRO-3 checkpoints with several param groups is not supported")
+        per_rank.append((osd, tensors))
+    if stage in (1, 2):
+        for n, s in all_shapes.items():
+            if offsets.get(n, 0) != math.prod(s):
+                raise F.CheckpointError(
+                    f"{d}: the fragments of {n} cover {offsets.get(n, 0)} of its {math.prod(s)} elements; the "
+                    "checkpoint is incomplete or this DeepSpeed version stores fragments differently")
+    return dict(dir=d, optim_files=optim_files, model_sd=model_sd, stage=stage, world=world, fmeta=fmeta,
+                config=cfg, cls_name=cls_name, groups=groups, shapes=all_shapes, frozen=frozen, ranks=per_rank)
+
+
+def state_layout_of(local: torch.Tensor, segs, cfg: FlashConfig) -> lay.StateLayout:
+    """The state layout the optimizer used for one saved flat partition."""
+    return lay.state_layout(local.numel(), segs, local.dtype, group_size=cfg.group_size, quantize=cfg.quantize,
+                            master_weight_bits=cfg.master_weight_bits)
+
+
+def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False) -> dict:
+    """Convert DeepSpeed checkpoint ``path`` (written with a Flash optimizer) into ``out``."""
+    from . import _save
+
+    ck = read_zero_checkpoint(path, tag)
+    stage, world, fmeta, cfg = ck["stage"], ck["world"], ck["fmeta"], ck["config"]
+    groups, all_shapes, frozen, model_sd = ck["groups"], ck["shapes"], ck["frozen"], ck["model_sd"]
+    if stage == 3 and len(groups) != 1:
+        raise F.CheckpointError("converting ZeRO-3 checkpoints with several param groups is not supported")
+    views: List[View] = []
+    for r, (osd, tensors) in enumerate(ck["ranks"]):
+        client = _OfflineClient(ck["cls_name"], fmeta["family"], cfg, [dict(g) for g in groups])
+        params = {n: ParamInfo(n, None, s, torch.bfloat16, []) for n, s in all_shapes.items()}
         tis = []
         for local, segs, gi, st in tensors:
-            layout = lay.state_layout(local.numel(), segs, local.dtype, group_size=cfg.group_size, quantize=cfg.quantize,
-                                      master_weight_bits=cfg.master_weight_bits)
+            layout = state_layout_of(local, segs, cfg)
             seginfos = [SegInfo(s.key, s, o) for s, o in zip(layout.segments, layout.scale_offsets)
                         if s.key is not None and s.length > 0]
             for k, v in st.items():
                 if torch.is_tensor(v) and v.dim() > 0 and k != "rho" and not k.endswith("_scales") and v.numel() != local.numel():
-                    raise F.CheckpointError(f"{optim_files[r]}: state {k!r} has {v.numel()} elements, the partition {local.numel()}")
+                    raise F.CheckpointError(f"{ck['optim_files'][r]}: state {k!r} has {v.numel()} elements, the partition {local.numel()}")
             client.state[local] = st
             tis.append(TensorInfo(local, local, layout, gi, seginfos))
         if stage in (1, 2):
@@ -168,12 +197,6 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
                 runs = [(0, module[n].reshape(-1))] if r == 0 else []
                 params[n] = ParamInfo(n, None, tuple(s), module[n].dtype, runs)
         views.append(View(f"zero{stage}", None, client, True, params, {}, tis, list(FAMILIES[fmeta["family"]])))
-    if stage in (1, 2):
-        for n, s in all_shapes.items():
-            if offsets.get(n, 0) != math.prod(s):
-                raise F.CheckpointError(
-                    f"{d}: the fragments of {n} cover {offsets.get(n, 0)} of its {math.prod(s)} elements; the "
-                    "checkpoint is incomplete or this DeepSpeed version stores fragments differently")
     buffers = {}
     module = model_sd.get("module") or {}
     for b in model_sd.get("buffer_names") or []:

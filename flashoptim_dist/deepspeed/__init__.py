@@ -10,6 +10,7 @@
     fds.register()   # opt-in: plain deepspeed.initialize (HF Trainer, Accelerate) accepts the entry too
 
     sd = fds.get_fp32_state_dict_from_zero_checkpoint("checkpoints/")  # fp32 = bf16 + ρ
+    fds.convert_to_plain_checkpoint("checkpoints/", "plain/")  # then DeepSpeed's ds_to_universal
 
 With ``bf16`` enabled and DeepSpeed >= 0.18.3 the ZeRO partitions handed to the optimizer are
 bf16 and the optimizer's ρ plus 8-bit states are the only optimizer state. Importing this module
@@ -25,6 +26,7 @@ from ._config import (
 )
 from ._initialize import initialize, is_registered, register, unregister
 from ._shards import DeepSpeedInternalsError, attach_shard_specs, flat_partitions, zero_stage_of
+from .plain_checkpoint import convert_to_plain_checkpoint
 from .zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict, get_fp32_state_dict_from_zero_checkpoint
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "prepare_config",
     "get_fp32_state_dict_from_zero_checkpoint",
     "convert_zero_checkpoint_to_fp32_state_dict",
+    "convert_to_plain_checkpoint",
     "FLASH_OPTIMIZER_NAMES",
     "MIN_BF16_MASTER_VERSION",
     "FlashDeepSpeedConfigError",

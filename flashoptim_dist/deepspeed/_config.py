@@ -252,8 +252,10 @@ def prepare_config(
     if isinstance(ckpt, dict) and _truthy(ckpt.get("load_universal")):
         raise FlashDeepSpeedConfigError(
             "checkpoint.load_universal=true is not supported with Flash optimizers: DeepSpeed's universal "
-            "format stores per-element fp32 optimizer states; set checkpoint.load_universal to false and reshard "
-            "with flashoptim_dist's DCP checkpoints"
+            "format stores per-element fp32 optimizer states. Set checkpoint.load_universal to false; to move a "
+            "Flash run to another world size or engine keep its 8-bit state with `flashoptim-dist ckpt convert`, "
+            "or make a universal checkpoint for DeepSpeed's own Adam with "
+            "`python -m flashoptim_dist.deepspeed.plain_checkpoint` followed by ds_to_universal"
         )
 
     bf16_key, bf16 = _bf16_section(cfg)

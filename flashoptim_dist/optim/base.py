@@ -560,7 +560,7 @@ class FlashOptimizer(Optimizer):
         g = self.config.group_size
         out = {"step": st["step"]}
         out["master"] = nx.merge_master(local.reshape(-1), st.get("rho")).view(local.shape)
-        for name, kind in FAMILIES[self.family][: self._n_states(group or self._group_of(p))]:
+        for name, kind in FAMILIES[self.family][: self._n_states(group if group is not None else self._group_of(p))]:
             if not layout.quantized:
                 out[name] = st[name].view(local.shape).clone()
                 continue
