@@ -76,6 +76,8 @@ def parse_args(argv=None):
     ap.add_argument("--reduce-dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--profile-step", action="store_true",
                     help="rank 0: print a cProfile of the last iteration's optimizer step (host side)")
+    ap.add_argument("--wrap-embeddings", action="store_true",
+                    help="shard the token embedding and the output head as FSDP units of their own")
     ap.add_argument("--ac", action="store_true",
                     help="activation checkpointing per block: activations stop setting the peak, so "
                          "what gradient release saves (the sharded grads) shows in it")
@@ -137,8 +139,11 @@ def build(case: str, cfg: GPTConfig, mesh, device, args):
     else:
         model = model.to(torch.bfloat16)  # cast before sharding: params and grads are bf16
         mp = MixedPrecisionPolicy(reduce_dtype=reduce)
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    units = list(model.blocks)
+    if args.wrap_embeddings:  # torchtitan-style: embedding and output head in units of their own
+        units = [model.tok_emb] + units + [model.head]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=device)
     torch.manual_seed(0)
@@ -285,6 +290,7 @@ def main(argv=None) -> int:
             f"({cfg.num_params():.4g} params), batch {args.batch}x{args.seq} tokens/rank, "
             f"{args.iters} iters, median of last {args.measure}"
             + (", activation checkpointing per block" if args.ac else "")
+            + (", embedding and head in their own FSDP units" if args.wrap_embeddings else "")
         )
         summary = report(flat, world, name, desc)
         if args.json:

@@ -342,7 +342,24 @@ def universal_round_trip(engine, opt, stage, ckdir, exported, workdir):
     from flashoptim_dist.deepspeed.plain_checkpoint import convert_to_plain_checkpoint
 
     plain, uni = os.path.join(workdir, f"plain_z{stage}"), os.path.join(workdir, f"universal_z{stage}")
+    sgd_refused = None
     if rank() == 0:
+        # a non-Adam Flash checkpoint has no plain DeepSpeed form: refused, naming the alternative
+        import glob
+        import shutil
+
+        fake = os.path.join(workdir, f"sgd_z{stage}")
+        shutil.copytree(os.path.join(ckdir, "s5"), os.path.join(fake, "s5"), dirs_exist_ok=True)
+        for f in glob.glob(os.path.join(fake, "s5", "*optim_states.pt")):
+            sd = torch.load(f, map_location="cpu", weights_only=False)
+            client = sd["optimizer_state_dict"]["optimizer_state_dict" if stage == 3 else "base_optimizer_state"]
+            client["flashoptim"]["family"] = "sgd"
+            torch.save(sd, f)
+        try:
+            convert_to_plain_checkpoint(fake, os.path.join(workdir, f"sgd_plain_z{stage}"), tag="s5")
+            sgd_refused = False
+        except ValueError as e:
+            sgd_refused = "ckpt convert" in str(e)
         src = convert_to_plain_checkpoint(ckdir, plain, tag="s5", overwrite=True)
         ds_to_universal(SimpleNamespace(input_folder=src, output_folder=os.path.join(uni, "s5"), num_extract_workers=1,
                                         num_merge_workers=1, keep_temp_folder=False, strict=True,
@@ -387,7 +404,7 @@ def universal_round_trip(engine, opt, stage, ckdir, exported, workdir):
     destroy(eng)
     return {"fp32_mismatches": int(all_sum(fp32_wrong)), "moment_mismatches": int(all_sum(moment_wrong)),
             "fragments_checked": int(all_sum(checked)), "loaded_mismatches": int(all_sum(loaded_wrong)),
-            "n_params": len(exported)}
+            "n_params": len(exported), "sgd_refused": sgd_refused}
 
 
 def case_fp32_partitions(workdir):

@@ -320,6 +320,7 @@ def test_universal_checkpoint_round_trip(ds, stage):
     assert u["fp32_mismatches"] == 0  # universal fp32 weights == ρ-merged masters (not bare bf16)
     assert u["moment_mismatches"] == 0  # universal moments == the live optimizer's dequantized moments
     assert u["loaded_mismatches"] == 0  # DeepSpeed loads exactly those into its own AdamW
+    assert u["sgd_refused"] is True  # SGD/Lion state has no plain-Adam form: refused with the alternative
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
