@@ -62,19 +62,13 @@ def _parse(argv=None):
 
 def _setup(tiny):
     import torch
-    import torch.distributed as dist
 
-    use_cuda = torch.cuda.is_available() and not tiny
-    dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    from bench.dist import setup
+
+    device, mesh = setup(tiny)
+    if device.type == "cpu":
         torch.set_num_threads(1)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    return device, init_device_mesh(device.type, (dist.get_world_size(),))
+    return device, mesh
 
 
 def _build(case, tiny, mesh, device):

@@ -69,7 +69,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.dist import GiB, model_config, report, sync  # same model, same table
+from bench.dist import GiB, gather_and_report, model_config, model_desc, sync  # same model, same table
 from flashoptim_dist.models.gpt import GPT
 
 CASES = ("ds_default", "ds_bf16", "flash")
@@ -402,24 +402,9 @@ def main(argv=None) -> int:
         for case in args.cases:
             results.append(run_case(case, stage, cfg, device, args))
             dist.barrier()
-    world = dist.get_world_size()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        flat = [r for rank_res in gathered for r in rank_res]
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        desc = (
-            f"GPT d_model={cfg.d_model} layers={cfg.n_layers} vocab={cfg.vocab_size} "
-            f"({cfg.num_params():.4g} params), batch {args.batch}x{args.seq} tokens/rank, "
-            f"{args.iters} iters, median of last {args.measure}, DeepSpeed {deepspeed.__version__}, "
-            f"torch {torch.__version__}"
-        )
-        summary = report(flat, world, name, desc, title="bench/deepspeed_bench.py")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": name, "world": world, "config": desc, "deepspeed": deepspeed.__version__,
-                           "torch": torch.__version__, "results": summary}, f, indent=2)
-    dist.barrier()
+    desc = model_desc(cfg, args) + f", DeepSpeed {deepspeed.__version__}, torch {torch.__version__}"
+    gather_and_report(results, device, desc, "bench/deepspeed_bench.py", args.json,
+                      extra={"deepspeed": deepspeed.__version__, "torch": torch.__version__})
     torch.distributed.destroy_process_group()
     return 0
 

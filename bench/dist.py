@@ -267,6 +267,28 @@ def report(all_ranks: list, world: int, device, cfg_desc: str, title: str = "ben
     return summary
 
 
+def model_desc(cfg: GPTConfig, args) -> str:
+    return (f"GPT d_model={cfg.d_model} layers={cfg.n_layers} vocab={cfg.vocab_size} "
+            f"({cfg.num_params():.4g} params), batch {args.batch}x{args.seq} tokens/rank, "
+            f"{args.iters} iters, median of last {args.measure}")
+
+
+def gather_and_report(results: list, device, desc: str, title: str, json_path, extra: dict = None) -> None:
+    """Collect every rank's case records on rank 0, print the tables, write ``json_path``."""
+    world = dist.get_world_size()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    if dist.get_rank() == 0:
+        flat = [r for rank_res in gathered for r in rank_res]
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        summary = report(flat, world, name, desc, title=title)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"device": name, "world": world, "config": desc, **(extra or {}), "results": summary},
+                          f, indent=2)
+    dist.barrier()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     device, mesh = setup(args.tiny)
@@ -279,23 +301,10 @@ def main(argv=None) -> int:
     for case in args.cases:
         results.append(run_case(case, cfg, mesh, device, args))
         dist.barrier()
-    world = dist.get_world_size()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, results)
-    if dist.get_rank() == 0:
-        flat = [r for rank_res in gathered for r in rank_res]
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        desc = (
-            f"GPT d_model={cfg.d_model} layers={cfg.n_layers} vocab={cfg.vocab_size} "
-            f"({cfg.num_params():.4g} params), batch {args.batch}x{args.seq} tokens/rank, "
-            f"{args.iters} iters, median of last {args.measure}"
+    desc = (model_desc(cfg, args)
             + (", activation checkpointing per block" if args.ac else "")
-            + (", embedding and head in their own FSDP units" if args.wrap_embeddings else "")
-        )
-        summary = report(flat, world, name, desc)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"device": name, "world": world, "config": desc, "results": summary}, f, indent=2)
+            + (", embedding and head in their own FSDP units" if args.wrap_embeddings else ""))
+    gather_and_report(results, device, desc, "bench/dist.py", args.json)
     dist.barrier()
     dist.destroy_process_group()
     return 0

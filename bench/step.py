@@ -190,7 +190,7 @@ def main():
             print(json.dumps(rows[-1]), flush=True)
             del params, opt
             torch.cuda.empty_cache()
-    print(f"\n| case | optimizer | params | tensors | step ms | persistent B/param | eff. TB/s | % of copy |")
+    print("\n| case | optimizer | params | tensors | step ms | persistent B/param | eff. TB/s | % of copy |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['optimizer']} | {r['params'] / 1e9:.3f}e9 | {r['tensors']} | {r['ms']:.2f} | "

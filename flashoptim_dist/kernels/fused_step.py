@@ -217,6 +217,29 @@ def _quant_sqrt(mask, sqrt_v, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _ld(ptr, mask, MASKED: tl.constexpr):
+    """Load; masked (zero fill) only in edge blocks, so whole blocks load unmasked and vectorize."""
+    if MASKED:
+        return tl.load(ptr, mask=mask, other=0)
+    else:
+        return tl.load(ptr)
+
+
+@triton.jit
+def _st(ptr, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value)
+
+
+@triton.jit
+def _bf16_of_bits(bits):
+    """bf16 whose bit pattern is the high half of the int32 ``bits`` (a scale from _ceil_to_bf16_bits)."""
+    return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _step_block(
     p_ptr, g_ptr, r_ptr, s0_ptr, c0_ptr, s1_ptr, c1_ptr,
     a, grp, mask, gmask,
@@ -229,17 +252,10 @@ def _step_block(
     """Decode → update → encode one block. Pointers are at the segment's *aligned origin*
     (element 0 of the canonical group holding its first element), ``a`` are aligned coordinates.
     With MASKED=False the whole block lies inside the segment: no masks, so loads vectorize."""
-    if MASKED:
-        pv = tl.load(p_ptr + a, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + a, mask=mask, other=0.0).to(tl.float32)
-    else:
-        pv = tl.load(p_ptr + a).to(tl.float32)
-        g = tl.load(g_ptr + a).to(tl.float32)
+    pv = _ld(p_ptr + a, mask, MASKED).to(tl.float32)
+    g = _ld(g_ptr + a, mask, MASKED).to(tl.float32)
     if HAS_RHO:
-        if MASKED:
-            rho = tl.load(r_ptr + a, mask=mask, other=0)
-        else:
-            rho = tl.load(r_ptr + a)
+        rho = _ld(r_ptr + a, mask, MASKED)
         theta = pv + (_int_to_f32(rho, RHO_N + 1) * INV_RHO) * _half_ulp(pv, EMIN, MANT)
     else:
         theta = pv
@@ -247,33 +263,13 @@ def _step_block(
         g = g * sign
 
     if N_STATES >= 1:
+        st0 = _ld(c0_ptr + a, mask, MASKED)
         if QUANT:
-            if MASKED:
-                q0 = tl.load(c0_ptr + a, mask=mask, other=0)
-                sc0 = tl.load(s0_ptr + grp, mask=gmask, other=0.0).to(tl.float32)[:, None]
-            else:
-                q0 = tl.load(c0_ptr + a)
-                sc0 = tl.load(s0_ptr + grp).to(tl.float32)[:, None]
-            st0 = _dequant_signed(q0, sc0, INTERPRET)
-        else:
-            if MASKED:
-                st0 = tl.load(c0_ptr + a, mask=mask, other=0.0)
-            else:
-                st0 = tl.load(c0_ptr + a)
+            st0 = _dequant_signed(st0, _ld(s0_ptr + grp, gmask, MASKED).to(tl.float32)[:, None], INTERPRET)
     if N_STATES >= 2:
+        st1 = _ld(c1_ptr + a, mask, MASKED)
         if QUANT:
-            if MASKED:
-                q1 = tl.load(c1_ptr + a, mask=mask, other=0)
-                sc1 = tl.load(s1_ptr + grp, mask=gmask, other=0.0).to(tl.float32)[:, None]
-            else:
-                q1 = tl.load(c1_ptr + a)
-                sc1 = tl.load(s1_ptr + grp).to(tl.float32)[:, None]
-            st1 = _dequant_sqrt(q1, sc1, INV_UNSIGNED)
-        else:
-            if MASKED:
-                st1 = tl.load(c1_ptr + a, mask=mask, other=0.0)
-            else:
-                st1 = tl.load(c1_ptr + a)
+            st1 = _dequant_sqrt(st1, _ld(s1_ptr + grp, gmask, MASKED).to(tl.float32)[:, None], INV_UNSIGNED)
 
     # ---- update (mirrors optim/reference.py)
     if FAMILY == 0:  # adam: decay l2 w1 beta2 w2 eps step_size inv_bc2_sqrt
@@ -306,33 +302,17 @@ def _step_block(
     if N_STATES >= 1:
         if QUANT:
             q0n, sb0 = _quant_signed(st0, mask, MASKED, INTERPRET)
-            sb0 = (sb0 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            if MASKED:
-                tl.store(c0_ptr + a, q0n, mask=mask)
-                tl.store(s0_ptr + grp, sb0, mask=gmask)
-            else:
-                tl.store(c0_ptr + a, q0n)
-                tl.store(s0_ptr + grp, sb0)
+            _st(c0_ptr + a, q0n, mask, MASKED)
+            _st(s0_ptr + grp, _bf16_of_bits(sb0), gmask, MASKED)
         else:
-            if MASKED:
-                tl.store(c0_ptr + a, st0, mask=mask)
-            else:
-                tl.store(c0_ptr + a, st0)
+            _st(c0_ptr + a, st0, mask, MASKED)
     if N_STATES >= 2:
         if QUANT:
             q1n, sb1 = _quant_sqrt(mask, sqrt_v, MASKED)
-            sb1 = (sb1 >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            if MASKED:
-                tl.store(c1_ptr + a, q1n, mask=mask)
-                tl.store(s1_ptr + grp, sb1, mask=gmask)
-            else:
-                tl.store(c1_ptr + a, q1n)
-                tl.store(s1_ptr + grp, sb1)
+            _st(c1_ptr + a, q1n, mask, MASKED)
+            _st(s1_ptr + grp, _bf16_of_bits(sb1), gmask, MASKED)
         else:
-            if MASKED:
-                tl.store(c1_ptr + a, st1, mask=mask)
-            else:
-                tl.store(c1_ptr + a, st1)
+            _st(c1_ptr + a, st1, mask, MASKED)
 
     if NARROW == 0:
         pn = theta
@@ -347,10 +327,7 @@ def _step_block(
     else:
         pn = theta.to(tl.float16)
         pf = pn.to(tl.float32)
-    if MASKED:
-        tl.store(p_ptr + a, pn, mask=mask)
-    else:
-        tl.store(p_ptr + a, pn)
+    _st(p_ptr + a, pn, mask, MASKED)
     if HAS_RHO:
         # r = (θ − θ')/(u/2) = (θ − θ')·2^(mant+1)·2^-e. θ' = RNE(θ) gives |θ − θ'| ≤ u/2 for
         # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
@@ -361,10 +338,7 @@ def _step_block(
             rq = rq.to(tl.int8)
         else:
             rq = rq.to(tl.int16)
-        if MASKED:
-            tl.store(r_ptr + a, rq, mask=mask)
-        else:
-            tl.store(r_ptr + a, rq)
+        _st(r_ptr + a, rq, mask, MASKED)
 
 
 @triton.jit
