@@ -303,3 +303,25 @@ def reference_losses(batches, steps=E2E_STEPS, lr=E2E_LR, accum=1, clip=None):
         opt.zero_grad(set_to_none=True)
         losses.append(total)
     return losses
+
+
+def release_refusal(model, opt):
+    """The message with which enable_gradient_release refuses ``model``'s engine, or None if it
+    was accepted (then it is removed again)."""
+    import flashoptim_dist as fo
+
+    try:
+        handle = fo.enable_gradient_release(model, opt)
+    except RuntimeError as e:
+        return str(e)
+    handle.remove()
+    return None
+
+
+def add_reference_losses(out, rank, batches, world):
+    """Rank 0 adds the one-device reference curves: same batches, and the same with the global
+    batch split into ``world`` accumulation steps (what data parallelism computes exactly)."""
+    if rank == 0:
+        out["ref"] = reference_losses(batches)
+        out["ref_accum_world"] = reference_losses(batches, accum=world)
+    return out

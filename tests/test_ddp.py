@@ -6,7 +6,17 @@ from __future__ import annotations
 
 import torch
 
-from dist_utils import E2E_LR, E2E_STEPS, build_tiny_gpt, e2e_batches, lm_loss, rank_slice, reference_losses, run_distributed
+from dist_utils import (
+    E2E_LR,
+    E2E_STEPS,
+    add_reference_losses,
+    build_tiny_gpt,
+    e2e_batches,
+    lm_loss,
+    rank_slice,
+    release_refusal,
+    run_distributed,
+)
 
 from tolerances import TOLERANCES as TOL  # noqa: E402
 
@@ -48,15 +58,8 @@ def _ddp_worker(rank, world):
         out[mode] = losses
     model = DDP(build_tiny_gpt())
     opt = fo.FlashAdamW(model.parameters(), lr=1e-3)
-    try:
-        fo.enable_gradient_release(model, opt)
-        out["release"] = None
-    except RuntimeError as e:
-        out["release"] = str(e)
-    if rank == 0:
-        out["ref"] = reference_losses(batches)
-        out["ref_accum_world"] = reference_losses(batches, accum=world)
-    return out
+    out["release"] = release_refusal(model, opt)
+    return add_reference_losses(out, rank, batches, world)
 
 
 def test_ddp_and_replicated_training_match_one_device():
