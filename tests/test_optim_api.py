@@ -352,3 +352,47 @@ def test_nan_gradient_is_contained_in_its_element():
     assert bool(torch.isfinite(finite).all())
     assert int(st["rho"][40]) == 0 and int(st["exp_avg"][40]) == 0
     assert bool(torch.isfinite(st["exp_avg_scales"].float()).all())
+
+
+def test_steady_step_path_is_the_general_path():
+    """After the first step, step() reuses the previous step's per-parameter bookkeeping when
+    only the gradients changed. Same results bit for bit as the general path, and it falls back
+    (and rebuilds) whenever something else changed: a missing gradient, another grad dtype, a
+    loaded state dict, a new param group."""
+    fast, slow = _model(), _model()
+    o_fast, o_slow = F.FlashAdamW(fast.parameters(), lr=1e-2), F.FlashAdamW(slow.parameters(), lr=1e-2)
+    o_slow._steady_step = lambda: False  # always the general path
+    used = []
+    steady = o_fast._steady_step
+    o_fast._steady_step = lambda: used.append(steady()) or used[-1]
+
+    def step(skip=None, dtype=torch.bfloat16):
+        for m in (fast, slow):
+            for i, p in enumerate(m.parameters()):
+                if dtype != p.dtype and hasattr(p, "grad_dtype"):
+                    p.grad_dtype = None  # torch >= 2.12 checks grad dtypes unless told not to
+                p.grad = None if i == skip else torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 7 * len(used))).to(dtype)
+        o_fast.step()
+        o_slow.step()
+
+    for _ in range(3):
+        step()
+    step(skip=1)  # a parameter without gradient: not stepped, its step count stays
+    step()
+    step()
+    step(dtype=torch.float32)  # fp32 grads on bf16 params: another launch combination
+    step()
+    o_fast.load_state_dict(o_fast.state_dict())
+    o_slow.load_state_dict(o_slow.state_dict())
+    step()
+    step()
+    assert used.count(True) >= 4 and used.count(False) >= 3, used
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    for a, b in zip(fast.parameters(), slow.parameters()):
+        sa, sb = o_fast.state[a], o_slow.state[b]
+        assert sa["step"] == sb["step"]
+        for k in sa:
+            if torch.is_tensor(sa[k]):
+                assert torch.equal(sa[k], sb[k]), k
+    assert o_fast.state[list(fast.parameters())[1]]["step"] == 9  # 10 steps, skipped once
