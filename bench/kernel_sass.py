@@ -1,0 +1,105 @@
+"""Compile the fused step kernel for Hopper (sm_90) without a GPU and print what it became.
+
+    python bench/kernel_sass.py [--groups 32] [--warps 4] [--maxnreg 0] [--family adam] [--dump DIR]
+
+Uses the installed Triton's bundled ptxas/cuobjdump, so kernel changes can be judged on a CPU
+machine before spending device time: registers and stack (spills) per thread, SASS
+instructions (whole kernel and the aligned fast path up to its first EXIT, per element),
+layout conversions left in the TTGIR (each one is a shared-memory round trip) and an opcode
+histogram. Pointer arguments are declared 16-byte aligned, as the JIT specializes them at run
+time; without that Triton does not vectorize and the numbers mean nothing.
+
+The GPU image runs a different Triton (3.6 in 2026-11) than this machine may have: for numbers
+that match the device, compile with that version (``pip install triton==3.6.0`` in a scratch
+venv). Timings still need the GPU (bench/step.py, bench/kernel_lab.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("bench/kernel_sass.py compiles the kernel: unset TRITON_INTERPRET (the interpreter has no SASS)")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from flashoptim_dist import numerics as nx  # noqa: E402
+from flashoptim_dist.kernels import fused_step as fs  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+FAMILY = {"adam": (0, 2), "sgd": (1, 1), "lion": (2, 1)}
+
+
+def compile_kernel(groups: int, warps: int, maxnreg: int, family: str):
+    fam, n_states = FAMILY[family]
+    signature = dict(blk_seg_ptr="*i32", blk_start_ptr="*i32", offs_ptr="*i64", hyper_ptr="*fp32",
+                     p_base="*bf16", g_base="*bf16", r_base="*i8", s0_base="*bf16", c0_base="*i8",
+                     s1_base="*bf16", c1_base="*u8")
+    constexprs = dict(FAMILY=fam, DECOUPLED=True, NARROW=1, HAS_RHO=True, RHO_N=127, INV_RHO=nx.INV_RHO[127],
+                      INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states, QUANT=True, EMIN=-126, MANT=7,
+                      TWO_MANT1=256.0, NCOLS=11, NHYPER=10, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
+                      EXACT=True, INTERPRET=False, MAXIMIZE=False)
+    names = list(signature)
+    signature.update({k: "constexpr" for k in constexprs})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)}
+    src = ASTSource(fn=fs._flash_step_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    opts = {"num_warps": warps, "enable_fp_fusion": False}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", type=int, default=fs.GROUPS_PER_BLOCK)
+    ap.add_argument("--warps", type=int, default=fs.NUM_WARPS)
+    ap.add_argument("--maxnreg", type=int, default=fs.MAXNREG or 0)
+    ap.add_argument("--family", choices=sorted(FAMILY), default="adam")
+    ap.add_argument("--dump", default=None, help="write kernel.sass and kernel.ttgir here")
+    a = ap.parse_args(argv)
+    k = compile_kernel(a.groups, a.warps, a.maxnreg, a.family)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", res)
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
+    ops = collections.Counter()
+    fast = None
+    for i, ln in enumerate(lines):
+        op = re.match(r"\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", ln)
+        if op:
+            ops[op.group(2).split(".")[0]] += 1
+            if fast is None and op.group(2).startswith("EXIT"):
+                fast = i + 1
+    ttgir = k.asm["ttgir"]
+    per_thread = a.groups * 32 // (a.warps * 32)
+    print(f"triton {triton.__version__}, sm_90, {a.family}: {a.groups} groups x {a.warps} warps "
+          f"({per_thread} elements/thread), maxnreg {a.maxnreg or 'none'}")
+    if m:
+        print(f"registers/thread {m.group(1)}, stack bytes {m.group(2)} (non-zero: spills)")
+    print(f"SASS instructions: {sum(ops.values())} in all; {fast} up to the first EXIT "
+          f"(aligned fast path, ~{fast / per_thread:.0f} per element)" if fast else "")
+    print(f"layout conversions in TTGIR: {ttgir.count('convert_layout')}")
+    print("opcodes:", ", ".join(f"{o} {n}" for o, n in ops.most_common(24)))
+    if a.dump:
+        os.makedirs(a.dump, exist_ok=True)
+        with open(os.path.join(a.dump, "kernel.sass"), "w") as f:
+            f.write(sass)
+        with open(os.path.join(a.dump, "kernel.ttgir"), "w") as f:
+            f.write(ttgir)
+
+
+if __name__ == "__main__":
+    main()
