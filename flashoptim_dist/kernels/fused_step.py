@@ -457,8 +457,7 @@ def _rel_offsets(tensors, base):
         return np.zeros(len(tensors), dtype=np.int64)
     b = base.data_ptr()
     isz = base.element_size()
-    ptrs = np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=len(tensors))
-    diff = ptrs - b
+    diff = np.array([t.data_ptr() for t in tensors], dtype=np.int64) - b
     if isz > 1 and np.any(diff % isz):
         raise RuntimeError("tensor storage is not aligned to its element size; cannot address it from the base")
     return diff // isz
@@ -544,7 +543,8 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
     plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
     plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
     if plan._offs_dev.is_cuda:
-        plan._copied = torch.cuda.Event()
+        if plan._copied is None:  # one event per plan, re-recorded every step
+            plan._copied = torch.cuda.Event()
         plan._copied.record()
 
     narrow, emin, mant = _NARROW[params[0].dtype]
