@@ -233,4 +233,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.dist import exit_without_teardown  # its worker phases run torch.distributed
+
+    exit_without_teardown(main())

@@ -410,4 +410,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bench.dist import exit_without_teardown
+
+    exit_without_teardown(main())

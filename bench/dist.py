@@ -310,5 +310,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def exit_without_teardown(code: int) -> None:
+    """Leave without interpreter shutdown: after a distributed run, tearing down torch's and
+    gloo's globals at exit occasionally aborts a finished job ("terminate called without an
+    active exception", seen on CPU; flashoptim_dist.cli does the same after train)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_without_teardown(main())
