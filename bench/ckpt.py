@@ -219,7 +219,7 @@ def main(argv=None) -> int:
             "load_size_check_s": s.get("load_size_check_s"), "reshard_load_1rank_s": r["load_s"],
         })
     print(f"device: {saved['device']}; save on {saved['world']} ranks, reshard load on 1")
-    hdr = f"{'case':6s} {'params':>14s} {'GB':>8s} {'B/param':>8s} {'save s':>8s} {'load s':>8s} {'load(size) s':>12s} {'2->1 s':>8s}"
+    hdr = f"{'case':6s} {'params':>14s} {'GB':>8s} {'B/param':>8s} {'save s':>8s} {'load s':>8s} {'load(size) s':>12s} {f'{args.nproc}->1 s':>8s}"
     print(hdr)
     for row in rows:
         ls = row["load_size_check_s"]
