@@ -206,3 +206,11 @@ def state_layout(
         rho_dtype=rho_dtype_for(param_dtype, master_weight_bits),
         quantized=quantize,
     )
+
+
+def state_layout_for(local: torch.Tensor, segments: Sequence[Segment], config) -> StateLayout:
+    """:func:`state_layout` of the local tensor ``local`` under a :class:`~flashoptim_dist.FlashConfig`
+    (its ``group_size``, ``quantize`` and ``master_weight_bits``): what the optimizer, the
+    checkpoint views and the offline converters all use, so they cannot disagree."""
+    return state_layout(local.numel(), segments, local.dtype, group_size=config.group_size,
+                        quantize=config.quantize, master_weight_bits=config.master_weight_bits)

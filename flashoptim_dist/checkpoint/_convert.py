@@ -162,12 +162,6 @@ def read_zero_checkpoint(path, tag=None) -> dict:
                 config=cfg, cls_name=cls_name, groups=groups, shapes=all_shapes, frozen=frozen, ranks=per_rank)
 
 
-def state_layout_of(local: torch.Tensor, segs, cfg: FlashConfig) -> lay.StateLayout:
-    """The state layout the optimizer used for one saved flat partition."""
-    return lay.state_layout(local.numel(), segs, local.dtype, group_size=cfg.group_size, quantize=cfg.quantize,
-                            master_weight_bits=cfg.master_weight_bits)
-
-
 def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False) -> dict:
     """Convert DeepSpeed checkpoint ``path`` (written with a Flash optimizer) into ``out``."""
     from . import _save
@@ -183,7 +177,7 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
         params = {n: ParamInfo(n, None, s, torch.bfloat16, []) for n, s in all_shapes.items()}
         tis = []
         for local, segs, gi, st in tensors:
-            layout = state_layout_of(local, segs, cfg)
+            layout = lay.state_layout_for(local, segs, cfg)
             seginfos = [SegInfo(s.key, s, o) for s, o in zip(layout.segments, layout.scale_offsets)
                         if s.key is not None and s.length > 0]
             for k, v in st.items():

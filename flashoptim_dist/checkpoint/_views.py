@@ -301,14 +301,7 @@ def build_view(model, optimizer=None) -> View:
                 )
             spec = lay.resolve_shard(t)
             local = spec.local(t) if spec.local is not None else t
-            layout = lay.state_layout(
-                local.numel(),
-                spec.segments,
-                local.dtype,
-                group_size=cfg.group_size,
-                quantize=cfg.quantize,
-                master_weight_bits=cfg.master_weight_bits,
-            )
+            layout = lay.state_layout_for(local, spec.segments, cfg)
             segs = []
             for seg, soff in zip(layout.segments, layout.scale_offsets):
                 if seg.length == 0:

@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 
 from .. import numerics as nx
-from ..checkpoint._convert import read_zero_checkpoint, state_layout_of
+from .. import layout as lay
+from ..checkpoint._convert import read_zero_checkpoint
 from ..optim.reference import FAMILIES
 
 __all__ = ["convert_to_plain_checkpoint"]
@@ -102,7 +103,7 @@ def convert_to_plain_checkpoint(checkpoint_dir: str, output_dir: str, tag: Optio
         flats = osd[flat_key]
         new_state, new_flats = {}, []
         for i, ((local, segs, _, st), flat) in enumerate(zip(tensors, flats)):
-            layout = state_layout_of(local, segs, cfg)
+            layout = lay.state_layout_for(local, segs, cfg)
             # full partitions: in bf16-master mode ZeRO-1/2 save theirs without the tail padding,
             # but the fragment addresses (and DeepSpeed's fp32 mode) count it
             master = nx.merge_master(local.reshape(-1), st.get("rho")) if "rho" in st else local.reshape(-1).float()

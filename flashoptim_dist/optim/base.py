@@ -165,16 +165,7 @@ class FlashOptimizer(Optimizer):
     def _make_info(self, p: torch.Tensor) -> _TensorInfo:
         spec = lay.resolve_shard(p)
         local = spec.local(p) if spec.local is not None else p
-        cfg = self.config
-        layout = lay.state_layout(
-            local.numel(),
-            spec.segments,
-            local.dtype,
-            group_size=cfg.group_size,
-            quantize=cfg.quantize,
-            master_weight_bits=cfg.master_weight_bits,
-        )
-        return _TensorInfo(spec, layout)
+        return _TensorInfo(spec, lay.state_layout_for(local, spec.segments, self.config))
 
     def _fresh_state(self, p: torch.Tensor, info: _TensorInfo, group: Dict[str, Any]) -> None:
         local = self._local(p)
