@@ -26,8 +26,6 @@ import argparse
 import json
 import os
 import sys
-import time
-import traceback
 
 import torch
 
@@ -213,20 +211,9 @@ def main():
     plan.append(("gpt_round_robin_z2", lambda: case_gpt_round_robin(a.root)))
     plan += [(f"native_z{s}", lambda s=s: case_native(s, a.root)) for s in (2, 3)]
     todo = a.cases.split(",")
-    results = {"deepspeed": deepspeed.__version__}
-    for name, fn in plan:
-        if todo != ["all"] and name not in todo:
-            continue
-        t0 = time.time()
-        try:
-            results[name] = fn()
-        except Exception:
-            results[name] = {"error": traceback.format_exc()}
-        results.setdefault("seconds", {})[name] = round(time.time() - t0, 2)
-        dist.barrier()
-    if dist.get_rank() == 0:
-        with open(a.out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
+    from ds_model import run_case_plan
+
+    run_case_plan(plan, todo, a.out, {"deepspeed": deepspeed.__version__})
     dist.barrier()
     dist.destroy_process_group()
 

@@ -14,7 +14,6 @@ import json
 import os
 import sys
 import time
-import traceback
 from types import SimpleNamespace
 
 import torch
@@ -31,7 +30,7 @@ import flashoptim_dist  # noqa: E402
 import flashoptim_dist.deepspeed as fds  # noqa: E402
 from flashoptim_dist.layout import get_shard_spec  # noqa: E402
 from flashoptim_dist.numerics import merge_master  # noqa: E402
-from ds_model import batch, make_model  # noqa: E402
+from ds_model import batch, make_model, run_case_plan  # noqa: E402
 
 STEPS, SAVE_AT, GA, PER_RANK = 10, 5, 2, 4
 CONFIGS = {s: os.path.join(ROOT, "configs", f"ds_test_zero{s}.json") for s in (1, 2, 3)}
@@ -165,13 +164,9 @@ def adam_reference():
     return _ADAM_REF["v"]
 
 
-def reference_run(clip):
-    """One process, no DeepSpeed: the same model, data, FlashAdamW and clipping."""
-    torch.manual_seed(0)
-    model = make_model()
-    cfg = json.load(open(CONFIGS[1]))["optimizer"]["params"]
-    opt = flashoptim_dist.FlashAdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-                                     weight_decay=cfg["weight_decay"])
+def _reference_loop(model, opt, max_norm, divisor):
+    """One process doing what the engine does on world() ranks × GA micro-batches: each
+    micro-batch loss divided by ``divisor``, gradients clipped to ``max_norm``, one step."""
     out = []
     n_chunks = GA * world()
     for step in range(STEPS):
@@ -181,12 +176,22 @@ def reference_run(clip):
             for r in range(world()):
                 x, y = batch(step, micro, r, PER_RANK)
                 loss = model(x, y)
-                (loss / n_chunks).backward()
+                (loss / divisor).backward()
                 tot += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opt.step()
         out.append({"step": step, "loss": tot / n_chunks, "grad_norm": float(norm)})
     return out, flat_params(model)
+
+
+def reference_run(clip):
+    """One process, no DeepSpeed: the same model, data, FlashAdamW and clipping."""
+    torch.manual_seed(0)
+    model = make_model()
+    cfg = json.load(open(CONFIGS[1]))["optimizer"]["params"]
+    opt = flashoptim_dist.FlashAdamW(model.parameters(), lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+                                     weight_decay=cfg["weight_decay"])
+    return _reference_loop(model, opt, clip, GA * world())
 
 
 SGD = {"lr": 1.0, "momentum": 0.9}
@@ -198,21 +203,7 @@ def reference_sgd(clip, ga_mean=True):
     torch.manual_seed(0)
     model = make_model()
     opt = flashoptim_dist.FlashSGD(model.parameters(), **SGD)
-    out = []
-    n_chunks = GA * world()
-    for step in range(STEPS):
-        opt.zero_grad(set_to_none=True)
-        tot = 0.0
-        for micro in range(GA):
-            for r in range(world()):
-                x, y = batch(step, micro, r, PER_RANK)
-                loss = model(x, y)
-                (loss / (n_chunks if ga_mean else world())).backward()
-                tot += loss.item()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
-        opt.step()
-        out.append({"step": step, "loss": tot / n_chunks, "grad_norm": float(norm)})
-    return out, flat_params(model)
+    return _reference_loop(model, opt, clip if clip else float("inf"), GA * world() if ga_mean else world())
 
 
 def flat_params(module) -> torch.Tensor:
@@ -524,20 +515,7 @@ def main():
     for st in (1, 2, 3):
         plan.append((f"sgd_ga_z{st}", lambda st=st: case_sgd(st, 0.0)))
         plan.append((f"sgd_clip_z{st}", lambda st=st: case_sgd(st, 0.3)))
-    for name, fn in plan:
-        if todo != ["all"] and name not in todo:
-            continue
-        t0 = time.time()
-        try:
-            results[name] = fn()
-        except Exception:
-            results[name] = {"error": f"rank {rank()}:\n{traceback.format_exc()}"}
-        results.setdefault("seconds", {})[name] = round(time.time() - t0, 2)
-        # every rank writes what it has after every case, so a hang or crash later still reports it
-        out = a.out if rank() == 0 else f"{a.out}.rank{rank()}"
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1, default=str)
-        dist.barrier()
+    run_case_plan(plan, todo, a.out, results)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+import traceback
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -59,3 +63,26 @@ def batch(step: int, micro: int, rank: int, per_rank: int = 4):
     g = torch.Generator().manual_seed(1000 * step + 10 * micro + rank)
     x = torch.randint(0, VOCAB, (per_rank, SEQ + 1), generator=g)
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+def run_case_plan(plan, todo, out_path, results):
+    """Run the ``(name, fn)`` cases of a multi-rank DeepSpeed test script (``todo`` = the names to
+    run, or ``["all"]``). A case that raises is recorded with its traceback instead of stopping the
+    others; every rank writes what it has after every case (rank 0 to ``out_path``, others to
+    ``out_path.rank<r>``), so a hang or crash later still reports what ran."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    for name, fn in plan:
+        if todo != ["all"] and name not in todo:
+            continue
+        t0 = time.time()
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"error": f"rank {rank}:\n{traceback.format_exc()}"}
+        results.setdefault("seconds", {})[name] = round(time.time() - t0, 2)
+        with open(out_path if rank == 0 else f"{out_path}.rank{rank}", "w") as f:
+            json.dump(results, f, indent=1, default=str)
+        dist.barrier()
+    return results
