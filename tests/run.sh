@@ -13,4 +13,9 @@ bash .ci/setup_python.sh
 # shellcheck disable=SC1091
 . "${VENV:-.venv}/bin/activate"
 export PYTHONUNBUFFERED=1
+# everything optional was installed above: a missing piece is a failure, not a skip
+# (tests/optional_deps.py); without the system setup SLURM may legitimately be absent
+if [ "${SKIP_SYSTEM_SETUP:-0}" != 1 ]; then
+    export FLASHOPTIM_REQUIRE_OPTIONAL="${FLASHOPTIM_REQUIRE_OPTIONAL:-1}"
+fi
 exec python -m pytest -q tests "$@"

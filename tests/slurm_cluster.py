@@ -29,6 +29,8 @@ from typing import Optional
 
 import pytest
 
+from optional_deps import missing
+
 DAEMONS = ("/usr/sbin/munged", "/usr/sbin/slurmctld", "/usr/sbin/slurmd")
 CLIENTS = ("srun", "sbatch", "sinfo", "scontrol")
 MUNGE_KEY = "/etc/munge/munge.key"
@@ -211,7 +213,7 @@ def slurm_cluster(tmp_path_factory):
     """A running one-node SLURM cluster for the tests of one module; stopped afterwards."""
     reason = missing_requirements()
     if reason:
-        pytest.skip(reason)
+        missing(reason)
     # Not under pytest's tmp_path: its directories are private (0700) and munged insists that
     # every directory above its socket be searchable by all.
     root = Path(tempfile.mkdtemp(prefix="flashoptim-slurm-"))

@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 
-import pytest
+from optional_deps import require_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-pytest.importorskip("deepspeed")
+require_module("deepspeed", module_level=True)
 
 EXPECTED = {
     "z2_ds_default": 16.0, "z2_ds_bf16": 10.0, "z2_flash": 7.125,

@@ -8,6 +8,8 @@ import os
 import random
 
 import pytest
+
+from optional_deps import require_module
 import torch
 
 import ckpt_common as C
@@ -374,7 +376,7 @@ def test_export_safetensors_sharded_hf_layout(tmp_path):
 
 
 def test_export_loads_in_transformers(tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")
     cfg = transformers.GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=96, n_positions=32)
     torch.manual_seed(0)
     hf = transformers.GPT2LMHeadModel(cfg).to(torch.bfloat16)

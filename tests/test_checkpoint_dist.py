@@ -17,6 +17,7 @@ import torch
 
 import ckpt_common as C
 from dist_utils import run_distributed
+from optional_deps import require_module
 
 K = C.STEPS_BEFORE
 
@@ -378,7 +379,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ds_results(fsdp2_4rank):
     """Run tests/ckpt_ds_cases.py on 2 CPU ranks through the deepspeed launcher (once)."""
-    pytest.importorskip("deepspeed")
+    require_module("deepspeed")
     import json
     import signal
     import subprocess

@@ -42,7 +42,9 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-deepspeed = pytest.importorskip("deepspeed")
+from optional_deps import require_module  # noqa: E402
+
+deepspeed = require_module("deepspeed", module_level=True)
 
 import flashoptim_dist.deepspeed as fds  # noqa: E402
 from flashoptim_dist.deepspeed import FlashDeepSpeedConfigError  # noqa: E402
@@ -404,8 +406,8 @@ def test_cases_ran_within_budget(ds):
 
 
 def test_register_under_hf_trainer(tmp_path):
-    pytest.importorskip("transformers")
-    pytest.importorskip("accelerate")
+    require_module("transformers")
+    require_module("accelerate")
     r = _launch("ds_hf_trainer.py", tmp_path, "hf")
     if "error" in r:
         pytest.fail(r["error"])

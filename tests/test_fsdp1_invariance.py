@@ -9,13 +9,12 @@ to the one-device step, at every step; inside, the parameters stay within a few 
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from dist_utils import assemble, bits, compare_to_reference, local_records, run_distributed
+from dist_utils import assemble, compare_to_reference, local_records, run_distributed
 
 STEPS = 3
 LR = 1e-2

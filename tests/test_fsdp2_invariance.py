@@ -10,7 +10,6 @@ the difference is bounded by one 8-bit quantization step (see ``_check_against_r
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch_helpers import LAUNCH, REPO  # noqa: E402
+from optional_deps import missing  # noqa: E402
 
 SCRIPTS = ["torchrun.sh", "mpirun.sh", "deepspeed.sh", "slurm.sbatch", "demo.sh"]
 
@@ -19,7 +20,7 @@ SCRIPTS = ["torchrun.sh", "mpirun.sh", "deepspeed.sh", "slurm.sbatch", "demo.sh"
 def _tool(name: str, pip_name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if path is None:
-        pytest.skip(f"{name} is not installed; `pip install {pip_name}` (CI installs it)")
+        missing(f"{name} is not installed; `pip install {pip_name}`")
     return path
 
 

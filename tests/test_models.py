@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+
+from optional_deps import require_module
 import torch
 
 from flashoptim_dist.models import GPT, PRESETS, build_model, count_params, gpt_config_for
@@ -93,7 +95,7 @@ def test_build_model_from_config():
 
 
 def test_hugging_face_model_from_a_local_folder(tmp_path):
-    transformers = pytest.importorskip("transformers", reason="optional: pip install transformers to test model.source=hf")
+    transformers = require_module("transformers")  # model.source=hf
     cfg = transformers.LlamaConfig(
         vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64,

@@ -3,8 +3,6 @@
 A test imports its bound from here; changing one is a visible, reviewed decision.
 """
 
-import math
-
 TOLERANCES = {
     # ECC reconstruction: |θ - θ̂| ≤ u/(4N) from rounding ρ, plus one fp32 rounding of θ' + δ
     # (half an fp32 ULP of θ) and the rounding of ρ/N (relative 2^-24 of δ ≤ u/2).
