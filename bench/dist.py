@@ -112,7 +112,7 @@ def setup(tiny: bool):
 
 
 def profile_step(opt) -> None:
-    """One optimizer step under cProfile (host side), top functions by own time."""
+    """One optimizer step under cProfile (host side): top functions by own time."""
     import cProfile
     import pstats
 
@@ -120,7 +120,7 @@ def profile_step(opt) -> None:
     pr.enable()
     opt.step()
     pr.disable()
-    pstats.Stats(pr).sort_stats("cumulative").print_stats(18)
+    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
 def sync(device):

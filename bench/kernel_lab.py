@@ -4,7 +4,8 @@
 
 1. Exhaustive check of the kernel's normal-range division (``_div_normal``, CUDA's ``div.rn``
    fast path without its range check) against ``div_rn`` on the compander's quotient
-   2x/(1+|x|) for *every* fp32 x in [0, 1.01], and on the 255 signed dequantization quotients.
+   254x/(1+|x|) for *every* fp32 x in [0, 1.01], and of the kernel's signed dequantization
+   (``prmt`` byte conversion, ``_div_normal``) against y/(2−|y|) with ``div_rn`` for all 256 codes.
    The kernel relies on these being identical; a mismatch count other than 0 is a bug.
 2. Times the library's FlashAdamW-24 step on one ~0.97e9-element bf16 tensor against a
    *skeleton* kernel with the same tile, roles and bytes but trivial math (the ceiling of this
@@ -52,17 +53,18 @@ def _check_div_kernel(out_ptr, start, n, BLOCK: tl.constexpr):
     offs = start + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < start + n
     xn = offs.to(tl.int32).to(tl.float32, bitcast=True)
-    a = xn + xn
+    a = xn * 254.0
     b = 1.0 + tl.abs(xn)
     y1 = fs._div_normal(a, b, False)
     y2 = tl.div_rn(a, b)
-    c1 = fs._round_int(y1 * 127.0)
-    c2 = fs._round_int(y2 * 127.0)
+    c1 = fs._round_int(y1)
+    c2 = fs._round_int(y2)
     tl.atomic_add(out_ptr, tl.sum((ok & (y1 != y2)).to(tl.int32)))
     tl.atomic_add(out_ptr + 1, tl.sum((ok & (c1 != c2)).to(tl.int32)))
-    y = ((offs & 255).to(tl.float32) - 127.0) * fs.INV_SIGNED
-    ok2 = ok & (offs < start + 255)
-    d1 = fs._div_normal(y, 2.0 - tl.abs(y), False)
+    q = ((offs & 255) - 128).to(tl.int8)
+    y = q.to(tl.float32) * fs.INV_SIGNED
+    ok2 = ok & (offs < start + 256)
+    d1 = fs._dequant_signed(q, 1.0, False)
     d2 = tl.div_rn(y, 2.0 - tl.abs(y))
     tl.atomic_add(out_ptr + 2, tl.sum((ok2 & (d1 != d2)).to(tl.int32)))
 
@@ -93,7 +95,7 @@ def timeit(fn, reps=10):
 def main(n=973078528):
     ym, cm, dm, count = check_div_normal()
     print(f"_div_normal vs div_rn over every fp32 x in [0, 1.01] ({count} values): quotient mismatches {ym}, "
-          f"code mismatches {cm}; dequantization quotients: {dm} of 255", flush=True)
+          f"code mismatches {cm}; dequantization: {dm} of 256 codes", flush=True)
     G = 32
     n = n // (64 * G) * (64 * G)
     dev = "cuda"

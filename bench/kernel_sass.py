@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("bench/kernel_sass.py compiles the kernel: unset TRITON_INTERPRET (the interpreter has no SASS)")
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -44,9 +45,9 @@ def compile_kernel(groups: int, warps: int, maxnreg: int, family: str):
     signature = dict(blk_seg_ptr="*i32", blk_start_ptr="*i32", offs_ptr="*i64", hyper_ptr="*fp32",
                      p_base="*bf16", g_base="*bf16", r_base="*i8", s0_base="*bf16", c0_base="*i8",
                      s1_base="*bf16", c1_base="*u8")
-    constexprs = dict(FAMILY=fam, DECOUPLED=True, NARROW=1, HAS_RHO=True, RHO_N=127, INV_RHO=nx.INV_RHO[127],
-                      INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states, QUANT=True, EMIN=-126, MANT=7,
-                      TWO_MANT1=256.0, NCOLS=11, NHYPER=10, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
+    constexprs = dict(FAMILY=fam, DECOUPLED=True, NARROW=1, HAS_RHO=True, RHO_N=127, RHO_DEC=fs._rho_constants(127, 7)[0],
+                      INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states, QUANT=True, EMIN=fs._NARROW[torch.bfloat16][1], MANT=7,
+                      RHO_ENC=fs._rho_constants(127, 7)[1], NCOLS=11, NHYPER=10, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
                       EXACT=True, INTERPRET=False, MAXIMIZE=False)
     names = list(signature)
     signature.update({k: "constexpr" for k in constexprs})

@@ -13,17 +13,25 @@ Triton kernel (which does the same operations with FMA contraction disabled, ``d
 
 |θ − θ'| ≤ u/2 under round-to-nearest, so the correction needs no exponent; the worst-case
 reconstruction error is u/(4N) (≈ 2^-16 relative for int8, fp32's own half-ULP for int16),
-plus one fp32 rounding of the final sum. Zero and subnormal θ' use the subnormal spacing.
+plus one fp32 rounding of the final sum. The exponent of u is clamped below at ``_RHO_EMIN``:
+fp16's smallest normal exponent (−14, so zero and subnormal θ' use the subnormal spacing), and
+−100 for bf16 — there the bf16 minimum (−126) would make N·2^(8−e) overflow fp32, and the
+kernel multiplies by that constant (one multiply instead of three); below |θ'| = 2^-100 the
+correction resolves 2^-108/N absolute instead of u/(2N).
 Non-finite θ' (±inf, NaN) stores ρ = 0 and reconstructs to θ' itself.
 Memory: 1 byte (int8, "24-bit master") or 2 bytes (int16, "32-bit master") per element.
 
 **Companded 8-bit states** (paper §3.2). States are cut into canonical groups of G elements
 (see :mod:`flashoptim_dist.layout`); each group stores one scale.
 
-* signed (first moment, momentum): s = group absmax, x = m/s ∈ [−1, 1],
-  q = round(127 · 2x/(1+|x|)) as int8; inverse x = y/(2−|y|), y = q/127.
+* signed (first moment, momentum): s = group absmax, x = m·(1/s) ∈ [−1, 1],
+  q = round(254x/(1+|x|)) as int8; inverse x = y/(2−|y|), y = q/127.
 * unsigned square-root (Adam second moment): s = group max of √v,
-  q = round(255 · √v/s) as uint8; inverse v = ((q/255) · s)².
+  q = round(√v · (255/s)) as uint8; inverse v = ((q/255) · s)².
+
+(The fp32 operation order of the encoders, one rounding per operation: ``fl(m·fl(1/s))``,
+``fl(fl(254x)/fl(1+|x|))``, ``fl(√v·fl(255/s))``; the constants sit where the kernel spends
+the fewest instructions on them. Decoding does not depend on it.)
 
 Memory: 1 byte per element plus 2 bytes per group (0.0625 B/element at G = 32).
 
@@ -83,6 +91,8 @@ INV_RHO = {127: float(torch.tensor(1.0 / 127, dtype=torch.float32)), 32767: floa
 # (smallest normal exponent, explicit mantissa bits) of each narrow parameter format.
 _NARROW_FORMATS = {torch.bfloat16: (-126, 7), torch.float16: (-14, 10)}
 _BF16_MAX_BITS = 0x7F7F0000  # largest finite bf16, as fp32 bits
+#: Smallest exponent of ρ's spacing u/2 (see the module doc): ρ·N·2^(mant+1−e) must stay finite.
+_RHO_EMIN = {torch.bfloat16: -100, torch.float16: -14}
 
 
 def rho_levels(rho_dtype: torch.dtype) -> int:
@@ -114,10 +124,10 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
-def _reciprocal(scale: torch.Tensor) -> torch.Tensor:
-    """1/s per group (IEEE division, once per group), 0 for an all-zero group."""
+def _reciprocal(scale: torch.Tensor, numerator: float = 1.0) -> torch.Tensor:
+    """numerator/s per group (IEEE division, once per group), 0 for an all-zero group."""
     s = scale.float()
-    return torch.where(s > 0, torch.ones_like(s) / torch.where(s > 0, s, 1.0), 0.0)
+    return torch.where(s > 0, torch.full_like(s, numerator) / torch.where(s > 0, s, 1.0), 0.0)
 
 
 def _round_code(z: torch.Tensor) -> torch.Tensor:
@@ -144,16 +154,15 @@ def _pow2(n: torch.Tensor) -> torch.Tensor:
 
 
 def _exponent(narrow_as_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Unbiased exponent of each value, clamped below to the format's smallest normal exponent."""
-    emin, _ = _NARROW_FORMATS[dtype]
+    """Unbiased exponent of each value, clamped below to ``_RHO_EMIN`` of the format."""
     e = ((narrow_as_fp32.contiguous().view(torch.int32) >> 23) & 0xFF) - 127
-    return torch.clamp(e, min=emin)
+    return torch.clamp(e, min=_RHO_EMIN[dtype])
 
 
 def half_ulp_exponent(narrow_as_fp32: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """k such that 2**k is half the ULP of each value (given exactly in fp32) of format ``dtype``.
-
-    Zero and subnormal values use the subnormal spacing of the format.
+    """k such that 2**k is the spacing ρ counts in: half the ULP of each value (given exactly in
+    fp32) of format ``dtype``, with the exponent clamped below at ``_RHO_EMIN`` (fp16: zero and
+    subnormal values use the subnormal spacing; bf16: values below 2^-100 use 2^-108).
     """
     return _exponent(narrow_as_fp32, dtype) - _NARROW_FORMATS[dtype][1] - 1
 
@@ -217,8 +226,8 @@ def quantize_signed(
     g = _grouped(torch.where(finite, xf, 0.0), phase, group_size)
     scale = ceil_to_bf16(g.abs().amax(dim=1))
     xn = g * _reciprocal(scale)[:, None]
-    y = (xn + xn) / (1.0 + xn.abs())
-    q = torch.clamp(_round_code(y * float(SIGNED_LEVELS)), -SIGNED_LEVELS, SIGNED_LEVELS)
+    y = (xn * float(2 * SIGNED_LEVELS)) / (1.0 + xn.abs())
+    q = torch.clamp(_round_code(y), -SIGNED_LEVELS, SIGNED_LEVELS)
     return _ungroup(q, phase, xf.numel()).to(torch.int8), scale
 
 
@@ -240,8 +249,7 @@ def quantize_sqrt(
     r = sqrt_rn(torch.where(ok, vf, 0.0))
     g = _grouped(r, phase, group_size)
     scale = ceil_to_bf16(g.amax(dim=1))
-    xn = g * _reciprocal(scale)[:, None]
-    q = torch.clamp(_round_code(xn * float(UNSIGNED_LEVELS)), 0, UNSIGNED_LEVELS)
+    q = torch.clamp(_round_code(g * _reciprocal(scale, float(UNSIGNED_LEVELS))[:, None]), 0, UNSIGNED_LEVELS)
     return _ungroup(q, phase, vf.numel()).to(torch.uint8), scale
 
 

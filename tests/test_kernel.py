@@ -94,8 +94,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("cls,dtype,kw", CASES, ids=[f"{c.__name__}-{d}-{k}" for c, d, k in CASES])
-def test_kernel_matches_reference_bit_for_bit(cls, dtype, kw):
+def _assert_bit_identical(cls, dtype, kw):
     ref_p, ref_o = _run(cls, "reference", dtype, **kw)
     ker_p, ker_o = _run(cls, "triton", dtype, **kw)
     for a, b in zip(ref_p, ker_p):
@@ -108,6 +107,33 @@ def test_kernel_matches_reference_bit_for_bit(cls, dtype, kw):
                 assert torch.equal(_bits(sa[k]), _bits(sb[k])), k
             else:
                 assert sa[k] == sb[k]
+
+
+@pytest.mark.parametrize("cls,dtype,kw", CASES, ids=[f"{c.__name__}-{d}-{k}" for c, d, k in CASES])
+def test_kernel_matches_reference_bit_for_bit(cls, dtype, kw):
+    _assert_bit_identical(cls, dtype, kw)
+
+
+def test_kernel_follows_moved_tensors():
+    """The launch reuses its offsets table while params and grads stay where they were, and
+    rebuilds it when one moves: gradients at new addresses, a param given new storage."""
+    ref_p, ref_o = _run(F.FlashAdamW, "reference", torch.bfloat16, steps=2)
+    ker_p, ker_o = _run(F.FlashAdamW, "triton", torch.bfloat16, steps=2)
+    keep = []
+    for ps, opt in ((ref_p, ref_o), (ker_p, ker_o)):
+        with torch.no_grad():
+            ps[4].data = ps[4].data.clone()  # new storage for one param's (global) data
+        for k in range(2):  # same gradient values at new addresses, twice
+            g = torch.Generator().manual_seed(7 + k)
+            for p in ps:
+                keep.append(p.grad)
+                p.grad = torch.randn(p.shape, generator=g).to(torch.bfloat16)
+            opt.step()
+    for a, b in zip(ref_p, ker_p):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach()))
+        for k, v in ref_o.state.get(a, {}).items():
+            if torch.is_tensor(v):
+                assert torch.equal(_bits(v), _bits(ker_o.state[b][k])), k
 
 
 def test_kernel_nan_gradient_is_contained():
@@ -152,7 +178,7 @@ def test_one_launch_per_combination(monkeypatch):
 def _helpers_kernel(x_ptr, q_ptr, out_ptr, N: tl.constexpr):
     i = tl.arange(0, N)
     x = tl.load(x_ptr + i)
-    tl.store(out_ptr + i, fs._div_normal(x + x, 1.0 + tl.abs(x), True))
+    tl.store(out_ptr + i, fs._div_normal(x * 254.0, 1.0 + tl.abs(x), True))
     tl.store(out_ptr + N + i, fs._round_int(x * 256.0).to(tl.float32))
     q = tl.load(q_ptr + i)
     tl.store(out_ptr + 2 * N + i, fs._int_to_f32(q, 128))
@@ -171,7 +197,7 @@ def test_kernel_arithmetic_helpers_match_ieee():
     q = (torch.arange(n) % 255 - 127).to(torch.int8)
     out = torch.empty(4 * n)
     _helpers_kernel[(1,)](x, q, out, N=n)
-    assert torch.equal(out[:n], (x + x) / (1.0 + x.abs()))
+    assert torch.equal(out[:n], (x * 254.0) / (1.0 + x.abs()))
     assert torch.equal(out[n : 2 * n], torch.round(x * 256.0))  # ties to even
     assert torch.equal(out[2 * n : 3 * n], q.float())
     y = q.float() * F.numerics.INV_SIGNED
@@ -180,7 +206,7 @@ def test_kernel_arithmetic_helpers_match_ieee():
 
 def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     """Static guard (no GPU, no timing): the kernel compiled for sm_90 by the bundled ptxas keeps
-    its registers (no stack spills) and its tile layout (a handful of small conversions for the
+    its registers (at most a few spilled) and its tile layout (a couple of small conversions for the
     per-group scales). Both regressed badly before — 143 registers when the masked edge path was
     unrolled, 15 shared-memory transposes from a table gather — and both cost ~2x step time."""
     import re
@@ -197,5 +223,7 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     out = proc.stdout
     regs, stack = (int(x) for x in re.search(r"registers/thread (\d+), stack bytes (\d+)", out).groups())
     conversions = int(re.search(r"layout conversions in TTGIR: (\d+)", out).group(1))
-    assert stack == 0 and regs <= 96, out
-    assert conversions <= 6, out
+    # the default cap of 64 registers spills 4 (16 bytes, measured faster than 66 registers and
+    # one resident program less per SM); a regression spills far more or converts the tile
+    assert stack <= 32 and regs <= 96, out
+    assert conversions <= 4, out

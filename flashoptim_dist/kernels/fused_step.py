@@ -19,16 +19,24 @@ absmax is a row reduction. Scale ``j`` of a segment is the group of aligned inde
 Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn``/``sqrt_rn``,
 every operation is an IEEE round-to-nearest fp32 operation in the reference's order, so results
 match the reference bit for bit (tested under the interpreter, and on GPU through bench/). The
-compander's two quotients use ``_div_normal`` (the ``div.rn`` fast path without its range check),
-proven identical to ``div_rn`` on every input that can reach them (bench/kernel_lab.py).
+compander's quotient uses ``_div_normal`` (the ``div.rn`` fast path without its range check),
+proven identical to ``div_rn`` on every input that can reach it (bench/kernel_lab.py), and so
+does its inverse on the 255 codes.
 
-Cost model (H100, 2026-11-25): the kernel is bound by instruction issue, not by DRAM — the same
-loads and stores with trivial math run at ~98% of copy bandwidth. What made it 1.7× faster than
-the first version: no data-dependent gather (a 1 KiB dequantization table made the compiler
-transpose the whole tile through shared memory), group indices from an arange instead of a
-reduction, 8 elements per thread, integer↔float conversions and rounding through the fp32
-adder instead of the quarter-rate conversion pipe, one compare per finiteness test, and masked
-edge blocks split in sub-tiles so they do not set the register count of the whole kernel.
+Cost model (H100, 2026-11-25/26): the kernel is bound by instruction issue, not by DRAM — the
+same loads and stores with trivial math run at ~98% of copy bandwidth; ncu on the v3 kernel:
+issue slots 83% busy, DRAM 72% (at ncu's locked 1.58 GHz clock). What made it ~2× faster than
+the first version: group indices from an arange instead of a reduction, 8 elements per thread,
+integer↔float conversions and rounding through the fp32 adder instead of the quarter-rate
+conversion pipe, one compare per finiteness test, masked edge blocks split in sub-tiles so they
+do not set the register count of the whole kernel; then (v3) PTX where Triton's layout choices
+cost a shared-memory round trip (the per-group scales stored with PTX from the reduction's
+layout), bytes of codes placed straight into a float's mantissa with ``prmt``, every
+per-element constant factor folded into one multiply (ρ's scale from exponent bits, 254 and
+255 into the encoders), and a cap of 64 registers (8 resident programs per SM instead of 7,
+for 4 spilled registers). A loop over several blocks per
+program was measured and is slower (5.6 vs 4.8 ms on an H100: it serializes each program's
+loads).
 fp32→bf16 uses the GPU's round-to-nearest-even cvt; under the interpreter, which truncates that
 cast, the rounding is done on the bit pattern instead.
 """
@@ -63,23 +71,22 @@ def _finite(x):
 
 
 @triton.jit
-def _half_ulp(pf, EMIN: tl.constexpr, MANT: tl.constexpr):
-    """u/2 of narrow values (exact in fp32) as a fp32 power of two: 2^max(e, emin) · 2^-(mant+1).
+def _rho_scale(pf, EMIN: tl.constexpr, C: tl.constexpr, ENCODE: tl.constexpr):
+    """ρ's conversion factor for narrow values ``pf`` (exact in fp32), built on the exponent bits.
 
-    Keeping only the exponent bits gives 2^e; the integer max with emin's bits gives the
-    subnormal spacing for zero/subnormal values. Exact (a product of powers of two ≥ 2^-149).
-    The min with 2^127's bits keeps ±inf/NaN params at a finite spacing, so θ' + δ is θ' itself
-    for them without a separate finiteness test (inf + finite = inf, NaN + x = NaN).
+    With e' = max(e, EMIN) (EMIN = numerics._RHO_EMIN of the format) and u/2 = 2^(e'−mant−1):
+    decode (ENCODE=False) returns fl(1/N)·u/2, encode returns N/(u/2). Both are a power of two
+    times fl(1/N) or N, normal for every e' in [EMIN, 128] — ±inf/NaN (e = 128) included, so no
+    clamp above — hence exact, and one multiply does what took three: ρ·fl(1/N)·u/2 rounded
+    once equals fl(ρ·fl(1/N))·u/2, and (θ−θ')·N/(u/2) rounded once equals
+    fl((θ−θ')·2^(mant+1)·2^−e'·N), the reference's order. ``C`` folds the constant bits
+    (see ``_rho_constants``); the int32 arithmetic wraps, the result is in range.
     """
-    eb = tl.minimum(tl.maximum(pf.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23), 0x7F000000)
-    return eb.to(tl.float32, bitcast=True) * (1.0 / (1 << (MANT + 1)))
-
-
-@triton.jit
-def _inv_pow2_exponent(pf, EMIN: tl.constexpr):
-    """2^-max(e, emin) as fp32; 2^-127 (subnormal) for e = 127. Exact."""
-    eb = tl.maximum((pf.to(tl.int32, bitcast=True) >> 23) & 0xFF, EMIN + 127)
-    return tl.maximum((254 - eb) << 23, 0x00400000).to(tl.float32, bitcast=True)
+    eb = tl.maximum(pf.to(tl.int32, bitcast=True) & 0x7F800000, (EMIN + 127) << 23)
+    if ENCODE:
+        return (C - eb).to(tl.float32, bitcast=True)
+    else:
+        return (eb + C).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -109,6 +116,30 @@ def _int_to_f32(q, BIAS: tl.constexpr):
 
 
 @triton.jit
+def _byte_to_f32(q, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Exact fp32 value of an 8-bit code (int8 if SIGNED, else uint8): as :func:`_int_to_f32`,
+    but one ``prmt`` per element writes the code's byte straight into the low mantissa byte of
+    2^23 (the int8 sign bit flipped once per 4 codes, which adds the bias 128), instead of a
+    byte extract and an integer add."""
+    if INTERPRET:
+        return _int_to_f32(q, 128 if SIGNED else 0)
+    if SIGNED:
+        bits = tl.inline_asm_elementwise(
+            """{ .reg .b32 t; xor.b32 t, $4, 0x80808080;
+            prmt.b32 $0, t, 0x4B000000, 0x7540; prmt.b32 $1, t, 0x4B000000, 0x7541;
+            prmt.b32 $2, t, 0x4B000000, 0x7542; prmt.b32 $3, t, 0x4B000000, 0x7543; }""",
+            "=r,=r,=r,=r,r", [q], dtype=tl.int32, is_pure=True, pack=4,
+        )
+    else:
+        bits = tl.inline_asm_elementwise(
+            """prmt.b32 $0, $4, 0x4B000000, 0x7540; prmt.b32 $1, $4, 0x4B000000, 0x7541;
+            prmt.b32 $2, $4, 0x4B000000, 0x7542; prmt.b32 $3, $4, 0x4B000000, 0x7543;""",
+            "=r,=r,=r,=r,r", [q], dtype=tl.int32, is_pure=True, pack=4,
+        )
+    return bits.to(tl.float32, bitcast=True) - (8388608.0 + (128.0 if SIGNED else 0.0))
+
+
+@triton.jit
 def _round_int(z):
     """round(z), ties to even, as int32, for |z| < 2^22: adding 1.5·2^23 makes the fp32 adder
     round z to an integer held in the low mantissa bits."""
@@ -119,10 +150,10 @@ def _round_int(z):
 def _div_normal(a, b, INTERPRET: tl.constexpr):
     """a/b correctly rounded, for a, b and a/b in fp32's normal range: the fast path of CUDA's
     ``div.rn`` (one Newton step on the reciprocal, one residual correction) without its range
-    check and slow-path call. Used only for the compander's quotients, whose operands are in
-    [-2, 2] × [1, 2]: bench/kernel_lab.py checks it against ``div_rn`` on every fp32
-    x ∈ [0, 1.01] (0 mismatches, H100 and H200, 2026-11-25), and quotients too small to be
-    normal round to code 0 either way. Written in PTX so that ``-b`` folds into the FMAs
+    check and slow-path call. Used only for the compander's quotient 254x/(1+|x|), whose
+    operands are in [-254.1, 254.1] × [1, 2]: bench/kernel_lab.py checks it against ``div_rn``
+    on every fp32 x ∈ [0, 1.01] (the sign is symmetric), and quotients too small to be normal
+    round to code 0 either way. Written in PTX so that ``-b`` folds into the FMAs
     (Triton lowers a negation to ``0 - b``, an extra instruction)."""
     if INTERPRET:
         r = 1.0 / b
@@ -153,14 +184,15 @@ def _div_normal(a, b, INTERPRET: tl.constexpr):
 
 @triton.jit
 def _dequant_signed(q, s, INTERPRET: tl.constexpr):
-    # x(q) = y/(2-|y|), y = q/127: the 255 possible quotients are checked exhaustively
-    y = _int_to_f32(q, 128) * INV_SIGNED
+    # x(q) = y/(2-|y|), y = q/127: the 255 possible quotients are checked exhaustively. (A
+    # 256-entry table of x(q) read with PTX loads was measured slower: 4.80 vs 4.66 ms.)
+    y = _byte_to_f32(q, True, INTERPRET) * INV_SIGNED
     return _div_normal(y, 2.0 - tl.abs(y), INTERPRET) * s
 
 
 @triton.jit
-def _dequant_sqrt(q, s, INV_UNSIGNED: tl.constexpr):
-    t = (_int_to_f32(q, 0) * INV_UNSIGNED) * s
+def _dequant_sqrt(q, s, INV_UNSIGNED: tl.constexpr, INTERPRET: tl.constexpr):
+    t = (_byte_to_f32(q, False, INTERPRET) * INV_UNSIGNED) * s
     return t * t
 
 
@@ -181,10 +213,11 @@ def _sqrt(a, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _reciprocal(sbits):
+def _reciprocal(sbits, NUM: tl.constexpr):
+    """NUM/s per group (one division per group), 0 for an all-zero group."""
     s = sbits.to(tl.float32, bitcast=True)
     pos = s > 0
-    return tl.where(pos, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(pos, s, 1.0)), 0.0)
+    return tl.where(pos, tl.div_rn(tl.full(s.shape, NUM, tl.float32), tl.where(pos, s, 1.0)), 0.0)
 
 
 @triton.jit
@@ -195,11 +228,11 @@ def _quant_signed(m, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
         ok = ok & mask
     m = tl.where(ok, m, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(tl.abs(m), axis=1))
-    xn = m * _reciprocal(sbits)[:, None]
-    y = _div_normal(xn + xn, 1.0 + tl.abs(xn), INTERPRET)
-    # |xn| ≤ 1 + 2^-23 (s ≥ the group absmax, 1/s rounded), so |127·y| < 127.0001 rounds into
+    xn = m * _reciprocal(sbits, 1.0)[:, None]
+    y = _div_normal(xn * 254.0, 1.0 + tl.abs(xn), INTERPRET)
+    # |xn| ≤ 1 + 2^-23 (s ≥ the group absmax, 1/s rounded), so |y| < 127.0001 rounds into
     # [-127, 127]: no clamp needed (the reference's clamp never acts)
-    return _round_int(y * 127.0).to(tl.int8), sbits
+    return _round_int(y).to(tl.int8), sbits
 
 
 @triton.jit
@@ -211,9 +244,9 @@ def _quant_sqrt(mask, sqrt_v, MASKED: tl.constexpr):
         ok = ok & mask
     r = tl.where(ok, sqrt_v, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(r, axis=1))
-    xn = r * _reciprocal(sbits)[:, None]
-    # 0 ≤ xn ≤ 1 + 2^-23 (−0 for v = −0 rounds to 0): 255·xn rounds into [0, 255] unclamped
-    return _round_int(xn * 255.0).to(tl.uint8), sbits
+    # 0 ≤ r·fl(255/s) ≤ 255·(1 + 2^-23) (−0 for v = −0 rounds to 0): rounds into [0, 255]
+    # unclamped
+    return _round_int(r * _reciprocal(sbits, 255.0)[:, None]).to(tl.uint8), sbits
 
 
 @triton.jit
@@ -234,6 +267,27 @@ def _st(ptr, value, mask, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _st_scale(ptr, sbits, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+    """Store a group's scale (bf16 in the high half of ``sbits``), one value per group.
+
+    The scale is the result of a row reduction, so it lives in the reduction's layout, where the
+    threads sharing a row hold copies. ``tl.store`` would first move it to the layout Triton
+    picks for a contiguous 1-D store (one shared-memory round trip and two barriers per
+    moment); the PTX store writes it from where it is, each copy to the same address."""
+    if MASKED or INTERPRET:
+        _st(ptr, _bf16_of_bits(sbits), mask, MASKED)
+    else:
+        tl.inline_asm_elementwise(
+            "{ .reg .b16 lo, hi; mov.b32 {lo, hi}, $2; st.global.b16 [$1], hi; mov.b32 $0, 0; }",
+            "=r,l,r",
+            [ptr, sbits],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+
+@triton.jit
 def _bf16_of_bits(bits):
     """bf16 whose bit pattern is the high half of the int32 ``bits`` (a scale from _ceil_to_bf16_bits)."""
     return (bits >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
@@ -245,8 +299,8 @@ def _step_block(
     a, grp, mask, gmask,
     h0, h1, h2, h3, h4, h5, h6, h7, sign,
     FAMILY: tl.constexpr, DECOUPLED: tl.constexpr, NARROW: tl.constexpr, HAS_RHO: tl.constexpr,
-    RHO_N: tl.constexpr, INV_RHO: tl.constexpr, INV_UNSIGNED: tl.constexpr, N_STATES: tl.constexpr,
-    QUANT: tl.constexpr, EMIN: tl.constexpr, MANT: tl.constexpr, TWO_MANT1: tl.constexpr,
+    RHO_N: tl.constexpr, RHO_DEC: tl.constexpr, INV_UNSIGNED: tl.constexpr, N_STATES: tl.constexpr,
+    QUANT: tl.constexpr, EMIN: tl.constexpr, MANT: tl.constexpr, RHO_ENC: tl.constexpr,
     EXACT: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, MAXIMIZE: tl.constexpr,
 ):
     """Decode → update → encode one block. Pointers are at the segment's *aligned origin*
@@ -256,7 +310,11 @@ def _step_block(
     g = _ld(g_ptr + a, mask, MASKED).to(tl.float32)
     if HAS_RHO:
         rho = _ld(r_ptr + a, mask, MASKED)
-        theta = pv + (_int_to_f32(rho, RHO_N + 1) * INV_RHO) * _half_ulp(pv, EMIN, MANT)
+        if RHO_N == 127:
+            rho_f = _byte_to_f32(rho, True, INTERPRET)
+        else:
+            rho_f = _int_to_f32(rho, RHO_N + 1)
+        theta = pv + rho_f * _rho_scale(pv, EMIN, RHO_DEC, False)
     else:
         theta = pv
     if MAXIMIZE:  # some segment maximizes: sign = -1 there, +1 elsewhere (exact either way)
@@ -269,7 +327,7 @@ def _step_block(
     if N_STATES >= 2:
         st1 = _ld(c1_ptr + a, mask, MASKED)
         if QUANT:
-            st1 = _dequant_sqrt(st1, _ld(s1_ptr + grp, gmask, MASKED).to(tl.float32)[:, None], INV_UNSIGNED)
+            st1 = _dequant_sqrt(st1, _ld(s1_ptr + grp, gmask, MASKED).to(tl.float32)[:, None], INV_UNSIGNED, INTERPRET)
 
     # ---- update (mirrors optim/reference.py)
     if FAMILY == 0:  # adam: decay l2 w1 beta2 w2 eps step_size inv_bc2_sqrt
@@ -303,14 +361,14 @@ def _step_block(
         if QUANT:
             q0n, sb0 = _quant_signed(st0, mask, MASKED, INTERPRET)
             _st(c0_ptr + a, q0n, mask, MASKED)
-            _st(s0_ptr + grp, _bf16_of_bits(sb0), gmask, MASKED)
+            _st_scale(s0_ptr + grp, sb0, gmask, MASKED, INTERPRET)
         else:
             _st(c0_ptr + a, st0, mask, MASKED)
     if N_STATES >= 2:
         if QUANT:
             q1n, sb1 = _quant_sqrt(mask, sqrt_v, MASKED)
             _st(c1_ptr + a, q1n, mask, MASKED)
-            _st(s1_ptr + grp, _bf16_of_bits(sb1), gmask, MASKED)
+            _st_scale(s1_ptr + grp, sb1, gmask, MASKED, INTERPRET)
         else:
             _st(c1_ptr + a, st1, mask, MASKED)
 
@@ -332,8 +390,8 @@ def _step_block(
         # r = (θ − θ')/(u/2) = (θ − θ')·2^(mant+1)·2^-e. θ' = RNE(θ) gives |θ − θ'| ≤ u/2 for
         # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
         # and the reference's clamp to [-1, 1] never acts; ρ = 0 for ±inf/NaN θ'
-        r = ((theta - pf) * TWO_MANT1) * _inv_pow2_exponent(pf, EMIN)
-        rq = tl.where(_finite(pf), _round_int(r * (RHO_N * 1.0)), 0)
+        r = (theta - pf) * _rho_scale(pf, EMIN, RHO_ENC, True)
+        rq = tl.where(_finite(pf), _round_int(r), 0)
         if RHO_N == 127:
             rq = rq.to(tl.int8)
         else:
@@ -359,13 +417,13 @@ def _flash_step_kernel(
     NARROW: tl.constexpr,  # 0 fp32 param, 1 bf16, 2 fp16
     HAS_RHO: tl.constexpr,
     RHO_N: tl.constexpr,
-    INV_RHO: tl.constexpr,
+    RHO_DEC: tl.constexpr,
     INV_UNSIGNED: tl.constexpr,
     N_STATES: tl.constexpr,
     QUANT: tl.constexpr,
     EMIN: tl.constexpr,
     MANT: tl.constexpr,
-    TWO_MANT1: tl.constexpr,
+    RHO_ENC: tl.constexpr,
     NCOLS: tl.constexpr,
     NHYPER: tl.constexpr,
     NG: tl.constexpr,
@@ -416,14 +474,15 @@ def _flash_step_kernel(
             p_base + tl.multiple_of(p_o, 16), g_base + tl.multiple_of(g_o, 16), r_base + tl.multiple_of(r_o, 16),
             s0_base + s0_o, c0_base + tl.multiple_of(c0_o, 16), s1_base + s1_o, c1_base + tl.multiple_of(c1_o, 16),
             a, grp, a, grp, h0, h1, h2, h3, h4, h5, h6, h7, sign,
-            FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-            TWO_MANT1, EXACT, False, INTERPRET, MAXIMIZE,
+            FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, RHO_DEC, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
+            RHO_ENC, EXACT, False, INTERPRET, MAXIMIZE,
         )
     else:
         # Edge blocks (a segment's first/last block, or unaligned storage): masked accesses
         # cannot be vectorized, so the compiler gives them one element per thread and a 64-bit
         # address each; done in MASK_SPLIT sub-tiles so this path does not set the register
-        # count (and so the occupancy) of the whole kernel.
+        # count (and so the occupancy) of the whole kernel. One block per program: a loop over
+        # several blocks of a segment was measured slower (it serializes each program's loads).
         # (names differ from the other branch: Triton wants same-named values to match in shape)
         for c in range(MASK_SPLIT):
             rows_e = c * (NG // MASK_SPLIT) + tl.arange(0, NG // MASK_SPLIT)
@@ -431,36 +490,58 @@ def _flash_step_kernel(
             grp_e = a0 // G + rows_e
             _step_block(
                 p_base + p_o, g_base + g_o, r_base + r_o, s0_base + s0_o, c0_base + c0_o, s1_base + s1_o,
-                c1_base + c1_o, a_e, grp_e, (a_e >= phase) & (a_e < phase + length), grp_e < n_groups, h0, h1, h2, h3, h4, h5, h6, h7, sign,
-                FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, INV_RHO, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-                TWO_MANT1, EXACT, True, INTERPRET, MAXIMIZE,
+                c1_base + c1_o, a_e, grp_e, (a_e >= phase) & (a_e < phase + length), grp_e < n_groups,
+                h0, h1, h2, h3, h4, h5, h6, h7, sign,
+                FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, RHO_DEC, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
+                RHO_ENC, EXACT, True, INTERPRET, MAXIMIZE,
             )
 
 
 _FAMILY_ID = {"adam": 0, "sgd": 1, "lion": 2}
-_NARROW = {torch.float32: (0, 0, 0), torch.bfloat16: (1, -126, 7), torch.float16: (2, -14, 10)}
+#: param dtype → (NARROW id, ρ's exponent floor, explicit mantissa bits)
+_NARROW = {torch.float32: (0, 0, 0), torch.bfloat16: (1, nx._RHO_EMIN[torch.bfloat16], 7),
+           torch.float16: (2, nx._RHO_EMIN[torch.float16], 10)}
+
+
+def _f32_bits(x: float) -> int:
+    return int(torch.tensor(x, dtype=torch.float32).view(torch.int32))
+
+
+def _wrap_i32(v: int) -> int:
+    return (v + 2**31) % 2**32 - 2**31
+
+
+def _rho_constants(rho_n: int, mant: int):
+    """Constant bits of :func:`_rho_scale` (0, 0 without ρ): decode fl(1/N)·2^(e'−mant−1) is
+    ``eb + RHO_DEC``, encode N·2^(mant+1−e') is ``RHO_ENC − eb``, eb = (e'+127)<<23."""
+    if not rho_n:
+        return 0, 0
+    shift = (128 + mant) << 23  # (127 + mant + 1) in the exponent field
+    return _wrap_i32(_f32_bits(nx.INV_RHO[rho_n]) - shift), _wrap_i32(_f32_bits(float(rho_n)) + shift)
 
 #: Canonical groups per program (× G elements per block), warps per program and an optional
 #: register cap per thread; overridable through the environment for tuning. 32 groups × 4
 #: warps = 8 elements per thread (16-byte bf16 accesses, 2 shuffle rounds per group
-#: reduction), no cap: the fastest of the sweep in docs/PERFORMANCE.md (H200, 2026-11-25).
+#: reduction), capped at 64 registers: the fastest of the sweeps in docs/PERFORMANCE.md
+#: (H100, 2026-11-26; 0 = no cap).
 GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "32"))
 NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
-MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "0")) or None
+MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "64")) or None
 #: Sub-tiles of a masked edge block (see the kernel).
 MASK_SPLIT = int(os.environ.get("FLASHOPTIM_MASK_SPLIT", "4"))
 
 
-def _rel_offsets(tensors, base):
-    """Element offsets of ``tensors`` relative to ``base`` (same dtype)."""
-    if base is None:
-        return np.zeros(len(tensors), dtype=np.int64)
-    b = base.data_ptr()
-    isz = base.element_size()
-    diff = np.array([t.data_ptr() for t in tensors], dtype=np.int64) - b
-    if isz > 1 and np.any(diff % isz):
+def _offsets(ptrs, itemsize: int) -> np.ndarray:
+    """Element offsets of the addresses ``ptrs`` from the first one (tensors of one dtype)."""
+    diff = np.array(ptrs, dtype=np.int64) - ptrs[0]
+    if itemsize > 1 and np.any(diff % itemsize):
         raise RuntimeError("tensor storage is not aligned to its element size; cannot address it from the base")
-    return diff // isz
+    return diff // itemsize
+
+
+def _rel_offsets(tensors, base):
+    """Element offsets of ``tensors`` relative to ``base`` (same dtype; base = tensors[0])."""
+    return _offsets([base.data_ptr()] + [t.data_ptr() for t in tensors], base.element_size())[1:]
 
 
 class KernelPlan:
@@ -511,6 +592,9 @@ class KernelPlan:
             self._hyper_host = self._hyper_host.pin_memory()
         self._hyper_dev = torch.empty_like(self._hyper_host, device=device)
         self._copied = None
+        self._ptrs = None  # (param addresses, grad addresses) of the last launch
+        self._kwargs = {}
+        self.groups_per_block = GROUPS_PER_BLOCK
 
 
 #: False only in bench/step.py's measurement of what bit-exactness costs: approximate division
@@ -519,77 +603,81 @@ EXACT = True
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.dtype, maximize: bool) -> dict:
+    """The launch's compile-time arguments (cached per plan: computing them costs host time)."""
+    key = (family, decoupled, dtype, maximize, EXACT, MAXNREG, NUM_WARPS)
+    kw = plan._kwargs.get(key)
+    if kw is None:
+        narrow, emin, mant = _NARROW[dtype]
+        has_rho = plan.rhos is not None
+        rho_n = (127 if plan.rhos[0].dtype == torch.int8 else 32767) if has_rho else 0
+        rho_dec, rho_enc = _rho_constants(rho_n, mant)
+        kw = plan._kwargs[key] = dict(
+            FAMILY=_FAMILY_ID[family], DECOUPLED=decoupled, NARROW=narrow, HAS_RHO=has_rho, RHO_N=rho_n,
+            RHO_DEC=rho_dec, INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=len(plan.codes), QUANT=plan.quantized,
+            EMIN=emin, MANT=mant, RHO_ENC=rho_enc, NCOLS=_NCOLS, NHYPER=N_HYPER, NG=plan.groups_per_block,
+            MASK_SPLIT=min(MASK_SPLIT, plan.groups_per_block), G=plan.group_size, EXACT=EXACT,
+            INTERPRET=INTERPRETING, MAXIMIZE=maximize, enable_fp_fusion=not EXACT, num_warps=NUM_WARPS,
+            **({"maxnreg": MAXNREG} if MAXNREG and not INTERPRETING else {}),
+        )
+    return kw
+
+
 def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows: np.ndarray) -> None:
     """Run one fused step over every segment of ``plan``.
 
     ``params``/``grads`` are the flat local tensors (one per optimizer tensor, in plan order);
     ``hyper_rows`` is ``[n_tensors, N_HYPER]`` (float64 or float32; rounded to fp32 here).
+    Host work per call: the tensors' addresses are compared with the previous call's, and the
+    offsets table is rebuilt and copied only when one moved (gradients usually come back at
+    the same addresses from the caching allocator); the hyper-parameter rows are copied every
+    call.
     """
     if plan.n_blocks == 0:
         return
-    st = plan.seg_tensor
     # Wait (normally no wait at all) until the previous step's copies have left the pinned
     # staging buffers before overwriting them; this does not wait for the previous kernel.
     if plan._copied is not None:
         plan._copied.synchronize()
-    offs = plan._offs_host.numpy()
-    offs[:, _P] = _rel_offsets(params, params[0])[st] + plan.seg_origin
-    offs[:, _G] = _rel_offsets(grads, grads[0])[st] + plan.seg_origin
-    # blocks of a segment whose every origin is 16-element aligned load and store vectorized
-    offs[:, _ALIGNED] = np.all(offs[:, _ROLES_ALIGN] % 16 == 0, axis=1)
+    ptrs = (list(map(_data_ptr, params)), list(map(_data_ptr, grads)))
+    if ptrs != plan._ptrs:
+        st = plan.seg_tensor
+        offs = plan._offs_host.numpy()
+        offs[:, _P] = _offsets(ptrs[0], params[0].element_size())[st] + plan.seg_origin
+        offs[:, _G] = _offsets(ptrs[1], grads[0].element_size())[st] + plan.seg_origin
+        # blocks of a segment whose every origin is 16-element aligned load and store vectorized
+        offs[:, _ALIGNED] = np.all(offs[:, _ROLES_ALIGN] % 16 == 0, axis=1)
+        plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
+        plan._ptrs = ptrs
     hyper = plan._hyper_host.numpy()
-    hyper[:] = hyper_rows[st]
+    hyper[:] = hyper_rows[plan.seg_tensor]
     maximize = bool((hyper[:, _SIGN] != 1.0).any())
-    plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
     plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
     if plan._offs_dev.is_cuda:
         if plan._copied is None:  # one event per plan, re-recorded every step
             plan._copied = torch.cuda.Event()
         plan._copied.record()
 
-    narrow, emin, mant = _NARROW[params[0].dtype]
+    kw = _kernel_kwargs(plan, family, decoupled, params[0].dtype, maximize)
     dummy = params[0]
-    has_rho = plan.rhos is not None
-    n_states = len(plan.codes)
-    quantized = plan.quantized
-    rho_n = (127 if plan.rhos[0].dtype == torch.int8 else 32767) if has_rho else 0
-
-    _flash_step_kernel[(plan.n_blocks,)](
+    n_states = kw["N_STATES"]
+    args = (
         plan.blk_seg,
         plan.blk_start,
         plan._offs_dev,
         plan._hyper_dev,
         params[0],
         grads[0],
-        plan.rhos[0] if has_rho else dummy,
-        plan.scales[0][0] if (n_states >= 1 and quantized) else dummy,
+        plan.rhos[0] if kw["HAS_RHO"] else dummy,
+        plan.scales[0][0] if (n_states >= 1 and plan.quantized) else dummy,
         plan.codes[0][0] if n_states >= 1 else dummy,
-        plan.scales[1][0] if (n_states >= 2 and quantized) else dummy,
+        plan.scales[1][0] if (n_states >= 2 and plan.quantized) else dummy,
         plan.codes[1][0] if n_states >= 2 else dummy,
-        FAMILY=_FAMILY_ID[family],
-        DECOUPLED=decoupled,
-        NARROW=narrow,
-        HAS_RHO=has_rho,
-        RHO_N=rho_n,
-        INV_RHO=nx.INV_RHO.get(rho_n, 0.0),
-        INV_UNSIGNED=nx.INV_UNSIGNED,
-        N_STATES=n_states,
-        QUANT=quantized,
-        EMIN=emin,
-        MANT=mant,
-        TWO_MANT1=float(2 ** (mant + 1)),
-        NCOLS=_NCOLS,
-        NHYPER=N_HYPER,
-        NG=GROUPS_PER_BLOCK,
-        MASK_SPLIT=min(MASK_SPLIT, GROUPS_PER_BLOCK),
-        G=plan.group_size,
-        EXACT=EXACT,
-        INTERPRET=INTERPRETING,
-        MAXIMIZE=maximize,
-        enable_fp_fusion=not EXACT,
-        num_warps=NUM_WARPS,
-        **({"maxnreg": MAXNREG} if MAXNREG and not INTERPRETING else {}),
     )
+    _flash_step_kernel[(plan.n_blocks,)](*args, **kw)
 
 
 assert len(HYPER_COLUMNS["adam"]) == N_HYPER

@@ -67,6 +67,21 @@ def _triton_usable(device: torch.device, backend: str) -> bool:
     return False
 
 
+#: Parameters in the first chunk of the steady path (see ``_steady_step``); each next chunk is
+#: twice the previous one, so the GPU starts early and the host keeps ahead of it.
+FIRST_CHUNK = int(os.environ.get("FLASHOPTIM_FIRST_CHUNK", "8"))
+
+
+def _chunks(entries: list) -> List[list]:
+    """``entries`` cut into runs of FIRST_CHUNK, 2·FIRST_CHUNK, 4·FIRST_CHUNK, ... items."""
+    out, i, n = [], 0, FIRST_CHUNK
+    while i < len(entries):
+        out.append(entries[i : i + n])
+        i += n
+        n *= 2
+    return out
+
+
 def allocate_state(layout: lay.StateLayout, family: str, n_states: int, device) -> Dict[str, Any]:
     """Zero state of one optimizer tensor in its stored dtypes (see the table above):
     ``step`` 0, ``rho`` (int8/int16) when the layout keeps one, and per moment either int8/uint8
@@ -207,30 +222,41 @@ class FlashOptimizer(Optimizer):
     def _steady_step(self) -> bool:
         """The step when nothing but the gradients changed since the last one (the usual case):
         the same parameters, groups, state dicts and gradient dtypes/sizes as the step that built
-        ``_steady``. Checks everything before changing anything; False (and the cache dropped)
-        sends the step down the general path. Written as comprehensions over per-bucket lists:
-        this runs for every parameter every step, and the host time of the step is what is left
-        once the kernel is fast (docs/PERFORMANCE.md)."""
-        sig, groups, n_state, buckets = self._steady
+        ``_steady``. False (and the cache dropped) sends the step down the general path; a
+        change found after some chunks were launched sends the remaining parameters down it.
+        Written as comprehensions over per-chunk lists: this runs for every parameter every
+        step, and the host time of the step is what is left once the kernel is fast; chunks of
+        growing size let the kernels of the first ones run while the host prepares the rest
+        (docs/PERFORMANCE.md)."""
+        sig, groups, n_state, chunks, rows = self._steady
         if (len(self.state) != n_state or sig != tuple(id(p) for g in self.param_groups for p in g["params"])
                 or any(self._n_states(g) != n for g, n in groups)):
             self._steady = None
             return False
-        ready = []
-        for key, b in buckets:
+        # hyper-parameter rows of every chunk in one vectorized pass (steps + 1: the chunks
+        # increment their steps just before their launch)
+        hyper = self._hyper_table(rows["entries"], rows["group_index"], step_offset=1)
+        # Chunk by chunk: each chunk's kernel is launched before the next chunk's host work, so
+        # on a GPU that work overlaps the kernels already queued and only the first (small)
+        # chunk's host time is not hidden.
+        for i, (key, b) in enumerate(chunks):
             grads = [p.grad if gf is None else gf(p) for p, gf in zip(b["params"], b["grad_fns"])]
             for g, n, dt in zip(grads, b["numels"], b["dtypes"]):
                 if g is None or g.dtype is not dt or g.layout is not torch.strided or g.numel() != n:
+                    # something changed (a missing gradient, a new dtype): the general path
+                    # steps what is left; earlier chunks are already stepped, and the rest
+                    # passed the same checks on the step that built this cache
                     self._steady = None
-                    return False
-            ready.append((key, b, grads))
-        for key, b, grads in ready:
+                    if i == 0:
+                        return False
+                    self._step_items([(p, g) for _, c in chunks[i:] for p, g in zip(c["params"], c["groups"])])
+                    return True
             grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
             locals_ = [p if lf is None else lf(p) for p, lf in zip(b["params"], b["local_fns"])]
             for st in b["states"]:
                 st["step"] += 1
             entries = list(zip(b["params"], b["groups"], locals_, grads, b["infos"], b["states"]))
-            self._launch(key, entries, b)
+            self._launch(key, entries, b, hyper[b["rows"]])
         return True
 
     @torch.no_grad()
@@ -296,19 +322,22 @@ class FlashOptimizer(Optimizer):
             entries.append((p, group, local, grad, info, state))
         if complete and not (check and not all(e[4].numerics_checked for es in buckets.values() for e in es)):
             groups = {id(g): g for _, g in items}
-            steady = []
-            for key, es in buckets.items():
-                steady.append((key, {
-                    "params": [e[0] for e in es], "groups": [e[1] for e in es], "infos": [e[4] for e in es],
-                    "states": [e[5] for e in es], "grad_fns": [e[4].spec.grad for e in es],
-                    "local_fns": [e[4].spec.local for e in es], "numels": [e[2].numel() for e in es],
-                    "dtypes": [e[3].dtype for e in es],
-                }))
+            steady, flat = [], []
+            for key, bucket in buckets.items():
+                for es in _chunks(bucket):
+                    steady.append((key, {
+                        "params": [e[0] for e in es], "groups": [e[1] for e in es], "infos": [e[4] for e in es],
+                        "states": [e[5] for e in es], "grad_fns": [e[4].spec.grad for e in es],
+                        "local_fns": [e[4].spec.local for e in es], "numels": [e[2].numel() for e in es],
+                        "dtypes": [e[3].dtype for e in es], "rows": slice(len(flat), len(flat) + len(es)),
+                    }))
+                    flat += [(None, e[1], None, None, None, e[5]) for e in es]
             self._steady = (
                 tuple(id(p) for g in self.param_groups for p in g["params"]),
                 [(g, self._n_states(g)) for g in groups.values()],
                 len(self.state),
                 steady,
+                {"entries": flat, "group_index": self._group_index(flat)},
             )
         elif remember:
             self._steady = None
@@ -343,23 +372,23 @@ class FlashOptimizer(Optimizer):
             by_group.setdefault(id(e[1]), []).append(i)
         return list(by_group.values())
 
-    def _hyper_table(self, entries, group_index: Optional[List[list]] = None) -> np.ndarray:
-        """fp64 hyper rows ``[len(entries), N_HYPER]``, vectorized per param group."""
+    def _hyper_table(self, entries, group_index: Optional[List[list]] = None, step_offset: int = 0) -> np.ndarray:
+        """fp64 hyper rows ``[len(entries), N_HYPER]``, vectorized per param group, for the
+        entries' step counts plus ``step_offset``."""
         out = np.empty((len(entries), N_HYPER), dtype=np.float64)
         for idx in group_index if group_index is not None else self._group_index(entries):
             group = entries[idx[0]][1]
             steps = np.fromiter((entries[i][5]["step"] for i in idx), dtype=np.float64, count=len(idx))
-            out[idx] = self._hyper_rows(group, steps)
+            out[idx] = self._hyper_rows(group, steps + step_offset if step_offset else steps)
         return out
 
-    def _launch(self, key, entries, cache: Optional[dict] = None) -> None:
-        """Step ``entries`` (one launch combination). ``cache`` (the steady path's, per bucket)
-        keeps the kernel plan and the group index between steps."""
+    def _launch(self, key, entries, cache: Optional[dict] = None, hyper: Optional[np.ndarray] = None) -> None:
+        """Step ``entries`` (one launch combination). ``cache`` (the steady path's, per chunk)
+        keeps the kernel plan between steps; ``hyper`` gives the rows if already computed."""
         device, _, rho_dtype, quantized, _, n_states = key
         group_size = self.config.group_size
-        if cache is not None and "group_index" not in cache:
-            cache["group_index"] = self._group_index(entries)
-        hyper = self._hyper_table(entries, cache["group_index"] if cache is not None else None)
+        if hyper is None:
+            hyper = self._hyper_table(entries)
         names = [name for name, _ in FAMILIES[self.family][:n_states]]
         if _triton_usable(device, self.config.backend):
             from ..kernels import fused_step
