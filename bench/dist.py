@@ -81,6 +81,11 @@ def parse_args(argv=None):
     ap.add_argument("--ac", action="store_true",
                     help="activation checkpointing per block: activations stop setting the peak, so "
                          "what gradient release saves (the sharded grads) shows in it")
+    ap.add_argument("--loss-chunks", type=int, default=0,
+                    help="compute head + cross-entropy in this many token slices, recomputed in backward "
+                         "(0: full logits, as a plain training loop does)")
+    ap.add_argument("--peak-report", action="store_true",
+                    help="rank 0: trace the allocator in the last iteration and print what is alive at its peak")
     ap.add_argument("--json", default=None, help="write the results (rank 0) to this file")
     args = ap.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -123,6 +128,33 @@ def profile_step(opt) -> None:
     pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
+def print_peak_report(snapshot: dict, device, case: str, top: int = 14) -> None:
+    """Replay one iteration's allocator trace: the largest allocations alive when the memory
+    allocated during the iteration peaked, with the innermost frames of this repository or of
+    torch.distributed that made them (a diagnostic for where a peak comes from)."""
+    trace = snapshot["device_traces"][device.index or 0]
+    live, total, peak, at_peak, when = {}, 0, 0, {}, 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak, when = total, dict(live), i
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+
+    def where(ev):
+        keep = [f for f in ev.get("frames", []) if "flashoptim" in f["filename"] or "bench/" in f["filename"]
+                or "distributed" in f["filename"] or "autograd" in f["filename"]]
+        return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in keep[:3])
+
+    print(f"# peak report, case {case}: +{peak / 2**30:.3f} GiB above the iteration's start, at event {when} of "
+          f"{len(trace)}; largest live allocations:")
+    for ev in sorted(at_peak.values(), key=lambda e: -e["size"])[:top]:
+        print(f"#   {ev['size'] / 2**20:9.1f} MiB  {where(ev)}")
+    print(f"#   ... {len(at_peak)} live, {sum(e['size'] for e in at_peak.values()) / 2**30:.3f} GiB in all", flush=True)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -141,6 +173,9 @@ def build(case: str, cfg: GPTConfig, mesh, device, args):
         mp = MixedPrecisionPolicy(reduce_dtype=reduce)
     units = list(model.blocks)
     if args.wrap_embeddings:  # torchtitan-style: embedding and output head in units of their own
+        if args.loss_chunks:
+            raise SystemExit("--loss-chunks calls the head once per slice; keep it in the root unit "
+                             "(drop --wrap-embeddings)")
         units = [model.tok_emb] + units + [model.head]
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)
@@ -189,12 +224,23 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         if it == first_measured and cuda:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
+        report_peak = args.peak_report and cuda and it == args.iters - 1 and dist.get_rank() == 0
+        if report_peak:
+            # (Python stacks can break a recomputed checkpoint in backward on torch 2.11: set
+            # FLASHOPTIM_PEAK_STACKS=0 to trace sizes only)
+            torch.cuda.memory._record_memory_history(
+                max_entries=500_000, stacks="python",
+                context="alloc" if os.environ.get("FLASHOPTIM_PEAK_STACKS", "1") == "1" else None)
         if it >= first_measured:
             persistent.append(torch.cuda.memory_allocated(device) if cuda else tensor_bytes(model, opt))
         t0 = time.perf_counter()
         x = tokens[it]
-        logits = model(x[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
+        if args.loss_chunks:  # head + loss in slices, recomputed in backward (models/gpt.py)
+            logits = None
+            loss = model(x[:, :-1], targets=x[:, 1:], loss_chunks=args.loss_chunks)
+        else:
+            logits = model(x[:, :-1])
+            loss = F.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), x[:, 1:].reshape(-1))
         loss.backward()
         if handle is None:
             sync(device)
@@ -209,6 +255,10 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
             opt.zero_grad(set_to_none=True)
         sync(device)
         iter_ms.append((time.perf_counter() - t0) * 1e3)
+        if report_peak:
+            snapshot = torch.cuda.memory._snapshot()
+            torch.cuda.memory._record_memory_history(enabled=None)
+            print_peak_report(snapshot, device, case)
         del logits, loss
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     n_params = sum(p.numel() for p in model.parameters())  # global numel of the DTensors
@@ -303,7 +353,8 @@ def main(argv=None) -> int:
         dist.barrier()
     desc = (model_desc(cfg, args)
             + (", activation checkpointing per block" if args.ac else "")
-            + (", embedding and head in their own FSDP units" if args.wrap_embeddings else ""))
+            + (", embedding and head in their own FSDP units" if args.wrap_embeddings else "")
+            + (f", head + loss in {args.loss_chunks} recomputed slices" if args.loss_chunks else ""))
     gather_and_report(results, device, desc, "bench/dist.py", args.json)
     dist.barrier()
     dist.destroy_process_group()

@@ -61,6 +61,30 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), n
 
 
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_chunked_loss_is_the_loss_of_the_logits(chunks):
+    """forward(idx, targets, loss_chunks) gives the mean cross-entropy of forward(idx)'s logits
+    and the same gradients, with head and loss recomputed slice by slice in backward."""
+    torch.manual_seed(0)
+    a = GPT(GPTConfig(d_model=32, n_layers=2, n_heads=4)).to(torch.bfloat16)
+    b = GPT(GPTConfig(d_model=32, n_layers=2, n_heads=4)).to(torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, 256, (2, 13))
+    y = torch.randint(0, 256, (2, 13))
+    la = torch.nn.functional.cross_entropy(a(x).float().reshape(-1, 256), y.reshape(-1))
+    lb = b(x, targets=y, loss_chunks=chunks)
+    assert lb.dtype == torch.float32
+    assert torch.allclose(la, lb, rtol=1e-6), (la, lb)
+    la.backward()
+    lb.backward()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.allclose(pa.grad.float(), pb.grad.float(), rtol=1e-2, atol=1e-4), n
+    with pytest.raises(ValueError, match="loss_chunks must be a positive int"):
+        b(x, targets=y, loss_chunks=0)
+    with pytest.raises(ValueError, match="targets must have the shape"):
+        b(x, targets=y[:, :5])
+
+
 def test_meta_build_then_init_weights():
     with torch.device("meta"):
         m = GPT(PRESETS["tiny"])

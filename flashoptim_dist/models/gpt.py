@@ -17,6 +17,13 @@ on the ``meta`` device and materialised with ``to_empty`` (also on FSDP2-sharded
 
 The list of blocks is ``model.blocks``; :meth:`GPT.fsdp_units` returns them so engines can wrap
 one FSDP unit per block.
+
+``forward(idx, targets=..., loss_chunks=k)`` returns the mean next-token cross-entropy instead
+of the logits, computing head and loss over k slices of the tokens, each recomputed in backward:
+the (B, T, V) logits, their fp32 copy and their gradients (B·T·V·12 bytes together, 1.5 GiB at
+2×1024 tokens and V = 32000) then never exist at once, only one slice of them. This is where the
+peak of a training step sits once activation checkpointing and gradient release have removed the
+rest (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -283,8 +290,15 @@ class Block(nn.Module):
         return self._body(x)
 
 
+def _head_loss_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross-entropy of one slice of hidden states (the unit that is recomputed)."""
+    logits = head(h).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+
 class GPT(nn.Module):
-    """Decoder-only language model; ``forward(idx)`` maps token ids (B, T) to logits (B, T, V)."""
+    """Decoder-only language model; ``forward(idx)`` maps token ids (B, T) to logits (B, T, V),
+    ``forward(idx, targets, loss_chunks)`` to the mean cross-entropy (see the module doc)."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
@@ -323,7 +337,7 @@ class GPT(nn.Module):
         """Sub-modules to shard as separate FSDP units (one per block)."""
         return list(self.blocks)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
         b, t = idx.shape
         if t > self.cfg.max_seq_len:
             raise ValueError(
@@ -335,4 +349,19 @@ class GPT(nn.Module):
             x = x + self.pos_emb(torch.arange(t, device=idx.device))
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        h = self.norm(x)
+        if targets is None:
+            return self.head(h)
+        if targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of the input ids {tuple(idx.shape)}, got {tuple(targets.shape)}")
+        if not isinstance(loss_chunks, int) or loss_chunks < 1:
+            raise ValueError(f"loss_chunks must be a positive int, got {loss_chunks!r}")
+        if loss_chunks == 1 or not torch.is_grad_enabled():
+            return _head_loss_sum(self.head, h, targets) / targets.numel()
+        # slices of the flattened tokens; each slice's logits are recomputed in backward
+        h, targets = h.reshape(b * t, -1), targets.reshape(b * t)
+        total = sum(
+            checkpoint(_head_loss_sum, self.head, hs, ts, use_reentrant=False)
+            for hs, ts in zip(h.chunk(loss_chunks), targets.chunk(loss_chunks))
+        )
+        return total / targets.numel()

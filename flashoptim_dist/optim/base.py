@@ -24,7 +24,10 @@ FlashAdamW-24: 3.125 bytes of state per element (+ 2 param + 2 grad = 7.125).
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import operator
 import os
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -80,6 +83,39 @@ def _chunks(entries: list) -> List[list]:
         i += n
         n *= 2
     return out
+
+
+_MIXED = object()  # a chunk whose parameters need different accessors
+_dtype_of = operator.attrgetter("dtype")
+_layout_of = operator.attrgetter("layout")
+_plain_grad = operator.attrgetter("grad")
+
+
+def _identity(p):
+    return p
+
+
+def _common(fns: list, default):
+    """The one accessor all of a chunk's parameters share (``default`` for None), else _MIXED."""
+    first = fns[0]
+    if any(f is not first for f in fns):
+        return _MIXED
+    return default if first is None else first
+
+
+def _param_ids(param_groups) -> tuple:
+    """Identity of the parameter lists (the steady path's signature), built at C level."""
+    return tuple(map(id, itertools.chain.from_iterable(g["params"] for g in param_groups)))
+
+
+def _increment_steps(states: list) -> None:
+    """state["step"] += 1 for every state dict, looped in C (a Python loop costs ~1 µs per
+    parameter on the GPU hosts)."""
+    collections.deque(map(operator.setitem, states, itertools.repeat("step"),
+                          map(operator.add, map(_step_of, states), itertools.repeat(1))), maxlen=0)
+
+
+_step_of = operator.itemgetter("step")
 
 
 def allocate_state(layout: lay.StateLayout, family: str, n_states: int, device) -> Dict[str, Any]:
@@ -229,34 +265,48 @@ class FlashOptimizer(Optimizer):
         growing size let the kernels of the first ones run while the host prepares the rest
         (docs/PERFORMANCE.md)."""
         sig, groups, n_state, chunks, rows = self._steady
-        if (len(self.state) != n_state or sig != tuple(id(p) for g in self.param_groups for p in g["params"])
+        if (len(self.state) != n_state or sig != _param_ids(self.param_groups)
                 or any(self._n_states(g) != n for g, n in groups)):
             self._steady = None
             return False
         # hyper-parameter rows of every chunk in one vectorized pass (steps + 1: the chunks
         # increment their steps just before their launch)
-        hyper = self._hyper_table(rows["entries"], rows["group_index"], step_offset=1)
+        hyper = self._hyper_table(rows["entries"], rows["group_index"], step_offset=1, group_states=rows["group_states"])
         # Chunk by chunk: each chunk's kernel is launched before the next chunk's host work, so
         # on a GPU that work overlaps the kernels already queued and only the first (small)
-        # chunk's host time is not hidden.
+        # chunk's host time is not hidden. The per-parameter work is map() over C-level
+        # accessors where it can be: on the GPU hosts every Python-level operation per
+        # parameter costs ~1 µs, ~200 parameters per step.
         for i, (key, b) in enumerate(chunks):
-            grads = [p.grad if gf is None else gf(p) for p, gf in zip(b["params"], b["grad_fns"])]
-            for g, n, dt in zip(grads, b["numels"], b["dtypes"]):
-                if g is None or g.dtype is not dt or g.layout is not torch.strided or g.numel() != n:
-                    # something changed (a missing gradient, a new dtype): the general path
-                    # steps what is left; earlier chunks are already stepped, and the rest
-                    # passed the same checks on the step that built this cache
-                    self._steady = None
-                    if i == 0:
-                        return False
-                    self._step_items([(p, g) for _, c in chunks[i:] for p, g in zip(c["params"], c["groups"])])
-                    return True
-            grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-            locals_ = [p if lf is None else lf(p) for p, lf in zip(b["params"], b["local_fns"])]
-            for st in b["states"]:
-                st["step"] += 1
-            entries = list(zip(b["params"], b["groups"], locals_, grads, b["infos"], b["states"]))
-            self._launch(key, entries, b, hyper[b["rows"]])
+            ps = b["params"]
+            gf = b["grad_fn"]
+            grads = list(map(gf, ps)) if gf is not _MIXED else [p.grad if f is None else f(p) for p, f in zip(ps, b["grad_fns"])]
+            try:
+                same = (list(map(_dtype_of, grads)) == b["dtypes"] and list(map(_layout_of, grads)) == b["layouts"]
+                        and list(map(torch.Tensor.numel, grads)) == b["numels"])
+            except (AttributeError, TypeError):  # a missing gradient (None)
+                same = False
+            if not same:
+                # something changed (a missing gradient, a new dtype): the general path steps
+                # what is left; earlier chunks are already stepped, and the rest passed the same
+                # checks on the step that built this cache
+                self._steady = None
+                if i == 0:
+                    return False
+                self._step_items([(p, g) for _, c in chunks[i:] for p, g in zip(c["params"], c["groups"])])
+                return True
+            if not all(map(torch.Tensor.is_contiguous, grads)):
+                grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+            lf = b["local_fn"]
+            if lf is _identity:  # the parameters are their own local tensors
+                locals_ = ps
+            elif lf is not _MIXED:
+                locals_ = list(map(lf, ps))
+            else:
+                locals_ = [p if f is None else f(p) for p, f in zip(ps, b["local_fns"])]
+            _increment_steps(b["states"])
+            entries = list(zip(ps, b["groups"], locals_, grads, b["infos"], b["states"]))
+            self._launch(key, entries, b, hyper[b["rows"]], locals_, grads)
         return True
 
     @torch.no_grad()
@@ -325,19 +375,22 @@ class FlashOptimizer(Optimizer):
             steady, flat = [], []
             for key, bucket in buckets.items():
                 for es in _chunks(bucket):
+                    grad_fns, local_fns = [e[4].spec.grad for e in es], [e[4].spec.local for e in es]
                     steady.append((key, {
                         "params": [e[0] for e in es], "groups": [e[1] for e in es], "infos": [e[4] for e in es],
-                        "states": [e[5] for e in es], "grad_fns": [e[4].spec.grad for e in es],
-                        "local_fns": [e[4].spec.local for e in es], "numels": [e[2].numel() for e in es],
-                        "dtypes": [e[3].dtype for e in es], "rows": slice(len(flat), len(flat) + len(es)),
+                        "states": [e[5] for e in es], "grad_fns": grad_fns, "local_fns": local_fns,
+                        "grad_fn": _common(grad_fns, _plain_grad), "local_fn": _common(local_fns, _identity),
+                        "numels": [e[2].numel() for e in es], "dtypes": [e[3].dtype for e in es],
+                        "layouts": [torch.strided] * len(es), "rows": slice(len(flat), len(flat) + len(es)),
                     }))
                     flat += [(None, e[1], None, None, None, e[5]) for e in es]
             self._steady = (
-                tuple(id(p) for g in self.param_groups for p in g["params"]),
+                _param_ids(self.param_groups),
                 [(g, self._n_states(g)) for g in groups.values()],
                 len(self.state),
                 steady,
-                {"entries": flat, "group_index": self._group_index(flat)},
+                {"entries": flat, "group_index": (gi := self._group_index(flat)),
+                 "group_states": [[flat[i][5] for i in idx] for idx in gi]},
             )
         elif remember:
             self._steady = None
@@ -372,19 +425,24 @@ class FlashOptimizer(Optimizer):
             by_group.setdefault(id(e[1]), []).append(i)
         return list(by_group.values())
 
-    def _hyper_table(self, entries, group_index: Optional[List[list]] = None, step_offset: int = 0) -> np.ndarray:
+    def _hyper_table(self, entries, group_index: Optional[List[list]] = None, step_offset: int = 0,
+                     group_states: Optional[List[list]] = None) -> np.ndarray:
         """fp64 hyper rows ``[len(entries), N_HYPER]``, vectorized per param group, for the
-        entries' step counts plus ``step_offset``."""
+        entries' step counts plus ``step_offset`` (``group_states``: the state dicts per group,
+        in ``group_index`` order, if the caller keeps them)."""
         out = np.empty((len(entries), N_HYPER), dtype=np.float64)
-        for idx in group_index if group_index is not None else self._group_index(entries):
+        for k, idx in enumerate(group_index if group_index is not None else self._group_index(entries)):
             group = entries[idx[0]][1]
-            steps = np.fromiter((entries[i][5]["step"] for i in idx), dtype=np.float64, count=len(idx))
+            states = group_states[k] if group_states is not None else [entries[i][5] for i in idx]
+            steps = np.fromiter(map(_step_of, states), dtype=np.float64, count=len(idx))
             out[idx] = self._hyper_rows(group, steps + step_offset if step_offset else steps)
         return out
 
-    def _launch(self, key, entries, cache: Optional[dict] = None, hyper: Optional[np.ndarray] = None) -> None:
+    def _launch(self, key, entries, cache: Optional[dict] = None, hyper: Optional[np.ndarray] = None,
+                locals_: Optional[list] = None, grads: Optional[list] = None) -> None:
         """Step ``entries`` (one launch combination). ``cache`` (the steady path's, per chunk)
-        keeps the kernel plan between steps; ``hyper`` gives the rows if already computed."""
+        keeps the kernel plan between steps; ``hyper``, ``locals_`` and ``grads`` give the rows
+        and the entries' local tensors and gradients if the caller has them as lists."""
         device, _, rho_dtype, quantized, _, n_states = key
         group_size = self.config.group_size
         if hyper is None:
@@ -405,7 +463,9 @@ class FlashOptimizer(Optimizer):
                 if cache is not None:
                     cache["plan"] = plan
             fused_step.launch(
-                plan, self.family, self.decoupled, [e[2] for e in entries], [e[3] for e in entries], hyper
+                plan, self.family, self.decoupled,
+                locals_ if locals_ is not None else [e[2] for e in entries],
+                grads if grads is not None else [e[3] for e in entries], hyper,
             )
             return
         hyper32 = torch.from_numpy(hyper.astype(np.float32))
