@@ -208,6 +208,7 @@ def build_engine(case: str, stage: int, cfg, device, args):
     config = ds_config(case, stage, args, device.type == "cuda")
     init = fds.initialize if case == "flash" else deepspeed.initialize
     engine, _, _, _ = init(model=model, model_parameters=params, config=config)
+    fds.release_cpu_comm_buffer()  # (plain deepspeed.initialize leaves its CPU segment in /dev/shm)
     return engine, n_params, config
 
 

@@ -25,6 +25,7 @@ Tolerances (stated here, measured on this CPU; see docs/deepspeed-internals.md f
 
 from __future__ import annotations
 
+import glob
 import inspect
 import json
 import os
@@ -76,8 +77,9 @@ def _launch(script: str, tmp_path, name: str) -> dict:
     env = dict(os.environ)
     env.update(DS_ACCELERATOR="cpu", LOCAL_SIZE="2", OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    port = _free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), os.path.join(HERE, script), "--out", str(out),
+           "--master_port", str(port), os.path.join(HERE, script), "--out", str(out),
            "--workdir", str(tmp_path)]
     t0 = time.time()
     with open(log, "w") as f:
@@ -101,6 +103,8 @@ def _launch(script: str, tmp_path, name: str) -> dict:
                                                       else "")}
     res["_launch_seconds"] = round(time.time() - t0, 1)
     res["_rc"] = rc
+    # DeepSpeed's CPU allreduce segments of this job still in /dev/shm (see test below)
+    res["_shm_left"] = sorted(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{port}_*"))
     return res
 
 
@@ -142,6 +146,13 @@ def _cfg(**over):
 
 
 # ------------------------------------------------------------------------- in-process: config
+
+
+def test_no_shared_memory_left_behind(ds):
+    """DeepSpeed's CPU communication gives each rank a ~66 MiB /dev/shm segment and never
+    unlinks it; flashoptim_dist.deepspeed.initialize does, once all ranks have mapped them."""
+    assert ds["_rc"] == 0, ds["_rc"]
+    assert ds["_shm_left"] == [], ds["_shm_left"]
 
 
 def test_signature_matches_deepspeed_initialize():

@@ -97,6 +97,11 @@ def test_resume_continues_identically_and_rewrites_metrics(tmp_path):
     assert max(train_losses(part)) == 4
     res = _train(part, "train.steps=6", "train.ckpt_every=3")
     assert res["resumed_from"] == 3 and res["final_step"] == 6
+    # the summary reports the last save (size counted from its files) and how long resuming took
+    last = res["checkpoint"]
+    assert last["step"] == 6 and last["save_s"] > 0 and res["resume_s"] > 0
+    step6 = part / "checkpoints" / "step_00000006"
+    assert last["bytes"] == sum(f.stat().st_size for f in step6.rglob("*") if f.is_file()) > 0
     a, b = train_losses(full), train_losses(part)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]  # step 4 of the interrupted run was dropped and redone
     for step in (4, 5, 6):

@@ -294,7 +294,7 @@ def load_weights(source, model, optimizer=None, *, name_map: Optional[Callable[[
         if isinstance(client, FlashOptimizer):
             for ti in view.tensors:
                 names = view.state_names[: n_state_slots(client, client.param_groups[ti.group])]
-                n, dev = ti.local.numel(), ti.local.device
+                dev = ti.local.device
                 new = allocate_state(ti.layout, client.family, len(names), dev)
                 for si in ti.segs:
                     if si.fqn in missing:

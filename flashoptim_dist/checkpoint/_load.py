@@ -491,7 +491,7 @@ def _plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool)
         G = client.config.group_size
         for ti in view.tensors:
             opt_tensor_ids.add(id(ti.tensor))
-            dev, n = ti.local.device, ti.local.numel()
+            dev = ti.local.device
             names = view.state_names[: n_state_slots(client, client.param_groups[ti.group])]
             new = allocate_state(ti.layout, client.family, len(names), dev)
             pstage, seg_reads = [], []

@@ -19,6 +19,7 @@ from ._config import (
     resolve_optimizer_class,
 )
 from ._shards import attach_shard_specs
+from ._shm import release_cpu_comm_buffer
 
 __all__ = ["initialize", "register", "unregister", "is_registered"]
 
@@ -79,8 +80,10 @@ def _initialize_impl(
         # not ours: exactly what deepspeed.initialize does (lets a trainer run its baselines through here)
         log.info("flashoptim_dist.deepspeed: %s is not a Flash optimizer; calling DeepSpeed unchanged",
                  type(optimizer).__name__)
-        return ds_initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
-                             config=config, config_params=config_params, **rest)
+        out = ds_initialize(args=args, model=model, optimizer=optimizer, model_parameters=model_parameters,
+                            config=config, config_params=config_params, **rest)
+        release_cpu_comm_buffer()
+        return out
     cfg, ds_args = load_config(args, config, config_params)
     entry = cfg.get("optimizer")
     if optimizer is not None and entry is not None:
@@ -122,6 +125,7 @@ def _initialize_impl(
     )
     info = attach_shard_specs(engine, dedupe=dedupe)
     engine._flashoptim_info = dict(info, notes=notes)
+    release_cpu_comm_buffer()  # DeepSpeed would leave its CPU allreduce segment in /dev/shm
     return engine, opt, loader, sched
 
 

@@ -36,7 +36,7 @@ of the order of one 8-bit quantization step of the moments.
 from __future__ import annotations
 
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 

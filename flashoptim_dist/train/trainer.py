@@ -207,8 +207,11 @@ def run_training(cfg: Config) -> dict:
 
     start = 0
     resumed = None
+    resume_s = None
     if cfg.train.resume:
+        t_load = time.perf_counter()
         resumed = ckpt.load_latest(ckpt_dir, ck_model, ck_opt)
+        resume_s = time.perf_counter() - t_load if resumed is not None else None
         start = resumed or 0
     metrics = _Metrics(out_dir / "metrics.jsonl", is0, resumed if resumed is not None else (0 if cfg.train.resume else None))
     tokens_per_step = global_bs * cfg.data.seq_len
@@ -222,8 +225,9 @@ def run_training(cfg: Config) -> dict:
             flush=True,
         )
         if resumed is not None:
-            print(f"[flashoptim-dist] resumed from step {resumed} ({ckpt_dir}) on {world} ranks", flush=True)
-            metrics.write(kind="resume", step=resumed, world_size=world, time=time.time())
+            print(f"[flashoptim-dist] resumed from step {resumed} ({ckpt_dir}) on {world} ranks "
+                  f"in {resume_s:.1f} s", flush=True)
+            metrics.write(kind="resume", step=resumed, world_size=world, time=time.time(), load_s=resume_s)
         else:
             metrics.write(kind="start", step=0, world_size=world, n_params=n_params, time=time.time())
 
@@ -234,6 +238,7 @@ def run_training(cfg: Config) -> dict:
     last_loss = float("nan")
     last_val: Optional[float] = None
     last_ckpt_step = None
+    last_ckpt = None  # rank 0: step, bytes and seconds of the last save
     mem = None
     grad_norm = None
     t_begin = time.time()
@@ -298,13 +303,20 @@ def run_training(cfg: Config) -> dict:
             metrics.write(kind="eval", step=completed, val_loss=last_val)
             printer.line(f"step {completed}: val_loss {last_val:.4f}")
         if cfg.train.ckpt_every and (completed % cfg.train.ckpt_every == 0 or is_final):
-            ckpt.save_train_state(
+            t_save = time.perf_counter()
+            saved = ckpt.save_train_state(
                 ckpt_dir, completed, ck_model, ck_opt,
                 extra={"config": config_to_dict(cfg), "loss": last_loss, "val_loss": last_val},
                 keep=cfg.train.keep_checkpoints,
             )
+            save_s = time.perf_counter() - t_save
             last_ckpt_step = completed
-            printer.line(f"step {completed}: checkpoint saved")
+            if is0:  # (the save ends with a barrier: every rank's files are there)
+                size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+                last_ckpt = {"step": completed, "bytes": size, "save_s": save_s}
+                metrics.write(kind="checkpoint", **last_ckpt)
+                printer.line(f"step {completed}: checkpoint saved ({size / 1e9:.2f} GB, "
+                             f"{size / max(n_params, 1):.2f} B/param, {save_s:.1f} s)")
     printer.close()
 
     if mem is None:  # nothing trained in this invocation (already at train.steps) or stopped
@@ -330,6 +342,8 @@ def run_training(cfg: Config) -> dict:
         "tokens_per_s": tps,
         "rows": rows,
         "last_checkpoint": last_ckpt_step,
+        "checkpoint": last_ckpt,
+        "resume_s": resume_s,
     }
     if is0:
         print(f"\n[flashoptim-dist] summary ({cfg.optim.name}, {cfg.engine.name} x {world}, step {final_step}, "
