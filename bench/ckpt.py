@@ -41,10 +41,6 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 
-def _dir_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
 def _parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on CPU/gloo (smoke test)")
@@ -136,6 +132,7 @@ def _worker(args):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     import flashoptim_dist.checkpoint as fckpt
+    from flashoptim_dist.train.ckpt import dir_bytes
 
     device, mesh = _setup(args.tiny)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -155,7 +152,7 @@ def _worker(args):
                     dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
 
                 r["save_s"], _ = _timed(plain_save, device)
-            r["bytes"] = _dir_bytes(path) if rank == 0 else None
+            r["bytes"] = dir_bytes(path) if rank == 0 else None
             model = opt = None  # free before building the fresh model the load goes into
             model, opt, cfg = _build(case, args.tiny, mesh, device)
         # load (same world on the "save" phase, 1 rank on the "reshard" phase)

@@ -531,6 +531,9 @@ MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "64")) or None
 MASK_SPLIT = int(os.environ.get("FLASHOPTIM_MASK_SPLIT", "4"))
 
 
+_data_ptr = torch.Tensor.data_ptr
+
+
 def _offsets(ptrs, itemsize: int) -> np.ndarray:
     """Element offsets of the addresses ``ptrs`` from the first one (tensors of one dtype)."""
     diff = np.array(ptrs, dtype=np.int64) - ptrs[0]
@@ -539,9 +542,9 @@ def _offsets(ptrs, itemsize: int) -> np.ndarray:
     return diff // itemsize
 
 
-def _rel_offsets(tensors, base):
-    """Element offsets of ``tensors`` relative to ``base`` (same dtype; base = tensors[0])."""
-    return _offsets([base.data_ptr()] + [t.data_ptr() for t in tensors], base.element_size())[1:]
+def _rel_offsets(tensors):
+    """Element offsets of ``tensors`` (one dtype) from the first one."""
+    return _offsets(list(map(_data_ptr, tensors)), tensors[0].element_size())
 
 
 class KernelPlan:
@@ -563,7 +566,8 @@ class KernelPlan:
         self.group_size = group_size
         self.quantized = quantized
         self.rhos, self.codes, self.scales = rhos, codes, scales
-        block = GROUPS_PER_BLOCK * group_size
+        self.groups_per_block = GROUPS_PER_BLOCK  # the block table below is built for it
+        block = self.groups_per_block * group_size
         nblk = (arr[:, 3] + arr[:, 2] + block - 1) // block
         nblk[arr[:, 2] == 0] = 0
         self.n_blocks = int(nblk.sum())
@@ -575,11 +579,11 @@ class KernelPlan:
         offs = np.zeros((len(arr), _NCOLS), dtype=np.int64)
         st = self.seg_tensor
         if rhos is not None:
-            offs[:, _R] = _rel_offsets(rhos, rhos[0])[st] + self.seg_origin
+            offs[:, _R] = _rel_offsets(rhos)[st] + self.seg_origin
         for k, cc in enumerate(codes):
-            offs[:, (_C0, _C1)[k]] = _rel_offsets(cc, cc[0])[st] + self.seg_origin
+            offs[:, (_C0, _C1)[k]] = _rel_offsets(cc)[st] + self.seg_origin
             if quantized:
-                offs[:, (_S0, _S1)[k]] = _rel_offsets(scales[k], scales[k][0])[st] + arr[:, 4]
+                offs[:, (_S0, _S1)[k]] = _rel_offsets(scales[k])[st] + arr[:, 4]
         offs[:, _LEN] = arr[:, 2]
         offs[:, _PHASE] = arr[:, 3]
         self.offs = offs
@@ -594,7 +598,6 @@ class KernelPlan:
         self._copied = None
         self._ptrs = None  # (param addresses, grad addresses) of the last launch
         self._kwargs = {}
-        self.groups_per_block = GROUPS_PER_BLOCK
 
 
 #: False only in bench/step.py's measurement of what bit-exactness costs: approximate division
@@ -602,8 +605,6 @@ class KernelPlan:
 EXACT = True
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
-
-_data_ptr = torch.Tensor.data_ptr
 
 
 def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.dtype, maximize: bool) -> dict:

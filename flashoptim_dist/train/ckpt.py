@@ -26,6 +26,7 @@ The checkpoint directory must be on a file system all ranks see (as for any DCP 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -108,6 +109,11 @@ def read_train_state(path) -> dict:
     meta = json.loads((path / _FLASH_META).read_text())
     return {"format": "flashoptim_dist.checkpoint", "step": meta.get("step"), "world_size": meta.get("world_size"),
             "engine": meta.get("engine"), "extra": {}}
+
+
+def dir_bytes(path) -> int:
+    """Bytes of every file below ``path`` (a checkpoint's size on disk)."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
 def save_train_state(ckpt_dir, step: int, model, optimizer, extra: Optional[dict] = None, keep: Optional[int] = None) -> Path:

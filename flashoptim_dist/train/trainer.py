@@ -312,7 +312,7 @@ def run_training(cfg: Config) -> dict:
             save_s = time.perf_counter() - t_save
             last_ckpt_step = completed
             if is0:  # (the save ends with a barrier: every rank's files are there)
-                size = sum(f.stat().st_size for f in saved.rglob("*") if f.is_file())
+                size = ckpt.dir_bytes(saved)
                 last_ckpt = {"step": completed, "bytes": size, "save_s": save_s}
                 metrics.write(kind="checkpoint", **last_ckpt)
                 printer.line(f"step {completed}: checkpoint saved ({size / 1e9:.2f} GB, "
