@@ -173,9 +173,6 @@ def build(case: str, cfg: GPTConfig, mesh, device, args):
         mp = MixedPrecisionPolicy(reduce_dtype=reduce)
     units = list(model.blocks)
     if args.wrap_embeddings:  # torchtitan-style: embedding and output head in units of their own
-        if args.loss_chunks:
-            raise SystemExit("--loss-chunks calls the head once per slice; keep it in the root unit "
-                             "(drop --wrap-embeddings)")
         units = [model.tok_emb] + units + [model.head]
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=mp)

@@ -67,6 +67,7 @@ def test_ranges():
     assert "data.val_fraction=1.5" in _err("data.val_fraction=1.5")
     assert "optim.lr=-1.0 is invalid: must be >= 0" in _err("optim.lr=-1")
     assert "must be a multiple of data.micro_batch_size=8" in _err("data.global_batch_size=12")
+    assert "model.loss_chunks=0 is invalid: must be a positive integer" in _err("model.loss_chunks=0")
 
 
 def test_all_errors_reported_at_once():
@@ -89,6 +90,8 @@ def test_cross_field_rules_name_the_fix():
     assert "data.source='/no/such/corpus' is invalid: no such file or directory" in msg
     msg = _err("data.tokenizer=hf")
     assert "data.tokenizer='hf' is invalid with model.source=gpt" in msg
+    msg = _err("model.source=hf", "model.path=.", "model.loss_chunks=4")
+    assert "model.loss_chunks=4 is invalid with model.source='hf'" in msg and "model.loss_chunks=1" in msg
 
 
 def test_override_parsing():

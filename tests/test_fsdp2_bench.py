@@ -42,3 +42,15 @@ def test_run_isolated_starts_one_process_group_per_case():
     bad = subprocess.run(["bash", os.path.join(ROOT, "bench", "run_isolated.sh"), "bench/dist.py"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=30)
     assert bad.returncode != 0 and "usage" in bad.stderr
+
+
+def test_train8b_script_passes_each_case_its_overrides(tmp_path):
+    env = dict(os.environ, PYTHON="echo", OUT=str(tmp_path), NPROC="4")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "train8b.sh"),
+                           "a=optim.name=AdamW,model.loss_chunks=8", "b=optim.gradient_release=true"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    a, b = (tmp_path / "a.log").read_text().split(), (tmp_path / "b.log").read_text().split()
+    assert a[:3] == ["-m", "flashoptim_dist.train", "train"] and a[-2:] == ["optim.name=AdamW", "model.loss_chunks=8"]
+    assert "dist.nproc_per_node=4" in a and "model.preset=8b" in a and "train.out_dir=/tmp/train8b/a" in a
+    assert b[-1] == "optim.gradient_release=true" and "== a (rc 0" in proc.stdout

@@ -23,7 +23,8 @@ of the logits, computing head and loss over k slices of the tokens, each recompu
 the (B, T, V) logits, their fp32 copy and their gradients (B·T·V·12 bytes together, 1.5 GiB at
 2×1024 tokens and V = 32000) then never exist at once, only one slice of them. This is where the
 peak of a training step sits once activation checkpointing and gradient release have removed the
-rest (docs/PERFORMANCE.md).
+rest (docs/PERFORMANCE.md). Head and sliced loss are one call of the head module
+(:class:`LMHead`), so the head can be an FSDP unit of its own (:meth:`GPT.fsdp_embedding_units`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["GPTConfig", "GPT", "PRESETS", "preset", "RMSNorm"]
+__all__ = ["GPTConfig", "GPT", "LMHead", "PRESETS", "preset", "RMSNorm"]
 
 
 @dataclass(frozen=True)
@@ -290,10 +291,34 @@ class Block(nn.Module):
         return self._body(x)
 
 
-def _head_loss_sum(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed fp32 cross-entropy of one slice of hidden states (the unit that is recomputed)."""
-    logits = head(h).float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+class LMHead(nn.Linear):
+    """Output projection (d_model -> vocab, no bias) that can also return the loss.
+
+    ``head(h)`` gives the logits. ``head(h, targets, loss_chunks)`` gives the summed fp32
+    cross-entropy, computing logits and loss over ``loss_chunks`` slices of the tokens, each slice
+    recomputed in backward. Head and loss are one module call so that the head can be an FSDP unit
+    of its own: FSDP2 gathers its weight once for the forward and once for the backward, and the
+    recomputed slices read ``self.weight`` while it is gathered (calling ``self`` per slice would
+    run FSDP's hooks once per slice)."""
+
+    def __init__(self, d_model: int, vocab_size: int) -> None:
+        super().__init__(d_model, vocab_size, bias=False)
+
+    def _loss_sum(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.weight).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+
+    def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
+        if targets is None:
+            return F.linear(h, self.weight)
+        if loss_chunks == 1 or not torch.is_grad_enabled():
+            return self._loss_sum(h, targets)
+        # slices of the flattened tokens; each slice's logits are recomputed in backward
+        h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        return sum(
+            checkpoint(self._loss_sum, hs, ts, use_reentrant=False)
+            for hs, ts in zip(h.chunk(loss_chunks), targets.chunk(loss_chunks))
+        )
 
 
 class GPT(nn.Module):
@@ -307,7 +332,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_embedding == "learned" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = LMHead(cfg.d_model, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         if not any(p.is_meta for p in self.parameters()):
@@ -337,6 +362,11 @@ class GPT(nn.Module):
         """Sub-modules to shard as separate FSDP units (one per block)."""
         return list(self.blocks)
 
+    def fsdp_embedding_units(self) -> list[nn.Module]:
+        """Token embedding and output head, to shard as FSDP units of their own; none when the
+        head is tied to the embedding (a shared weight must stay in one unit)."""
+        return [] if self.cfg.tie_embeddings else [self.tok_emb, self.head]
+
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
         b, t = idx.shape
         if t > self.cfg.max_seq_len:
@@ -356,12 +386,4 @@ class GPT(nn.Module):
             raise ValueError(f"targets must have the shape of the input ids {tuple(idx.shape)}, got {tuple(targets.shape)}")
         if not isinstance(loss_chunks, int) or loss_chunks < 1:
             raise ValueError(f"loss_chunks must be a positive int, got {loss_chunks!r}")
-        if loss_chunks == 1 or not torch.is_grad_enabled():
-            return _head_loss_sum(self.head, h, targets) / targets.numel()
-        # slices of the flattened tokens; each slice's logits are recomputed in backward
-        h, targets = h.reshape(b * t, -1), targets.reshape(b * t)
-        total = sum(
-            checkpoint(_head_loss_sum, self.head, hs, ts, use_reentrant=False)
-            for hs, ts in zip(h.chunk(loss_chunks), targets.chunk(loss_chunks))
-        )
-        return total / targets.numel()
+        return self.head(h, targets, loss_chunks) / targets.numel()

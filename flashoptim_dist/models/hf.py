@@ -62,6 +62,14 @@ class HFCausalLM(nn.Module):
         units = [m for m in self.hf.modules() if type(m).__name__ in names]
         return units
 
+    def fsdp_embedding_units(self) -> list[nn.Module]:
+        """Input embedding and output head, to shard as FSDP units of their own; none when they
+        share a weight (tied) or the model does not expose both."""
+        inp, out = self.hf.get_input_embeddings(), self.hf.get_output_embeddings()
+        if inp is None or out is None or getattr(out, "weight", None) is getattr(inp, "weight", None):
+            return []
+        return [inp, out]
+
     def enable_activation_checkpointing(self) -> None:
         """Turn on the model's own gradient checkpointing (non-reentrant)."""
         enable = getattr(self.hf, "activation_checkpointing_enable", None)  # transformers >= 5

@@ -109,6 +109,8 @@ class ModelConfig:
     """Override whether the output head shares the token embedding's weight."""
     activation_checkpointing: bool = False
     """Recompute block activations in backward (less memory, ~30% more compute)."""
+    loss_chunks: int = 1
+    """Compute the output head and the cross-entropy in this many slices of the micro-batch's tokens, each recomputed in backward (built-in GPT only). The logits with their fp32 copy and gradients take ~12 bytes x tokens x vocab at once with 1 slice (6 GiB at 4096 tokens and vocab 128256), 1/k of that with k; costs one more head matmul per slice."""
     init_device: Literal["auto", "cpu", "meta"] = "auto"
     """Where the built-in GPT is first built: 'meta' builds without memory and initialises after sharding (FSDP2 only); 'auto' uses meta for presets of 1B parameters and more under FSDP2."""
 
@@ -183,6 +185,8 @@ class EngineConfig:
     """DeepSpeed JSON for zero1/2/3 (e.g. configs/ds_zero3.json). Batch sizes, accumulation and clipping are filled in from this config; null builds a minimal bf16 config."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of gradient reduction under fsdp2/fsdp1."""
+    shard_embeddings: bool = True
+    """fsdp2: the token embedding and the output head (when not tied) are FSDP units of their own instead of parts of the root unit. FSDP2 keeps the root unit's parameters gathered from the end of forward to the end of backward and its unsharded gradients until the root's reduce-scatter; out of the root, embedding and head (2 x vocab x d_model x 2 bytes gathered, plus the head's gradient) are held only while used. Other engines ignore it."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto: nccl with CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0
@@ -620,6 +624,9 @@ def validate(cfg: Config) -> None:
         need(m.source == "hf", "data.tokenizer='hf' is invalid with model.source=gpt: the tokenizer is read from model.path; use data.tokenizer=bytes")
     if d.source != "stdlib":
         need(os.path.exists(d.source), f"data.source={d.source!r} is invalid: no such file or directory (or use 'stdlib')")
+    need(m.loss_chunks >= 1, f"model.loss_chunks={m.loss_chunks} is invalid: must be a positive integer (1: no slicing)")
+    if m.loss_chunks > 1:
+        need(m.source == "gpt", f"model.loss_chunks={m.loss_chunks} is invalid with model.source={m.source!r}: sliced loss needs the built-in GPT; use model.loss_chunks=1")
     if m.init_device == "meta":
         need(en.name == "fsdp2" and m.source == "gpt", f"model.init_device='meta' is invalid with engine.name={en.name!r}/model.source={m.source!r}: it needs engine.name=fsdp2 and model.source=gpt")
 

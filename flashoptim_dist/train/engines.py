@@ -5,8 +5,9 @@ engine     what it does
 =========  ===================================================================================
 single     one rank, whole tensors.
 ddp        ``DistributedDataParallel``; whole tensors on every rank, gradients all-reduced.
-fsdp2      ``fully_shard`` on every block (``model.fsdp_units()``) and on the root; params are
-           DTensors sharded on dim 0 over a 1-D device mesh of all ranks.
+fsdp2      ``fully_shard`` on every block (``model.fsdp_units()``), on the embedding and the
+           untied head (``model.fsdp_embedding_units()``, ``engine.shard_embeddings``) and on
+           the root; params are DTensors sharded on dim 0 over a 1-D device mesh of all ranks.
 fsdp1      ``FullyShardedDataParallel(use_orig_params=True)``, one unit per block
            (``ModuleWrapPolicy``); on CPU with ``device_id=torch.device('cpu')``.
 zero1/2/3  DeepSpeed ZeRO through ``flashoptim_dist.deepspeed.initialize`` (same signature as
@@ -71,6 +72,9 @@ class Engine:
         self.device = device
         self.autocast = autocast
         self.grad_release = grad_release
+        self.loss_chunks = 1
+        """Token slices for head + loss (model.loss_chunks; > 1 needs a model with
+        ``forward(idx, targets, loss_chunks)``, the built-in GPT)."""
 
     # -- forward/backward ---------------------------------------------------------------------
     def _autocast(self):
@@ -85,6 +89,8 @@ class Engine:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a micro-batch (forward only)."""
         with self._autocast():
+            if self.loss_chunks > 1:  # the model computes head + loss slice by slice
+                return self.model(x, targets=y, loss_chunks=self.loss_chunks)
             logits = self.model(x)
         return cross_entropy(logits, y)
 
@@ -192,9 +198,6 @@ class _FSDP1Engine(Engine):
 
 class _DeepSpeedEngine(Engine):
     """DeepSpeed: engine.backward / engine.step per micro-step; DeepSpeed accumulates and clips."""
-
-    def loss(self, x, y):
-        return cross_entropy(self.model(x), y)
 
     def backward(self, loss, accum):
         self.model.backward(loss)
@@ -366,6 +369,9 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=None if flash else torch.bfloat16, reduce_dtype=reduce_dtype)
         units = model.fsdp_units()
+        if cfg.engine.shard_embeddings and hasattr(model, "fsdp_embedding_units"):
+            # out of the root unit, which FSDP2 keeps gathered from forward to the end of backward
+            units = [*units, *model.fsdp_embedding_units()]
         for unit in units:
             fully_shard(unit, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
@@ -418,6 +424,7 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
             from flashoptim_dist import enable_gradient_release
 
             eng.grad_release = enable_gradient_release(eng.module, eng.optimizer)
+    eng.loss_chunks = cfg.model.loss_chunks
     return eng
 
 
@@ -436,4 +443,6 @@ def _build_deepspeed(cfg: Config, model: nn.Module, device: torch.device, world:
         kwargs["optimizer"] = build_optimizer(cfg.optim, model)
     out = initialize(**kwargs)
     engine, optimizer = out[0], out[1]
-    return _DeepSpeedEngine(cfg.engine.name, engine, engine.module, optimizer, device)
+    eng = _DeepSpeedEngine(cfg.engine.name, engine, engine.module, optimizer, device)
+    eng.loss_chunks = cfg.model.loss_chunks
+    return eng

@@ -221,7 +221,10 @@ def run_training(cfg: Config) -> dict:
             f"{n_params:,} params | engine {cfg.engine.name} x {world} ranks ({le.launcher}) on {device.type} | "
             f"{cfg.optim.name}{' + gradient release' if cfg.optim.gradient_release else ''} | "
             f"data {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens from {corpus.n_files} files | "
-            f"global batch {global_bs} x {cfg.data.seq_len} tokens ({accum} accumulation steps)",
+            f"global batch {global_bs} x {cfg.data.seq_len} tokens ({accum} accumulation steps)"
+            + "".join(f" | {what}" for what, on in (
+                ("activation checkpointing", cfg.model.activation_checkpointing),
+                (f"loss in {cfg.model.loss_chunks} slices", cfg.model.loss_chunks > 1)) if on),
             flush=True,
         )
         if resumed is not None:
