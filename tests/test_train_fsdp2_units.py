@@ -110,3 +110,48 @@ def test_checkpoint_moves_between_unit_layouts(tmp_path):
     for r in run_distributed(_resume_worker, 2, str(tmp_path)):
         for name, (same_keys, differing) in r.items():
             assert same_keys and not differing, (name, differing)
+
+
+def _hf_worker(rank, world, path):
+    """A Hugging Face Llama (untied head) through the trainer's FSDP2 engine: embedding and head
+    become units of their own and training is bit-identical to the root-unit layout."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from flashoptim_dist.models import build_model
+    from flashoptim_dist.train.config import load_config
+    from flashoptim_dist.train.engines import build_engine
+
+    x = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5 + rank))
+    out = {}
+    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",))):
+        cfg = load_config(None, ["model.source=hf", f"model.path={path}", "engine.name=fsdp2", *extra])
+        torch.manual_seed(0)
+        eng = build_engine(cfg, build_model(cfg.model, vocab_size=256, seq_len=16, dtype=torch.bfloat16),
+                           torch.device("cpu"), 1)
+        hf = eng.module.hf
+        out[name + "_wrapped"] = (isinstance(hf.get_input_embeddings(), FSDPModule),
+                                  isinstance(hf.get_output_embeddings(), FSDPModule))
+        losses = []
+        for _ in range(3):
+            loss = eng.loss(x[:, :-1], x[:, 1:])
+            eng.backward(loss, 1)
+            eng.step(1.0)
+            losses.append(float(loss))
+        out[name] = (losses, {n: p.to_local().clone() for n, p in eng.module.named_parameters()})
+    return out
+
+
+def test_fsdp2_units_of_a_hugging_face_model(tmp_path):
+    from optional_deps import require_module
+
+    transformers = require_module("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    for r in run_distributed(_hf_worker, 2, str(tmp_path)):
+        assert r["units_wrapped"] == (True, True) and r["root_wrapped"] == (False, False)
+        (la, pa), (lb, pb) = r["units"], r["root"]
+        assert la == lb and la[-1] < la[0], (la, lb)
+        assert all(torch.equal(pa[n], pb[n]) for n in pa)
