@@ -90,8 +90,6 @@ def test_cross_field_rules_name_the_fix():
     assert "data.source='/no/such/corpus' is invalid: no such file or directory" in msg
     msg = _err("data.tokenizer=hf")
     assert "data.tokenizer='hf' is invalid with model.source=gpt" in msg
-    msg = _err("model.source=hf", "model.path=.", "model.loss_chunks=4")
-    assert "model.loss_chunks=4 is invalid with model.source='hf'" in msg and "model.loss_chunks=1" in msg
 
 
 def test_override_parsing():

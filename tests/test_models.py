@@ -138,3 +138,39 @@ def test_hugging_face_model_from_a_local_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_hf_causal_lm(str(tmp_path / "empty"))
+
+
+def test_hugging_face_sliced_loss(tmp_path):
+    """model.loss_chunks > 1 on a Hugging Face Llama: the head becomes an LMHead in place (same
+    names, HF's forward unchanged) and the sliced loss equals the cross-entropy of HF's logits;
+    architectures outside the supported list are refused by name."""
+    transformers = require_module("transformers")
+    from flashoptim_dist.models.gpt import LMHead
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=False)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "llama")
+    full = build_model(load_config(None, ["model.source=hf", f"model.path={tmp_path / 'llama'}"]).model, 256, 32)
+    sliced = build_model(load_config(None, ["model.source=hf", f"model.path={tmp_path / 'llama'}",
+                                            "model.loss_chunks=3"]).model, 256, 32)
+    assert type(sliced.hf.lm_head) is LMHead and type(full.hf.lm_head) is torch.nn.Linear
+    assert list(sliced.state_dict()) == list(full.state_dict())
+    x, y = torch.randint(0, 256, (2, 10)), torch.randint(0, 256, (2, 10))
+    assert torch.equal(sliced(x), full(x))  # logits unchanged
+    la = torch.nn.functional.cross_entropy(full(x).float().reshape(-1, 300), y.reshape(-1))
+    lb = sliced(x, targets=y, loss_chunks=3)
+    assert torch.allclose(la, lb, rtol=1e-6), (la, lb)
+    la.backward()
+    lb.backward()
+    for (n, pa), pb in zip(full.named_parameters(), sliced.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-4, atol=1e-6), n
+    with pytest.raises(RuntimeError, match="needs enable_sliced_loss"):
+        full(x, targets=y, loss_chunks=3)
+
+    g2 = transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=1, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(g2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="not supported for Hugging Face model_type 'gpt2'.*use model.loss_chunks=1"):
+        build_model(load_config(None, ["model.source=hf", f"model.path={tmp_path / 'gpt2'}",
+                                       "model.loss_chunks=2"]).model, 256, 32)

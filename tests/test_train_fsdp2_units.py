@@ -123,7 +123,7 @@ def _hf_worker(rank, world, path):
 
     x = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5 + rank))
     out = {}
-    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",))):
+    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",)), ("sliced", ("model.loss_chunks=3",))):
         cfg = load_config(None, ["model.source=hf", f"model.path={path}", "engine.name=fsdp2", *extra])
         torch.manual_seed(0)
         eng = build_engine(cfg, build_model(cfg.model, vocab_size=256, seq_len=16, dtype=torch.bfloat16),
@@ -155,3 +155,9 @@ def test_fsdp2_units_of_a_hugging_face_model(tmp_path):
         (la, pa), (lb, pb) = r["units"], r["root"]
         assert la == lb and la[-1] < la[0], (la, lb)
         assert all(torch.equal(pa[n], pb[n]) for n in pa)
+        # head + loss in 3 slices (the head unit's weight gathered once per pass): the same loss
+        # on the same weights; later steps differ by the bf16 rounding of the sliced head gradient
+        lu, lsl = r["units"][0], r["sliced"][0]
+        assert r["sliced_wrapped"] == (True, True)
+        assert abs(lsl[0] - lu[0]) <= 1e-5 * lu[0], (lu, lsl)  # measured: equal
+        assert max(abs(a - b) for a, b in zip(lu, lsl)) <= 1e-3, (lu, lsl)  # measured: ≤ 1.1e-4

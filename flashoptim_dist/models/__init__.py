@@ -61,6 +61,8 @@ def build_model(model_cfg, vocab_size: int, seq_len: int, meta: bool = False, dt
         model = load_hf_causal_lm(
             model_cfg.path, dtype=dtype, activation_checkpointing=model_cfg.activation_checkpointing, meta=meta
         )
+        if model_cfg.loss_chunks > 1:
+            model.enable_sliced_loss()
         if model.vocab_size < vocab_size:
             raise ValueError(
                 f"the model at model.path={model_cfg.path!r} has {model.vocab_size} token ids but the tokenizer "

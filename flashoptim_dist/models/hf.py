@@ -5,7 +5,10 @@ Nothing is downloaded: the directory must hold ``config.json`` and the weights
 
 :class:`HFCausalLM` wraps the model so that it looks like the built-in :class:`~.gpt.GPT` to the
 trainer: ``forward(idx) -> logits``, ``fsdp_units()`` (the decoder layers, found through the
-model's ``_no_split_modules``) and ``enable_activation_checkpointing()``.
+model's ``_no_split_modules``) and ``enable_activation_checkpointing()``. After
+``enable_sliced_loss()`` (``model.loss_chunks`` > 1), ``forward(idx, targets, loss_chunks)``
+returns the mean cross-entropy computed by the head in recomputed token slices, as the built-in
+GPT does (:class:`~.gpt.LMHead`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["HFCausalLM", "load_hf_causal_lm", "load_hf_tokenizer", "require_transformers"]
+__all__ = ["HFCausalLM", "load_hf_causal_lm", "load_hf_tokenizer", "require_transformers", "SLICED_LOSS_MODEL_TYPES"]
+
+SLICED_LOSS_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+"""``config.model_type`` of the causal LMs whose logits are exactly
+``lm_head(model(...).last_hidden_state)`` — no scaling or soft-capping after the head (read in
+transformers 5.23's modeling files) — so that the sliced loss computes the same function."""
 
 
 def require_transformers():
@@ -53,8 +61,40 @@ class HFCausalLM(nn.Module):
         """Size of the model's input vocabulary."""
         return int(self.hf.get_input_embeddings().weight.shape[0])
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.hf(input_ids=idx, use_cache=False).logits
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
+        if targets is None:
+            return self.hf(input_ids=idx, use_cache=False).logits
+        from .gpt import LMHead
+
+        head = self.hf.get_output_embeddings()
+        if not isinstance(head, LMHead):
+            raise RuntimeError("forward(idx, targets, ...) needs enable_sliced_loss() first (model.loss_chunks > 1)")
+        h = self.hf.model(input_ids=idx, use_cache=False).last_hidden_state
+        return head(h, targets, loss_chunks) / targets.numel()
+
+    def enable_sliced_loss(self) -> None:
+        """Let ``forward(idx, targets, loss_chunks)`` compute head + cross-entropy in token slices.
+
+        The output head (a bias-free ``nn.Linear``) becomes a :class:`~.gpt.LMHead` in place:
+        same parameter, same state-dict names, and HF's own forward still gets logits from it;
+        head and loss are then one call of the head module, so FSDP and ZeRO-3 gather its weight
+        once per pass. Only for the architectures in :data:`SLICED_LOSS_MODEL_TYPES`."""
+        from .gpt import LMHead
+
+        model_type = getattr(self.hf.config, "model_type", None)
+        if model_type not in SLICED_LOSS_MODEL_TYPES:
+            raise ValueError(
+                f"model.loss_chunks > 1 is not supported for Hugging Face model_type {model_type!r} (supported: "
+                f"{', '.join(sorted(SLICED_LOSS_MODEL_TYPES))}): its logits may be scaled or soft-capped after the "
+                "head, which the sliced loss would skip; use model.loss_chunks=1"
+            )
+        head = self.hf.get_output_embeddings()
+        if type(head) is not nn.Linear or head.bias is not None:
+            raise ValueError(
+                f"model.loss_chunks > 1 needs the output head to be a bias-free nn.Linear, got {type(head).__name__}"
+                f"{' with a bias' if getattr(head, 'bias', None) is not None else ''}; use model.loss_chunks=1"
+            )
+        head.__class__ = LMHead
 
     def fsdp_units(self) -> list[nn.Module]:
         """The decoder layers: modules whose class is named in ``_no_split_modules``."""

@@ -271,7 +271,7 @@ class FlashOptimizer(Optimizer):
             return False
         # hyper-parameter rows of every chunk in one vectorized pass (steps + 1: the chunks
         # increment their steps just before their launch)
-        hyper = self._hyper_table(rows["entries"], rows["group_index"], step_offset=1, group_states=rows["group_states"])
+        hyper = self._hyper_table(*rows, step_offset=1)
         # Chunk by chunk: each chunk's kernel is launched before the next chunk's host work, so
         # on a GPU that work overlaps the kernels already queued and only the first (small)
         # chunk's host time is not hidden. The per-parameter work is map() over C-level
@@ -372,7 +372,7 @@ class FlashOptimizer(Optimizer):
             entries.append((p, group, local, grad, info, state))
         if complete and not (check and not all(e[4].numerics_checked for es in buckets.values() for e in es)):
             groups = {id(g): g for _, g in items}
-            steady, flat = [], []
+            steady, flat_groups, flat_states = [], [], []
             for key, bucket in buckets.items():
                 for es in _chunks(bucket):
                     grad_fns, local_fns = [e[4].spec.grad for e in es], [e[4].spec.local for e in es]
@@ -381,16 +381,17 @@ class FlashOptimizer(Optimizer):
                         "states": [e[5] for e in es], "grad_fns": grad_fns, "local_fns": local_fns,
                         "grad_fn": _common(grad_fns, _plain_grad), "local_fn": _common(local_fns, _identity),
                         "numels": [e[2].numel() for e in es], "dtypes": [e[3].dtype for e in es],
-                        "layouts": [torch.strided] * len(es), "rows": slice(len(flat), len(flat) + len(es)),
+                        "layouts": [torch.strided] * len(es),
+                        "rows": slice(len(flat_groups), len(flat_groups) + len(es)),
                     }))
-                    flat += [(None, e[1], None, None, None, e[5]) for e in es]
+                    flat_groups += [e[1] for e in es]
+                    flat_states += [e[5] for e in es]
             self._steady = (
                 _param_ids(self.param_groups),
                 [(g, self._n_states(g)) for g in groups.values()],
                 len(self.state),
                 steady,
-                {"entries": flat, "group_index": (gi := self._group_index(flat)),
-                 "group_states": [[flat[i][5] for i in idx] for idx in gi]},
+                (len(flat_groups), self._by_group(flat_groups, flat_states)),  # hyper rows of all chunks
             )
         elif remember:
             self._steady = None
@@ -418,22 +419,24 @@ class FlashOptimizer(Optimizer):
         return grad
 
     @staticmethod
-    def _group_index(entries) -> List[list]:
-        """Positions of ``entries`` per param group (first-seen order)."""
-        by_group: Dict[int, list] = {}
-        for i, e in enumerate(entries):
-            by_group.setdefault(id(e[1]), []).append(i)
+    def _by_group(groups: list, states: list) -> List[tuple]:
+        """``(group, positions, state dicts)`` per param group, in first-seen order, of the
+        parallel lists ``groups`` and ``states``: what :meth:`_hyper_table` computes rows from."""
+        by_group: Dict[int, tuple] = {}
+        for i, (g, st) in enumerate(zip(groups, states)):
+            item = by_group.get(id(g))
+            if item is None:
+                item = by_group[id(g)] = (g, [], [])
+            item[1].append(i)
+            item[2].append(st)
         return list(by_group.values())
 
-    def _hyper_table(self, entries, group_index: Optional[List[list]] = None, step_offset: int = 0,
-                     group_states: Optional[List[list]] = None) -> np.ndarray:
-        """fp64 hyper rows ``[len(entries), N_HYPER]``, vectorized per param group, for the
-        entries' step counts plus ``step_offset`` (``group_states``: the state dicts per group,
-        in ``group_index`` order, if the caller keeps them)."""
-        out = np.empty((len(entries), N_HYPER), dtype=np.float64)
-        for k, idx in enumerate(group_index if group_index is not None else self._group_index(entries)):
-            group = entries[idx[0]][1]
-            states = group_states[k] if group_states is not None else [entries[i][5] for i in idx]
+    def _hyper_table(self, n: int, by_group: List[tuple], step_offset: int = 0) -> np.ndarray:
+        """fp64 hyper rows ``[n, N_HYPER]``, one vectorized :meth:`_hyper_rows` call per param
+        group (``by_group`` from :meth:`_by_group`), for the states' step counts plus
+        ``step_offset``."""
+        out = np.empty((n, N_HYPER), dtype=np.float64)
+        for group, idx, states in by_group:
             steps = np.fromiter(map(_step_of, states), dtype=np.float64, count=len(idx))
             out[idx] = self._hyper_rows(group, steps + step_offset if step_offset else steps)
         return out
@@ -446,7 +449,7 @@ class FlashOptimizer(Optimizer):
         device, _, rho_dtype, quantized, _, n_states = key
         group_size = self.config.group_size
         if hyper is None:
-            hyper = self._hyper_table(entries)
+            hyper = self._hyper_table(len(entries), self._by_group([e[1] for e in entries], [e[5] for e in entries]))
         names = [name for name, _ in FAMILIES[self.family][:n_states]]
         if _triton_usable(device, self.config.backend):
             from ..kernels import fused_step

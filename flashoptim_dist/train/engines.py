@@ -74,7 +74,8 @@ class Engine:
         self.grad_release = grad_release
         self.loss_chunks = 1
         """Token slices for head + loss (model.loss_chunks; > 1 needs a model with
-        ``forward(idx, targets, loss_chunks)``, the built-in GPT)."""
+        ``forward(idx, targets, loss_chunks)``: the built-in GPT, or a Hugging Face model after
+        ``enable_sliced_loss()``, which ``build_model`` calls for model.loss_chunks > 1)."""
 
     # -- forward/backward ---------------------------------------------------------------------
     def _autocast(self):
