@@ -53,6 +53,7 @@ if _ROOT not in sys.path:
 import flashoptim_dist as fo  # noqa: E402
 import flashoptim_dist.distributed  # noqa: E402,F401  (FSDP2 adapter, release checks)
 from flashoptim_dist.models.gpt import GPT, GPTConfig  # noqa: E402
+from flashoptim_dist.train.memory import peak_report, record_allocations  # noqa: E402
 
 CASES = ("torch_adamw", "flash", "flash_release")
 GiB = 1024**3
@@ -128,33 +129,6 @@ def profile_step(opt) -> None:
     pstats.Stats(pr).sort_stats("tottime").print_stats(25)
 
 
-def print_peak_report(snapshot: dict, device, case: str, top: int = 14) -> None:
-    """Replay one iteration's allocator trace: the largest allocations alive when the memory
-    allocated during the iteration peaked, with the innermost frames of this repository or of
-    torch.distributed that made them (a diagnostic for where a peak comes from)."""
-    trace = snapshot["device_traces"][device.index or 0]
-    live, total, peak, at_peak, when = {}, 0, 0, {}, 0
-    for i, ev in enumerate(trace):
-        if ev["action"] == "alloc":
-            live[ev["addr"]] = ev
-            total += ev["size"]
-            if total > peak:
-                peak, at_peak, when = total, dict(live), i
-        elif ev["action"] == "free_completed" and ev["addr"] in live:
-            total -= live.pop(ev["addr"])["size"]
-
-    def where(ev):
-        keep = [f for f in ev.get("frames", []) if "flashoptim" in f["filename"] or "bench/" in f["filename"]
-                or "distributed" in f["filename"] or "autograd" in f["filename"]]
-        return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in keep[:3])
-
-    print(f"# peak report, case {case}: +{peak / 2**30:.3f} GiB above the iteration's start, at event {when} of "
-          f"{len(trace)}; largest live allocations:")
-    for ev in sorted(at_peak.values(), key=lambda e: -e["size"])[:top]:
-        print(f"#   {ev['size'] / 2**20:9.1f} MiB  {where(ev)}")
-    print(f"#   ... {len(at_peak)} live, {sum(e['size'] for e in at_peak.values()) / 2**30:.3f} GiB in all", flush=True)
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -223,11 +197,7 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         sync(device)
         report_peak = args.peak_report and cuda and it == args.iters - 1 and dist.get_rank() == 0
         if report_peak:
-            # (Python stacks can break a recomputed checkpoint in backward on torch 2.11: set
-            # FLASHOPTIM_PEAK_STACKS=0 to trace sizes only)
-            torch.cuda.memory._record_memory_history(
-                max_entries=500_000, stacks="python",
-                context="alloc" if os.environ.get("FLASHOPTIM_PEAK_STACKS", "1") == "1" else None)
+            record_allocations(True)
         if it >= first_measured:
             persistent.append(torch.cuda.memory_allocated(device) if cuda else tensor_bytes(model, opt))
         t0 = time.perf_counter()
@@ -254,8 +224,8 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         iter_ms.append((time.perf_counter() - t0) * 1e3)
         if report_peak:
             snapshot = torch.cuda.memory._snapshot()
-            torch.cuda.memory._record_memory_history(enabled=None)
-            print_peak_report(snapshot, device, case)
+            record_allocations(False)
+            print(peak_report(snapshot, device.index or 0, title=f"case {case}"), flush=True)
         del logits, loss
     peak = torch.cuda.max_memory_allocated(device) if cuda else None
     n_params = sum(p.numel() for p in model.parameters())  # global numel of the DTensors

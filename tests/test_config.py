@@ -68,6 +68,7 @@ def test_ranges():
     assert "optim.lr=-1.0 is invalid: must be >= 0" in _err("optim.lr=-1")
     assert "must be a multiple of data.micro_batch_size=8" in _err("data.global_batch_size=12")
     assert "model.loss_chunks=0 is invalid: must be a positive integer" in _err("model.loss_chunks=0")
+    assert "train.peak_report_step=0 is invalid: must be a positive integer" in _err("train.peak_report_step=0")
 
 
 def test_all_errors_reported_at_once():

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch_helpers import TINY, bytes_per_param, checkpoint_steps, preserved_environ, read_metrics, summary, train_losses  # noqa: E402
@@ -39,9 +40,11 @@ def test_lr_schedule():
     assert lr_at(const, 77) == 2.0
 
 
-def test_flash_training_learns_and_reports_bytes_per_param(tmp_path):
+def test_flash_training_learns_and_reports_bytes_per_param(tmp_path, capsys):
     out = tmp_path / "run"
-    res = _train(out, "train.steps=30", "optim.lr=3e-3", "train.eval_every=15", "train.ckpt_every=0")
+    res = _train(out, "train.steps=30", "optim.lr=3e-3", "train.eval_every=15", "train.ckpt_every=0",
+                 "train.peak_report_step=3")
+    assert "train.peak_report_step: the allocator trace needs CUDA; skipped" in capsys.readouterr().out
     losses = train_losses(out)
     assert len(losses) == 30 and all(math.isfinite(v) for v in losses.values())
     assert losses[30] < losses[1] - 0.8, losses
@@ -152,3 +155,35 @@ def test_compare_writes_png_and_table(tmp_path):
     # same data, seed and schedule: the validation losses agree closely
     assert abs(flash["final_val_loss"] - base["final_val_loss"]) < 0.1, (flash["final_val_loss"], base["final_val_loss"])
     assert json.loads((out / "compare.json").read_text())["runs"][1]["optimizer"] == "AdamW"
+
+
+def test_hugging_face_model_trains_in_train_mode(tmp_path, monkeypatch):
+    """from_pretrained returns an HF model in eval mode, where its gradient checkpointing and
+    dropout are off; the trainer must switch it to train mode before the first step, not only
+    after the first evaluation."""
+    from optional_deps import require_module
+
+    import flashoptim_dist.train.trainer as trainer_mod
+
+    transformers = require_module("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    modes = []  # (training, gradient checkpointing on) of the decoder stack at each forward
+    build = trainer_mod.build_model
+
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        assert not model.hf.training  # what from_pretrained hands over
+        model.hf.model.register_forward_pre_hook(
+            lambda m, a: modes.append((m.training, m.training and m.gradient_checkpointing)))
+        return model
+
+    monkeypatch.setattr(trainer_mod, "build_model", recording_build)
+    _train(tmp_path / "run", "model.source=hf", f"model.path={tmp_path / 'hf'}", "model.activation_checkpointing=true",
+           "optim.name=FlashAdamW", "train.steps=2", "train.eval_every=0", "train.ckpt_every=0", "data.eval_sequences=4")
+    # 2 steps x 2 micro-batches (global batch 8 of 4 on one rank) with checkpointing on, then the
+    # final evaluation's forwards in eval mode
+    assert modes[:4] == [(True, True)] * 4, modes
+    assert modes[4:] and all(m == (False, False) for m in modes[4:]), modes

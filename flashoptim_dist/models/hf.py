@@ -39,6 +39,15 @@ def require_transformers():
     return transformers
 
 
+def _dtype_kwarg(transformers) -> str:
+    """``dtype`` from transformers 4.56 on (``torch_dtype`` is deprecated there), else ``torch_dtype``."""
+    try:
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    except ValueError:  # pragma: no cover - unusual version string
+        return "dtype"
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def _check_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model.path={path!r} is not a directory; point it at a save_pretrained() folder")
@@ -138,10 +147,11 @@ def load_hf_causal_lm(
     if meta:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         with torch.device("meta"):
-            hf = transformers.AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+            hf = transformers.AutoModelForCausalLM.from_config(config, **{_dtype_kwarg(transformers): dtype})
     else:
         hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, torch_dtype=dtype if dtype is not None else "auto", low_cpu_mem_usage=True
+            path, local_files_only=True, low_cpu_mem_usage=True,
+            **{_dtype_kwarg(transformers): dtype if dtype is not None else "auto"},
         )
     hf.config.use_cache = False
     model = HFCausalLM(hf)

@@ -223,6 +223,8 @@ class TrainConfig:
     """torch CPU threads per rank; 0: cores / ranks on this node (at least 1)."""
     stop_after: Optional[int] = None
     """Leave the loop after this step as if interrupted (no final checkpoint); for demos of resuming."""
+    peak_report_step: Optional[int] = None
+    """CUDA: record the allocator during this step on rank 0 and print the largest allocations alive at the step's peak (what to shrink first; sizes only, FLASHOPTIM_PEAK_STACKS=1 adds Python stacks). null: off."""
 
 
 @dataclass
@@ -588,7 +590,7 @@ def validate(cfg: Config) -> None:
     for sec, obj in (("model", m), ("data", d), ("train", t)):
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
                      "seq_len", "micro_batch_size", "global_batch_size", "eval_sequences", "steps",
-                     "log_every", "keep_checkpoints", "max_bytes", "stop_after"):
+                     "log_every", "keep_checkpoints", "max_bytes", "stop_after", "peak_report_step"):
             if hasattr(obj, name):
                 v = getattr(obj, name)
                 if v is not None:

@@ -15,7 +15,8 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["tensor_bytes", "breakdown", "peak_memory_bytes", "BASELINE_BYTES", "format_table"]
+__all__ = ["tensor_bytes", "breakdown", "peak_memory_bytes", "BASELINE_BYTES", "format_table", "peak_report",
+           "record_allocations"]
 
 #: Bytes/param of torch optimizers on fp32 params: (param, grad, state).
 BASELINE_BYTES = {
@@ -59,6 +60,50 @@ def peak_memory_bytes(device: torch.device) -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except Exception:  # noqa: BLE001 - platform without resource
         return 0
+
+
+def record_allocations(on: bool) -> None:
+    """Start (``on``) or stop recording the CUDA caching allocator's events for
+    :func:`peak_report`. Sizes only unless ``FLASHOPTIM_PEAK_STACKS=1`` (Python stacks: on torch
+    2.11 recording them broke a checkpointed block's recompute in backward)."""
+    if not on:
+        torch.cuda.memory._record_memory_history(enabled=None)
+        return
+    stacks = os.environ.get("FLASHOPTIM_PEAK_STACKS", "0") == "1"
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000, stacks="python",
+                                             context="alloc" if stacks else None)
+
+
+def peak_report(snapshot: dict, device_index: int = 0, top: int = 14, title: str = "") -> str:
+    """What was alive when the memory allocated *since recording started* peaked.
+
+    Replays the allocator trace of ``torch.cuda.memory._snapshot()`` (allocations made before
+    the recording are not in it, so the peak is relative to the memory allocated then): the
+    ``top`` largest allocations alive at that moment with the innermost frames of this
+    package, torch.distributed or autograd that made them (when stacks were recorded). A
+    diagnostic for where a peak comes from (docs/engines.md)."""
+    trace = snapshot["device_traces"][device_index]
+    live, total, peak, at_peak, when = {}, 0, 0, {}, 0
+    for i, ev in enumerate(trace):
+        if ev["action"] == "alloc":
+            live[ev["addr"]] = ev
+            total += ev["size"]
+            if total > peak:
+                peak, at_peak, when = total, dict(live), i
+        elif ev["action"] == "free_completed" and ev["addr"] in live:
+            total -= live.pop(ev["addr"])["size"]
+
+    def where(ev):
+        keep = [f for f in ev.get("frames", []) if "flashoptim" in f["filename"] or "bench/" in f["filename"]
+                or "distributed" in f["filename"] or "autograd" in f["filename"]]
+        return " < ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']}:{f['name']}" for f in keep[:3])
+
+    lines = [f"# peak report{' ' + title if title else ''}: +{peak / 2**30:.3f} GiB above the start of the recording, "
+             f"at event {when} of {len(trace)}; largest live allocations:"]
+    for ev in sorted(at_peak.values(), key=lambda e: -e["size"])[:top]:
+        lines.append(f"#   {ev['size'] / 2**20:9.1f} MiB  {where(ev)}".rstrip())
+    lines.append(f"#   ... {len(at_peak)} live, {sum(e['size'] for e in at_peak.values()) / 2**30:.3f} GiB in all")
+    return "\n".join(lines)
 
 
 def breakdown(engine) -> dict:

@@ -35,7 +35,7 @@ from ..models import build_model, count_params
 from . import ckpt
 from .config import Config, config_to_dict
 from .engines import build_engine, cross_entropy
-from .memory import breakdown, cpu_count, format_table, peak_memory_bytes
+from .memory import breakdown, cpu_count, format_table, peak_memory_bytes, peak_report, record_allocations
 from .optimizers import baseline_of, is_flash
 
 __all__ = ["run_training", "lr_at", "pick_device", "main_train"]
@@ -248,6 +248,10 @@ def run_training(cfg: Config) -> dict:
     final_step = start
     stop_after = cfg.train.stop_after
     tps = 0.0
+    # Train mode before the first step: Hugging Face's from_pretrained returns its model in eval
+    # mode, where its gradient checkpointing (and dropout) stays off until the first evaluation
+    # switches it back (measured: 9.0 GiB of saved activations instead of ~1, docs/PERFORMANCE.md).
+    engine.eval_mode(False)
 
     for step in range(start, cfg.train.steps):
         completed = step + 1
@@ -256,6 +260,9 @@ def run_training(cfg: Config) -> dict:
         lr = lr_at(cfg, step)
         engine.set_lr(lr)
         step_loss = torch.zeros((), dtype=torch.float64, device=device)
+        report_peak = completed == cfg.train.peak_report_step and device.type == "cuda" and is0
+        if report_peak:
+            record_allocations(True)
         for micro in range(accum):
             x, y = sampler.get(step, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -272,6 +279,12 @@ def run_training(cfg: Config) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_time += time.perf_counter() - t0
+        if report_peak:  # after the timing: replaying the trace takes a while
+            snapshot = torch.cuda.memory._snapshot()
+            record_allocations(False)
+            print(peak_report(snapshot, device.index or 0, top=24, title=f"of step {completed}, rank 0"), flush=True)
+        elif completed == cfg.train.peak_report_step and is0 and device.type != "cuda":
+            print("[flashoptim-dist] train.peak_report_step: the allocator trace needs CUDA; skipped", flush=True)
         window_tokens += tokens_per_step
         loss_window[0] += step_loss
         loss_window[1] += 1
