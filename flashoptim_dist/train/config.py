@@ -186,7 +186,7 @@ class EngineConfig:
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of gradient reduction under fsdp2/fsdp1."""
     shard_embeddings: bool = True
-    """fsdp2: the token embedding and the output head (when not tied) are FSDP units of their own instead of parts of the root unit. FSDP2 keeps the root unit's parameters gathered from the end of forward to the end of backward and its unsharded gradients until the root's reduce-scatter; out of the root, embedding and head (2 x vocab x d_model x 2 bytes gathered, plus the head's gradient) are held only while used. Other engines ignore it."""
+    """fsdp2/fsdp1: the token embedding and the output head (when not tied) are FSDP units of their own instead of parts of the root unit. Both FSDP versions keep the root unit's parameters gathered from the end of forward to the end of backward and its unsharded gradients until the root's reduce-scatter; out of the root, embedding and head (2 x vocab x d_model x 2 bytes gathered, plus the head's gradient) are held only while used. Other engines ignore it."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto: nccl with CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0

@@ -8,8 +8,9 @@ ddp        ``DistributedDataParallel``; whole tensors on every rank, gradients a
 fsdp2      ``fully_shard`` on every block (``model.fsdp_units()``), on the embedding and the
            untied head (``model.fsdp_embedding_units()``, ``engine.shard_embeddings``) and on
            the root; params are DTensors sharded on dim 0 over a 1-D device mesh of all ranks.
-fsdp1      ``FullyShardedDataParallel(use_orig_params=True)``, one unit per block
-           (``ModuleWrapPolicy``); on CPU with ``device_id=torch.device('cpu')``.
+fsdp1      ``FullyShardedDataParallel(use_orig_params=True)``, one unit per block and, as
+           for fsdp2, for the embedding and the untied head; on CPU with
+           ``device_id=torch.device('cpu')``.
 zero1/2/3  DeepSpeed ZeRO through ``flashoptim_dist.deepspeed.initialize`` (same signature as
            ``deepspeed.initialize``), which accepts ``{"optimizer": {"type": "FlashAdamW"}}``.
 =========  ===================================================================================
@@ -325,6 +326,16 @@ def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
     return ds
 
 
+def _fsdp_units(cfg: Config, model: nn.Module) -> list:
+    """Sub-modules that get an FSDP unit of their own (fsdp2 and fsdp1): the blocks, plus the
+    embedding and the untied head with ``engine.shard_embeddings`` — out of the root unit, which
+    both FSDP versions keep gathered from the end of forward to the end of backward."""
+    units = list(model.fsdp_units())
+    if cfg.engine.shard_embeddings and hasattr(model, "fsdp_embedding_units"):
+        units += model.fsdp_embedding_units()
+    return units
+
+
 def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum: int, meta: bool = False) -> Engine:
     """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
     the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
@@ -369,11 +380,7 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
             model.to(device)
         mesh = init_device_mesh(device.type, (world,))
         mp = MixedPrecisionPolicy(param_dtype=None if flash else torch.bfloat16, reduce_dtype=reduce_dtype)
-        units = model.fsdp_units()
-        if cfg.engine.shard_embeddings and hasattr(model, "fsdp_embedding_units"):
-            # out of the root unit, which FSDP2 keeps gathered from forward to the end of backward
-            units = [*units, *model.fsdp_embedding_units()]
-        for unit in units:
+        for unit in _fsdp_units(cfg, model):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         if meta:
@@ -384,17 +391,18 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
     elif name == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+        from torch.distributed.fsdp.wrap import CustomPolicy
 
         if flash:
             _bf16_cast(model)
-        unit_types = {type(u) for u in model.fsdp_units()}
+        unit_ids = {id(u) for u in _fsdp_units(cfg, model)}
         mp = MixedPrecision(
             param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, buffer_dtype=torch.bfloat16
         )
         model = FSDP(
             model,
-            auto_wrap_policy=ModuleWrapPolicy(unit_types) if unit_types else None,
+            # these module instances (not every module of their types: the head is an nn.Linear)
+            auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if unit_ids else None,
             sharding_strategy=ShardingStrategy.FULL_SHARD,
             mixed_precision=mp,
             device_id=device if device.type == "cuda" else torch.device("cpu"),
