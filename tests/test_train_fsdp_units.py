@@ -114,8 +114,10 @@ def test_checkpoint_moves_between_unit_layouts(tmp_path):
 
 def _hf_worker(rank, world, path):
     """A Hugging Face Llama (untied head) through the trainer's FSDP2 engine: embedding and head
-    become units of their own and training is bit-identical to the root-unit layout."""
+    become units of their own and training is bit-identical to the root-unit layout; the sliced
+    loss under FSDP2 and FSDP1 (where the head is an FSDP1 wrapper around the LMHead)."""
     from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     from flashoptim_dist.models import build_model
     from flashoptim_dist.train.config import load_config
@@ -123,21 +125,23 @@ def _hf_worker(rank, world, path):
 
     x = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5 + rank))
     out = {}
-    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",)), ("sliced", ("model.loss_chunks=3",))):
+    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",)), ("sliced", ("model.loss_chunks=3",)),
+                        ("fsdp1_sliced", ("model.loss_chunks=3", "engine.name=fsdp1"))):
         cfg = load_config(None, ["model.source=hf", f"model.path={path}", "engine.name=fsdp2", *extra])
         torch.manual_seed(0)
         eng = build_engine(cfg, build_model(cfg.model, vocab_size=256, seq_len=16, dtype=torch.bfloat16),
                            torch.device("cpu"), 1)
         hf = eng.module.hf
-        out[name + "_wrapped"] = (isinstance(hf.get_input_embeddings(), FSDPModule),
-                                  isinstance(hf.get_output_embeddings(), FSDPModule))
+        unit = FSDP if cfg.engine.name == "fsdp1" else FSDPModule
+        out[name + "_wrapped"] = (isinstance(hf.get_input_embeddings(), unit),
+                                  isinstance(hf.get_output_embeddings(), unit))
         losses = []
         for _ in range(3):
             loss = eng.loss(x[:, :-1], x[:, 1:])
             eng.backward(loss, 1)
             eng.step(1.0)
             losses.append(float(loss))
-        out[name] = (losses, {n: p.to_local().clone() for n, p in eng.module.named_parameters()})
+        out[name] = (losses, {n: getattr(p, "_local_tensor", p).detach().clone() for n, p in eng.module.named_parameters()})
     return out
 
 
@@ -161,6 +165,9 @@ def test_fsdp2_units_of_a_hugging_face_model(tmp_path):
         assert r["sliced_wrapped"] == (True, True)
         assert abs(lsl[0] - lu[0]) <= 1e-5 * lu[0], (lu, lsl)  # measured: equal
         assert max(abs(a - b) for a, b in zip(lu, lsl)) <= 1e-3, (lu, lsl)  # measured: ≤ 1.1e-4
+        l1 = r["fsdp1_sliced"][0]
+        assert r["fsdp1_sliced_wrapped"] == (True, True)
+        assert abs(l1[0] - lu[0]) <= 1e-5 * lu[0] and max(abs(a - b) for a, b in zip(lu, l1)) <= 1e-3, (lu, l1)
 
 
 def _fsdp1_worker(rank, world):

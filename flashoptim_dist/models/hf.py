@@ -73,13 +73,11 @@ class HFCausalLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
         if targets is None:
             return self.hf(input_ids=idx, use_cache=False).logits
-        from .gpt import LMHead
-
-        head = self.hf.get_output_embeddings()
-        if not isinstance(head, LMHead):
+        if not getattr(self, "_sliced_loss", False):
             raise RuntimeError("forward(idx, targets, ...) needs enable_sliced_loss() first (model.loss_chunks > 1)")
         h = self.hf.model(input_ids=idx, use_cache=False).last_hidden_state
-        return head(h, targets, loss_chunks) / targets.numel()
+        # the head module as the model holds it now (an FSDP1 wrapper of the LMHead under fsdp1)
+        return self.hf.get_output_embeddings()(h, targets, loss_chunks) / targets.numel()
 
     def enable_sliced_loss(self) -> None:
         """Let ``forward(idx, targets, loss_chunks)`` compute head + cross-entropy in token slices.
@@ -104,6 +102,7 @@ class HFCausalLM(nn.Module):
                 f"{' with a bias' if getattr(head, 'bias', None) is not None else ''}; use model.loss_chunks=1"
             )
         head.__class__ = LMHead
+        self._sliced_loss = True
 
     def fsdp_units(self) -> list[nn.Module]:
         """The decoder layers: modules whose class is named in ``_no_split_modules``."""
