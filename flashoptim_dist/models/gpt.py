@@ -20,10 +20,10 @@ one FSDP unit per block.
 
 ``forward(idx, targets=..., loss_chunks=k)`` returns the mean next-token cross-entropy instead
 of the logits, computing head and loss over k slices of the tokens, each recomputed in backward:
-the (B, T, V) logits, their fp32 copy and their gradients (B·T·V·12 bytes together, 1.5 GiB at
-2×1024 tokens and V = 32000) then never exist at once, only one slice of them. This is where the
-peak of a training step sits once activation checkpointing and gradient release have removed the
-rest (docs/PERFORMANCE.md). Head and sliced loss are one call of the head module
+the (B, T, V) logits, their fp32 copy, log-softmax and gradient (B·T·V·14 bytes together, 0.85 GiB
+at 2×1024 tokens and V = 32000) then never exist at once, only one slice of them. At large
+vocabularies they are the largest activation of a step with activation checkpointing
+(docs/PERFORMANCE.md). Head and sliced loss are one call of the head module
 (:class:`LMHead`), so the head can be an FSDP unit of its own (:meth:`GPT.fsdp_embedding_units`).
 """
 
@@ -299,7 +299,12 @@ class LMHead(nn.Linear):
     recomputed in backward. Head and loss are one module call so that the head can be an FSDP unit
     of its own: FSDP2 gathers its weight once for the forward and once for the backward, and the
     recomputed slices read ``self.weight`` while it is gathered (calling ``self`` per slice would
-    run FSDP's hooks once per slice)."""
+    run FSDP's hooks once per slice).
+
+    Memory for T tokens and vocabulary V: bf16 logits (2 B), their fp32 copy, log-softmax and
+    its gradient (4 B each) exist for T/k tokens at a time, ~14·T·V/k bytes instead of ~14·T·V
+    (7 GiB at T = 4096, V = 128256, k = 1; measured three 2004 MiB fp32 buffers at the peak);
+    the cost is a second forward of the head per step."""
 
     def __init__(self, d_model: int, vocab_size: int) -> None:
         super().__init__(d_model, vocab_size, bias=False)

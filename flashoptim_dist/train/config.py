@@ -110,7 +110,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in backward (less memory, ~30% more compute)."""
     loss_chunks: int = 1
-    """Compute the output head and the cross-entropy in this many slices of the micro-batch's tokens, each recomputed in backward (built-in GPT; Hugging Face llama, mistral, qwen2, qwen3). The logits with their fp32 copy and gradients take ~12 bytes x tokens x vocab at once with 1 slice (6 GiB at 4096 tokens and vocab 128256), 1/k of that with k; costs a second forward of the head (recomputed in backward)."""
+    """Compute the output head and the cross-entropy in this many slices of the micro-batch's tokens, each recomputed in backward (built-in GPT; Hugging Face llama, mistral, qwen2, qwen3). The logits with their fp32 copy and gradients take ~14 bytes x tokens x vocab at once with 1 slice (7 GiB at 4096 tokens and vocab 128256), 1/k of that with k; costs a second forward of the head (recomputed in backward)."""
     init_device: Literal["auto", "cpu", "meta"] = "auto"
     """Where the built-in GPT is first built: 'meta' builds without memory and initialises after sharding (FSDP2 only); 'auto' uses meta for presets of 1B parameters and more under FSDP2."""
 
