@@ -187,3 +187,30 @@ def test_hugging_face_model_trains_in_train_mode(tmp_path, monkeypatch):
     # final evaluation's forwards in eval mode
     assert modes[:4] == [(True, True)] * 4, modes
     assert modes[4:] and all(m == (False, False) for m in modes[4:]), modes
+
+
+def test_evaluation_with_sliced_loss_matches_full_logits(tmp_path, monkeypatch):
+    """With model.loss_chunks > 1 the evaluation computes each sequence's loss in slices instead
+    of materialising the (B, T, V) logits; the validation loss is the same."""
+    from flashoptim_dist.data import EvalSet
+    from flashoptim_dist.models import build_model
+    from flashoptim_dist.train.engines import build_engine
+    from flashoptim_dist.train.trainer import evaluate
+
+    cfg = _cfg(tmp_path, "model.loss_chunks=3")
+    torch.manual_seed(0)
+    engine = build_engine(cfg, build_model(cfg.model, 256, 64), torch.device("cpu"), 1)
+    tokens = torch.randint(0, 256, (5000,)).numpy()
+    evalset = EvalSet(tokens, 64, 6, 4, 0, 1)  # 6 sequences in micro-batches of 4 (the last one short)
+    from flashoptim_dist.models.gpt import LMHead
+
+    rows = []  # token rows per loss slice computed by the head
+    inner = LMHead._loss_sum
+    monkeypatch.setattr(LMHead, "_loss_sum", lambda self, h, t: (rows.append(h.shape[0]), inner(self, h, t))[1])
+    sliced = evaluate(engine, evalset, torch.device("cpu"))
+    assert rows == [22, 22, 20] * 6, rows  # 6 sequences one by one, 64 tokens in 3 slices each
+    engine.loss_chunks = 1
+    rows.clear()
+    full = evaluate(engine, evalset, torch.device("cpu"))
+    assert rows == []  # logits of whole micro-batches, loss outside the model
+    assert math.isfinite(full) and abs(sliced - full) <= 1e-6 * full, (sliced, full)

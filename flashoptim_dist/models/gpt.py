@@ -316,12 +316,14 @@ class LMHead(nn.Linear):
     def forward(self, h: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
         if targets is None:
             return F.linear(h, self.weight)
-        if loss_chunks == 1 or not torch.is_grad_enabled():
+        if loss_chunks == 1:
             return self._loss_sum(h, targets)
-        # slices of the flattened tokens; each slice's logits are recomputed in backward
+        # slices of the flattened tokens; each slice's logits are recomputed in backward (and
+        # without autograd, e.g. in evaluation, exist one slice at a time all the same)
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        grad = torch.is_grad_enabled()
         return sum(
-            checkpoint(self._loss_sum, hs, ts, use_reentrant=False)
+            checkpoint(self._loss_sum, hs, ts, use_reentrant=False) if grad else self._loss_sum(hs, ts)
             for hs, ts in zip(h.chunk(loss_chunks), targets.chunk(loss_chunks))
         )
 

@@ -155,9 +155,12 @@ def evaluate(engine, evalset: EvalSet, device: torch.device) -> float:
     for x, y, w in evalset.batches():
         x, y, w = x.to(device), y.to(device), w.to(device)
         with engine._autocast():
-            logits = engine.model(x)
-        per_tok = cross_entropy(logits, y, reduction="none").view(y.shape)
-        acc[0] += (per_tok.mean(dim=1).double() * w.double()).sum()
+            if engine.loss_chunks > 1:  # sequence by sequence, head + loss in slices: no full logits
+                per_seq = torch.stack([engine.model(x[i : i + 1], targets=y[i : i + 1], loss_chunks=engine.loss_chunks)
+                                       for i in range(x.shape[0])])
+            else:
+                per_seq = cross_entropy(engine.model(x), y, reduction="none").view(y.shape).mean(dim=1)
+        acc[0] += (per_seq.double() * w.double()).sum()
         acc[1] += w.double().sum()
     if dist.is_initialized():
         dist.all_reduce(acc)
