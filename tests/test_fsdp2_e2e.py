@@ -37,12 +37,15 @@ EXACT_TOL = TOL["engine_loss_vs_accumulated"]
 CLIP = 0.5
 
 
-def _shard(model, mesh, reduce_fp32=True):
+def _shard(model, mesh, reduce_fp32=True, own_embedding_units=False):
+    """One FSDP2 unit per block (and, with ``own_embedding_units``, for the embedding and the
+    head, torchtitan's layout), then the root."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32) if reduce_fp32 else MixedPrecisionPolicy()
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
+    units = [model.tok_emb, *model.blocks, model.head] if own_embedding_units else list(model.blocks)
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
@@ -225,17 +228,12 @@ def test_loss_tolerance_is_meaningful():
 def _own_units_run(rank, world, mesh, batches, release):
     """Embedding and head in FSDP units of their own (torchtitan's layout), blocks checkpointed,
     head + loss computed in 3 recomputed token slices inside the head's unit."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     import flashoptim_dist as fo
 
     model = build_tiny_gpt()
     for block in model.blocks:
         block.activation_checkpointing = True
-    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    for unit in [model.tok_emb, *model.blocks, model.head]:
-        fully_shard(unit, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    _shard(model, mesh, own_embedding_units=True)
     opt = fo.FlashAdamW(list(model.parameters()), lr=E2E_LR, weight_decay=0.01)
     if release:
         fo.enable_gradient_release(model, opt)

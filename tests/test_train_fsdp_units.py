@@ -20,6 +20,22 @@ def _engine(*overrides, engine="fsdp2"):
     return build_engine(cfg, model, torch.device("cpu"), 1)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A copy of this rank's part of ``t`` (the local shard of a DTensor, else ``t``)."""
+    return getattr(t, "_local_tensor", t).detach().clone()
+
+
+def _train_steps(eng, x: torch.Tensor, steps: int, max_grad_norm: float = 1.0) -> list:
+    """``steps`` optimizer steps on the micro-batch ``x`` through the engine; the losses."""
+    losses = []
+    for _ in range(steps):
+        loss = eng.loss(x[:, :-1], x[:, 1:])
+        eng.backward(loss, 1)
+        eng.step(max_grad_norm)
+        losses.append(float(loss))
+    return losses
+
+
 def _units_worker(rank, world):
     from torch.distributed.fsdp import FSDPModule
 
@@ -77,26 +93,20 @@ def _resume_worker(rank, world, ckpt_dir):
 
     x = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(3 + rank))
 
-    def trained(*overrides):
-        eng = _engine(*overrides)
-        eng.backward(eng.loss(x[:, :-1], x[:, 1:]), 1)
-        eng.step(0.0)
-        return eng
-
     def snapshot(eng):  # this rank's params and optimizer state, by parameter name
-        local = lambda t: getattr(t, "_local_tensor", t).detach().clone()  # noqa: E731
         snap = {}
         for n, p in eng.module.named_parameters():
-            snap[n] = local(p)
+            snap[n] = _local(p)
             for k, v in eng.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v):
-                    snap[f"{n}/{k}"] = local(v)
+                    snap[f"{n}/{k}"] = _local(v)
         return snap
 
     out = {}
     for name, save_with, load_with in (("root_to_units", ("engine.shard_embeddings=false",), ()),
                                        ("units_to_root", (), ("engine.shard_embeddings=false",))):
-        src = trained(*save_with)
+        src = _engine(*save_with)
+        _train_steps(src, x, 1, max_grad_norm=0.0)
         ckpt.save_train_state(f"{ckpt_dir}/{name}", 1, src.module, src.optimizer)
         dst = _engine(*load_with)
         assert ckpt.load_latest(f"{ckpt_dir}/{name}", dst.module, dst.optimizer) == 1
@@ -135,13 +145,7 @@ def _hf_worker(rank, world, path):
         unit = FSDP if cfg.engine.name == "fsdp1" else FSDPModule
         out[name + "_wrapped"] = (isinstance(hf.get_input_embeddings(), unit),
                                   isinstance(hf.get_output_embeddings(), unit))
-        losses = []
-        for _ in range(3):
-            loss = eng.loss(x[:, :-1], x[:, 1:])
-            eng.backward(loss, 1)
-            eng.step(1.0)
-            losses.append(float(loss))
-        out[name] = (losses, {n: getattr(p, "_local_tensor", p).detach().clone() for n, p in eng.module.named_parameters()})
+        out[name] = (_train_steps(eng, x, 3), {n: _local(p) for n, p in eng.module.named_parameters()})
     return out
 
 
@@ -180,13 +184,7 @@ def _fsdp1_worker(rank, world):
         inner = eng.model.module
         out[name + "_wrapped"] = (isinstance(inner.tok_emb, FSDP), isinstance(inner.head, FSDP),
                                   all(isinstance(b, FSDP) for b in inner.blocks))
-        losses = []
-        for _ in range(3):
-            loss = eng.loss(x[:, :-1], x[:, 1:])
-            eng.backward(loss, 1)
-            eng.step(1.0)
-            losses.append(float(loss))
-        out[name] = losses
+        out[name] = _train_steps(eng, x, 3)
     return out
 
 

@@ -64,6 +64,7 @@ class HFCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module) -> None:
         super().__init__()
         self.hf = hf_model
+        self._sliced_loss = False  # set by enable_sliced_loss()
 
     @property
     def vocab_size(self) -> int:
@@ -73,7 +74,7 @@ class HFCausalLM(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, loss_chunks: int = 1) -> torch.Tensor:
         if targets is None:
             return self.hf(input_ids=idx, use_cache=False).logits
-        if not getattr(self, "_sliced_loss", False):
+        if not self._sliced_loss:
             raise RuntimeError("forward(idx, targets, ...) needs enable_sliced_loss() first (model.loss_chunks > 1)")
         h = self.hf.model(input_ids=idx, use_cache=False).last_hidden_state
         # the head module as the model holds it now (an FSDP1 wrapper of the LMHead under fsdp1)
