@@ -40,15 +40,15 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 FAMILY = {"adam": (0, 2), "sgd": (1, 1), "lion": (2, 1)}
 
 
-def compile_kernel(groups: int, warps: int, maxnreg: int, family: str):
+def compile_kernel(groups: int, warps: int, maxnreg: int, family: str, rounding: str = "stochastic"):
     fam, n_states = FAMILY[family]
     signature = dict(blk_seg_ptr="*i32", blk_start_ptr="*i32", offs_ptr="*i64", hyper_ptr="*fp32",
                      p_base="*bf16", g_base="*bf16", r_base="*i8", s0_base="*bf16", c0_base="*i8",
                      s1_base="*bf16", c1_base="*u8")
     constexprs = dict(FAMILY=fam, DECOUPLED=True, NARROW=1, HAS_RHO=True, RHO_N=127, RHO_DEC=fs._rho_constants(127, 7)[0],
                       INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states, QUANT=True, EMIN=fs._NARROW[torch.bfloat16][1], MANT=7,
-                      RHO_ENC=fs._rho_constants(127, 7)[1], NCOLS=11, NHYPER=10, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
-                      EXACT=True, INTERPRET=False, MAXIMIZE=False)
+                      RHO_ENC=fs._rho_constants(127, 7)[1], NCOLS=fs._NCOLS, NHYPER=fs.N_HYPER, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
+                      EXACT=True, INTERPRET=False, MAXIMIZE=False, SR=rounding == "stochastic")
     names = list(signature)
     signature.update({k: "constexpr" for k in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)}
@@ -65,9 +65,10 @@ def main(argv=None) -> None:
     ap.add_argument("--warps", type=int, default=fs.NUM_WARPS)
     ap.add_argument("--maxnreg", type=int, default=fs.MAXNREG or 0)
     ap.add_argument("--family", choices=sorted(FAMILY), default="adam")
+    ap.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic")
     ap.add_argument("--dump", default=None, help="write kernel.sass and kernel.ttgir here")
     a = ap.parse_args(argv)
-    k = compile_kernel(a.groups, a.warps, a.maxnreg, a.family)
+    k = compile_kernel(a.groups, a.warps, a.maxnreg, a.family, a.rounding)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -86,7 +87,7 @@ def main(argv=None) -> None:
                 fast = i + 1
     ttgir = k.asm["ttgir"]
     per_thread = a.groups * 32 // (a.warps * 32)
-    print(f"triton {triton.__version__}, sm_90, {a.family}: {a.groups} groups x {a.warps} warps "
+    print(f"triton {triton.__version__}, sm_90, {a.family}, {a.rounding} rounding: {a.groups} groups x {a.warps} warps "
           f"({per_thread} elements/thread), maxnreg {a.maxnreg or 'none'}")
     if m:
         print(f"registers/thread {m.group(1)}, stack bytes {m.group(2)} (non-zero: spills)")

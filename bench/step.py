@@ -24,6 +24,7 @@ import flashoptim_dist as F  # noqa: E402
 # bytes read + written per element by one step (params, ρ, grads, states; scales: 4 B / 32 el / state)
 TRAFFIC = {
     "FlashAdamW-24": 2 + 1 + 2 + 1 + 1 + 2 + 1 + 1 + 1 + 2 * 4 / 32,
+    "FlashAdamW-24-nearest": 2 + 1 + 2 + 1 + 1 + 2 + 1 + 1 + 1 + 2 * 4 / 32,
     "FlashAdamW-32": 2 + 2 + 2 + 1 + 1 + 2 + 2 + 1 + 1 + 2 * 4 / 32,
     "FlashSGD-mom": 2 + 1 + 2 + 1 + 2 + 1 + 1 + 4 / 32,
     "FlashLion": 2 + 1 + 2 + 1 + 2 + 1 + 1 + 4 / 32,
@@ -70,6 +71,8 @@ def make(name, shapes):
         p.grad = torch.randn_like(p) * 1e-3
     if name == "FlashAdamW-24":
         opt = F.FlashAdamW(params, lr=1e-4)
+    elif name == "FlashAdamW-24-nearest":  # round-to-nearest codes and ρ (the pre-0.2 numerics)
+        opt = F.FlashAdamW(params, lr=1e-4, rounding="nearest")
     elif name == "FlashAdamW-32":
         opt = F.FlashAdamW(params, lr=1e-4, master_weight_bits=32)
     elif name == "FlashSGD-mom":
@@ -115,6 +118,7 @@ def check_kernel_vs_reference():
     """Same random problem through the kernel and through the reference on the GPU and CPU."""
     out = {}
     for name, cls, kw in [("adamw24", F.FlashAdamW, {}), ("adamw32", F.FlashAdamW, {"master_weight_bits": 32}),
+                          ("adamw24_nearest", F.FlashAdamW, {"rounding": "nearest"}),
                           ("sgd", F.FlashSGD, {"momentum": 0.9, "nesterov": True}), ("lion", F.FlashLion, {})]:
         res = {}
         for backend, dev in (("triton", "cuda"), ("reference", "cuda"), ("reference", "cpu")):
@@ -179,7 +183,7 @@ def main():
         fused_step.EXACT = True
     cases = [
         ("llama", llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336),
-         ["FlashAdamW-24", "FlashAdamW-32", "FlashSGD-mom", "FlashLion", "torch-AdamW-fused-fp32"]),
+         ["FlashAdamW-24", "FlashAdamW-24-nearest", "FlashAdamW-32", "FlashSGD-mom", "FlashLion", "torch-AdamW-fused-fp32"]),
         ("small", small_shapes(500 if args.tiny else 10_000),
          ["FlashAdamW-24", "torch-AdamW-fused-fp32", "torch-AdamW-foreach-fp32"]),
     ]

@@ -8,6 +8,7 @@ from typing import Optional
 __all__ = ["FlashConfig"]
 
 _BACKENDS = ("auto", "triton", "reference")
+_ROUNDING = ("stochastic", "nearest")  # = numerics.ROUNDING_MODES (config stays import-free)
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,22 @@ class FlashConfig:
 
     check_numerics: bool = False
     """On the first step of each tensor, raise if the learning rate is below the resolution of
-    the master weights at the tensor's largest |θ| (updates would be lost entirely)."""
+    the master weights at the tensor's largest |θ| (updates would be lost entirely; with
+    stochastic rounding the resolution is 2^16 times finer, that of the dither)."""
+
+    rounding: str = "stochastic"
+    """How ρ and the 8-bit moment codes are re-rounded every step. "stochastic" (default):
+    unbiased in expectation (ρ and m in the code domain, v in v itself), with dithers that are a
+    pure function of (seed, step, parameter size, canonical element index), so sharding does not
+    change a bit. "nearest": round half to even, bit-compatible with the FlashOptim paper and
+    flashoptim_dist < 0.2; it stalls where an update is below half a code per step — second
+    moments decaying at β2 ≥ 0.99, the momentum of elements whose gradient stopped, and
+    lr·update below ρ's resolution (lr ≲ 2^-9·|θ|·2^-8 with 24-bit masters: fine-tuning
+    rates on weights near 1). docs/QUALITY.md has the measurements."""
+
+    seed: int = 0
+    """Seed of the stochastic-rounding dither (any integer; only its low 32 bits are used). Two
+    runs with the same seed and gradients are bit-identical, on any number of ranks."""
 
     def __post_init__(self):
         if not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size & (self.group_size - 1):
@@ -50,6 +66,15 @@ class FlashConfig:
             raise TypeError(f"quantize must be True or False, got {self.quantize!r}")
         if self.backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {self.backend!r}")
+        if self.rounding not in _ROUNDING:
+            raise ValueError(f"rounding must be one of {_ROUNDING} (default 'stochastic'), got {self.rounding!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether codes and ρ are rounded with the dither (``rounding == "stochastic"``)."""
+        return self.rounding == "stochastic"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -46,6 +46,35 @@ the fp32 adder, ``(z + 1.5·2^23)`` leaves round(z) in the low mantissa bits for
 which costs one add and one integer subtract instead of a floor and a float→int conversion
 (the conversion unit is a quarter-rate pipe on Hopper and was one of the kernel's bottlenecks).
 
+**Rounding modes.** Re-quantizing every step with round-to-nearest has fixed points: a second
+moment decaying by 0.05% per step (β2 = 0.999) stays on its code, the momentum of an element
+whose gradient stopped stays on its last code, and an update below ρ's resolution is dropped
+every time. ``rounding="stochastic"`` (the default of every optimizer) rounds each code up or
+down at random so that the *decoded value* is right in expectation:
+
+* ρ and the signed moment codes: ``q = ⌊z + k·2^-b⌋`` with a uniform b-bit integer k —
+  unbiased in the code domain (on the 2^-b grid z is first rounded to), and ρ decodes
+  linearly; the compander's curvature between two adjacent codes leaves a bias below 2^-16 of
+  the group scale per step. Computed in fixed point (:func:`_sr_floor`): adding a constant B
+  puts z into a binade whose fp32 spacing is 2^-b, so the bits of z + B are z in fixed point;
+  add k and shift. ρ (int8) uses b = 15 (B = 384), ρ (int16) b = 7 (B = 98304): an update of
+  lr = 1e-7 on weights near 1 is 0.003 of a ρ step and still moves ρ at the right rate. The
+  moment codes use b = 8 (B = 49152), where the code's byte is a byte of z + B + k and costs the
+  kernel nothing: moments change by far more than 2^-8 of a code per step.
+* the √v codes: unbiased in **v**, not in √v. Rounding the code z = √v·255/s up with
+  probability frac(z) would add Var(q)·(s/255)² to v at every step, and β2's EMA sums that bias
+  over 1/(1−β2) steps (at β2 = 0.999 an element on code 10 ends with v 2.7× too large). Instead
+  q = lo + 1 with probability (z² − lo²)/(2·lo + 1), lo = ⌊z⌋, so E[q²] = z²: the decoded v
+  is exact in expectation. Written as lo² + u·(2lo + 1) < z², i.e. one fused multiply-add
+  ``fma(lo, lo + 2u, u) < z·z`` with u = k·2^-16.
+
+The dither of an element is a pure function of (seed, parameter identity, step, canonical
+global element index) — see :func:`dither_words` — so sharding, resharding and re-running draw
+the same bits, and the Triton kernel draws them too (bit-identical to this module).
+Group scales stay rounded *up* (no dither): a scale only has to bound the group, and with
+unbiased codes the largest element's code moves below 255 while √v decays, so the scale follows
+down one bf16 step at a time instead of pinning the group.
+
 **Non-finite state values** (a NaN or inf gradient) are stored as code 0 and do not enter the
 group's scale, so they cannot corrupt the other elements of their group, let alone other groups.
 """
@@ -73,7 +102,17 @@ __all__ = [
     "dequantize_sqrt",
     "quantize_linear_signed",
     "dequantize_linear_signed",
+    "ROUNDING_MODES",
+    "fmix32",
+    "segment_salt",
+    "parameter_key",
+    "dither_words",
+    "dither_field",
+    "DITHER_MUL",
 ]
+
+#: ``FlashConfig.rounding`` values: unbiased (default) or round-half-to-even.
+ROUNDING_MODES = ("stochastic", "nearest")
 
 #: Default canonical group size (elements per scale).
 GROUP_SIZE = 32
@@ -167,8 +206,13 @@ def half_ulp_exponent(narrow_as_fp32: torch.Tensor, dtype: torch.dtype) -> torch
     return _exponent(narrow_as_fp32, dtype) - _NARROW_FORMATS[dtype][1] - 1
 
 
-def split_master(master: torch.Tensor, dtype: torch.dtype, rho_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Split a fp32 master into (narrow param of ``dtype``, ρ of ``rho_dtype``). See module doc."""
+def split_master(
+    master: torch.Tensor, dtype: torch.dtype, rho_dtype: torch.dtype, dither: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Split a fp32 master into (narrow param of ``dtype``, ρ of ``rho_dtype``). See module doc.
+
+    ``dither``: random words (:func:`dither_field` ``"rho"``), one per element, for stochastic
+    rounding of ρ (:func:`_sr_floor`); ``None`` rounds to nearest even."""
     if master.dtype != torch.float32:
         raise TypeError(f"split_master expects a float32 master, got {master.dtype}")
     if dtype not in _NARROW_FORMATS:
@@ -182,8 +226,9 @@ def split_master(master: torch.Tensor, dtype: torch.dtype, rho_dtype: torch.dtyp
     # no overflow since |diff| ≤ u/2; a subnormal r is below 2^-126 and gives ρ = 0 anyway)
     mant = _NARROW_FORMATS[dtype][1]
     r = (diff * float(2 ** (mant + 1))) * _pow2(-_exponent(pf, dtype))
-    r = torch.clamp(r, -1.0, 1.0)
-    rho = torch.where(finite, _round_code(r * float(n_levels)), 0.0)
+    r = torch.clamp(r, -1.0, 1.0) * float(n_levels)
+    rho = _round_code(r) if dither is None else _sr_floor(r, dither, *_SR_GRID[rho_dtype])
+    rho = torch.where(finite, rho, 0.0)
     return param, rho.to(rho_dtype)
 
 
@@ -218,16 +263,22 @@ def _ungroup(g: torch.Tensor, phase: int, n: int) -> torch.Tensor:
 
 
 def quantize_signed(
-    x: torch.Tensor, group_size: int = GROUP_SIZE, phase: int = 0
+    x: torch.Tensor, group_size: int = GROUP_SIZE, phase: int = 0, dither: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Companded int8 codes and bf16 scales of a signed 1-D fp32 run starting at ``phase``."""
+    """Companded int8 codes and bf16 scales of a signed 1-D fp32 run starting at ``phase``.
+
+    ``dither`` (:func:`dither_field` ``"m"``, one word per element) rounds the code
+    stochastically (:func:`_sr_floor`); ``None`` rounds to nearest even."""
     xf = x.float().reshape(-1)
     finite = torch.isfinite(xf)
     g = _grouped(torch.where(finite, xf, 0.0), phase, group_size)
     scale = ceil_to_bf16(g.abs().amax(dim=1))
     xn = g * _reciprocal(scale)[:, None]
     y = (xn * float(2 * SIGNED_LEVELS)) / (1.0 + xn.abs())
-    q = torch.clamp(_round_code(y), -SIGNED_LEVELS, SIGNED_LEVELS)
+    if dither is None:
+        q = torch.clamp(_round_code(y), -SIGNED_LEVELS, SIGNED_LEVELS)
+    else:  # |y| ≤ 127 + 2^-16 rounds onto [−127, 127] in _sr_floor's grid: no clamp (tested)
+        q = _sr_floor(y, _grouped(dither, phase, group_size), *_SR_GRID[torch.int8, "codes"])
     return _ungroup(q, phase, xf.numel()).to(torch.int8), scale
 
 
@@ -241,15 +292,31 @@ def dequantize_signed(
 
 
 def quantize_sqrt(
-    v: torch.Tensor, group_size: int = GROUP_SIZE, phase: int = 0
+    v: torch.Tensor, group_size: int = GROUP_SIZE, phase: int = 0, dither: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 codes of √v and bf16 scales (group max of √v) for a non-negative 1-D run."""
+    """uint8 codes of √v and bf16 scales (group max of √v) for a non-negative 1-D run.
+
+    ``dither`` (:func:`dither_field` ``"v"``: 16-bit words k, one per element) rounds
+    stochastically *unbiased in v*: with z = √v·(255/s), lo = ⌊z⌋ and u = k·2^-16, the code is
+    lo + 1 when fma(lo, lo + 2u, u) = lo² + u·(2·lo + 1) < z·z, i.e. with probability
+    (z² − lo²)/(2·lo + 1), so E[q²] = z² (to 2^-16 of the probability). ``None`` rounds z to
+    nearest even."""
     vf = v.float().reshape(-1)
     ok = torch.isfinite(vf) & (vf > 0)
     r = sqrt_rn(torch.where(ok, vf, 0.0))
     g = _grouped(r, phase, group_size)
     scale = ceil_to_bf16(g.amax(dim=1))
-    q = torch.clamp(_round_code(g * _reciprocal(scale, float(UNSIGNED_LEVELS))[:, None]), 0, UNSIGNED_LEVELS)
+    z = g * _reciprocal(scale, float(UNSIGNED_LEVELS))[:, None]
+    if dither is None:
+        q = _round_code(z)
+    else:
+        z = torch.clamp(z, max=float(UNSIGNED_LEVELS))  # z may exceed 255 by 2^-15: lo + 1 ≤ 255
+        lo = torch.floor(z)
+        u = _grouped(dither.float(), phase, group_size) * 2.0**-16
+        # fma(lo, lo + 2u, u): lo·(lo + 2u) is exact in float64 (8 × 24 bits) and so is the sum
+        # with u (≤ 33 significant bits), so rounding it to fp32 is the single rounding of fma
+        q = lo + (_fma(lo, lo + (u + u), u) < z * z).float()
+    q = torch.clamp(q, 0, UNSIGNED_LEVELS)
     return _ungroup(q, phase, vf.numel()).to(torch.uint8), scale
 
 
@@ -278,3 +345,87 @@ def dequantize_linear_signed(
 ) -> torch.Tensor:
     y = true_div(_grouped(codes.float(), phase, group_size), float(SIGNED_LEVELS))
     return _ungroup(y * scales.float()[:, None], phase, codes.numel())
+
+
+# ----------------------------------------------------------------------------------------------
+# dither: the random bits of stochastic rounding, a pure function of canonical coordinates
+
+_M32 = 0xFFFFFFFF
+#: Odd multiplier of the per-element generator (2^32 / golden ratio, rounded to odd).
+DITHER_MUL = 0x9E3779B9
+
+
+def fmix32(x: int) -> int:
+    """A 32-bit integer finalizer (the constants of MurmurHash3's fmix32, public domain): a
+    bijection of uint32 whose every output bit depends on every input bit."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & _M32
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & _M32
+    return x ^ (x >> 16)
+
+
+def parameter_key(seed: int, global_numel: int) -> int:
+    """The 32-bit identity of a parameter in the dither: its seed and **global element count**.
+
+    The count is the one identity every engine sees without names (a plain tensor, an FSDP2
+    DTensor, an FSDP1 flat slice and a DeepSpeed fragment all know the global numel; only some
+    know an FQN, and a single-device optimizer built from ``model.parameters()`` knows none), so
+    the same parameter draws the same bits under every engine, which keeps N-rank = 1-rank and
+    cross-engine continuation bit-exact. Parameters of equal size draw equal dithers at a given
+    step and index: their rounding noise is correlated, which biases nothing (each rounding is
+    unbiased on its own)."""
+    return fmix32(fmix32(seed & _M32) ^ (global_numel & _M32) ^ fmix32((global_numel >> 32) + 0x6A09E667))
+
+
+def segment_salt(key: int, step: int) -> int:
+    """Per (parameter, step) salt of the generator; the kernel computes the same per program."""
+    return fmix32(key ^ fmix32(step & _M32))
+
+
+def dither_words(global_index: torch.Tensor, salt: int) -> torch.Tensor:
+    """32 random bits per element: ``x = (index + salt)·DITHER_MUL mod 2^32`` (int64 tensor).
+
+    For a fixed element, the salt changes pseudo-randomly from step to step, so x is uniform over
+    2^32 at every step and independent of the previous steps' — each disjoint bit field is a
+    uniform dither of its own. Within one step the elements' words form a randomly shifted
+    lattice (a Weyl sequence), which keeps the rounding errors of a group from piling up.
+    Indices are taken modulo 2^32 (elements 2^32 apart share words).
+
+    Fields (:func:`dither_field`): bits 24-31 round the first moment, bits 8-23 the second,
+    bits 0-14 (0-6 for int16) ρ — the cheapest extractions on the GPU (a shift folded into an
+    add, a byte permute, a mask)."""
+    idx = global_index.to(torch.int64) & _M32
+    return ((idx + (salt & _M32)) * DITHER_MUL) & _M32
+
+
+#: field → (shift, bits) of :func:`dither_field`
+_FIELDS = {"m": (24, 8), "v": (8, 16), "rho": (0, 15), "rho16": (0, 7)}
+#: (B, b) of :func:`_sr_floor` per rounded quantity: the binade of B has fp32 spacing 2^-b
+_SR_GRID = {torch.int8: (384.0, 15), torch.int16: (98304.0, 7), (torch.int8, "codes"): (49152.0, 8)}
+
+
+def dither_field(words: torch.Tensor, field: str) -> torch.Tensor:
+    """The random integer of ``field`` ("m", "v", "rho" for int8 ρ, "rho16" for int16 ρ) from
+    :func:`dither_words`: ``bits`` bits at ``shift`` (``_FIELDS``)."""
+    shift, bits = _FIELDS[field]
+    return (words >> shift) & ((1 << bits) - 1)
+
+
+def _sr_floor(z: torch.Tensor, k: torch.Tensor, big: float, b: int) -> torch.Tensor:
+    """⌊z + k·2^-b⌋ (k a b-bit random integer), computed as the kernel does.
+
+    t = fl(z + B) lies in the binade of B, whose spacing is 2^-b (B = 1.5·2^(23−b): every
+    |z| ≤ 2^(22−b) maps into it), so (t − B)·2^b is an exact integer: z rounded to nearest on
+    that grid. Adding k and flooring the division by 2^b (a shift in the kernel) rounds up with
+    probability frac(z) on the grid."""
+    t = z + big
+    fixed = ((t - big) * float(2**b)).to(torch.int64)
+    return torch.div(fixed + k.to(torch.int64), 2**b, rounding_mode="floor").to(torch.float32)
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fp32 fma(a, b, c) for operands whose exact a·b + c fits float64's 53 bits (the caller
+    guarantees it), so the float64 result rounded once to fp32 is the fused result."""
+    return (a.double() * b.double() + c.double()).float()

@@ -91,6 +91,12 @@ CASES = [
     (F.FlashSGDW, torch.bfloat16, {"momentum": 0.5, "weight_decay": 0.1}),
     (F.FlashLion, torch.bfloat16, {"weight_decay": 0.1}),
     (F.FlashAdamW, torch.bfloat16, {"group_size": 64}),
+    # round-to-nearest (opt-in) and another dither seed
+    (F.FlashAdamW, torch.bfloat16, {"rounding": "nearest"}),
+    (F.FlashAdamW, torch.bfloat16, {"rounding": "nearest", "master_weight_bits": 32}),
+    (F.FlashSGD, torch.bfloat16, {"momentum": 0.9, "rounding": "nearest"}),
+    (F.FlashLion, torch.bfloat16, {"rounding": "nearest"}),
+    (F.FlashAdamW, torch.bfloat16, {"seed": 2**40 + 12345}),
 ]
 
 
@@ -112,6 +118,20 @@ def _assert_bit_identical(cls, dtype, kw):
 @pytest.mark.parametrize("cls,dtype,kw", CASES, ids=[f"{c.__name__}-{d}-{k}" for c, d, k in CASES])
 def test_kernel_matches_reference_bit_for_bit(cls, dtype, kw):
     _assert_bit_identical(cls, dtype, kw)
+
+
+def test_stochastic_rounding_is_reproducible_and_seeded():
+    """Same seed, same gradients: the same bits (a re-run reproduces a run); another seed:
+    other ρ and codes, while nearest rounding ignores the seed."""
+    def run(**kw):
+        ps, opt = _run(F.FlashAdamW, "triton", torch.bfloat16, **kw)
+        return [opt.state[p][k].clone() for p in ps if p in opt.state for k in ("rho", "exp_avg", "exp_avg_sq")]
+
+    a, b, c = run(), run(), run(seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    n1, n2 = run(rounding="nearest"), run(rounding="nearest", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(n1, n2))
 
 
 def test_kernel_follows_moved_tensors():
@@ -223,7 +243,8 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     out = proc.stdout
     regs, stack = (int(x) for x in re.search(r"registers/thread (\d+), stack bytes (\d+)", out).groups())
     conversions = int(re.search(r"layout conversions in TTGIR: (\d+)", out).group(1))
-    # the default cap of 64 registers spills 4 (16 bytes, measured faster than 66 registers and
-    # one resident program less per SM); a regression spills far more or converts the tile
-    assert stack <= 32 and regs <= 96, out
+    # the default cap of 64 registers spills 14 with stochastic rounding (56 bytes; 5.2-5.4 ms
+    # against 5.7-5.8 uncapped at 79 registers and 5.6-5.7 capped at 56, H200 2026-12-03,
+    # docs/PERFORMANCE.md); a regression spills far more or converts the tile
+    assert stack <= 64 and regs <= 96, out
     assert conversions <= 4, out

@@ -231,3 +231,108 @@ def test_ceil_to_bf16_is_upper_bound_and_saturates():
     assert bool((c >= torch.where(x > 3.39e38, torch.zeros_like(x), x)).all())
     assert c[0] == 0 and c[1] == 1.0 and c[2] == 1.0 + 2**-7
     assert math.isfinite(float(c[3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# stochastic rounding (issue 13): unbiased, keyed by canonical coordinates, in range
+
+
+def _words(n, draw, seed=0):
+    """Dither words of ``n`` elements at step ``draw`` (independent draws across steps)."""
+    key = nx.parameter_key(seed, n)
+    return nx.dither_words(torch.arange(n), nx.segment_salt(key, draw))
+
+
+def test_stochastic_rho_is_unbiased_and_within_one_step():
+    """E[θ̂] = θ: the mean of K draws of the master split lands within sr_mean_sigmas·σ/√K of the
+    exact value (σ ≤ half a ρ step), where round-to-nearest is off by up to half a step."""
+    g = torch.Generator().manual_seed(1)
+    n, k = 4096, 400
+    p = (torch.randn(n, generator=g) * 4).bfloat16()
+    # masters strictly between bf16 neighbours, at fractions of a ρ step that nearest rounding loses
+    step = torch.ldexp(torch.ones(n), nx.half_ulp_exponent(p.float(), torch.bfloat16)).double() / 127
+    master = (p.double() + step * (torch.rand(n, generator=g, dtype=torch.float64) * 40 - 20)).float()
+    acc = torch.zeros(n, dtype=torch.float64)
+    for d in range(k):
+        q, rho = nx.split_master(master, torch.bfloat16, torch.int8, nx.dither_field(_words(n, d), "rho"))
+        back = nx.merge_master(q, rho).double()
+        assert bool(((back - master.double()).abs() <= step * 1.0001).all())  # one of the two neighbours
+        acc += back
+    err = (acc / k - master.double()).abs() / step
+    assert float(err.max()) <= TOL["sr_mean_sigmas"] * 0.5 / math.sqrt(k) + 2.0**-15
+    q, rho = nx.split_master(master, torch.bfloat16, torch.int8)
+    assert float(((nx.merge_master(q, rho).double() - master.double()).abs() / step).max()) > 0.45  # nearest
+
+
+def test_stochastic_codes_are_unbiased_in_m_and_in_v():
+    """Signed codes: E[m̂] = m. √v codes: E[v̂] = v — unbiased in v itself, which the EMA sums,
+    not in √v (rounding √v's code up with probability frac(z) would give E[v̂] = v + Var)."""
+    g = torch.Generator().manual_seed(2)
+    n, k = 32 * 64, 300
+    m = torch.randn(n, generator=g) * torch.rand(n, generator=g) ** 4
+    v = (torch.rand(n, generator=g) ** 6) * 1e-4
+    acc_m = torch.zeros(n, dtype=torch.float64)
+    acc_v = torch.zeros(n, dtype=torch.float64)
+    for d in range(k):
+        w = _words(n, d)
+        qm, sm = nx.quantize_signed(m, 32, 0, nx.dither_field(w, "m"))
+        acc_m += nx.dequantize_signed(qm, sm).double()
+        qv, sv = nx.quantize_sqrt(v, 32, 0, nx.dither_field(w, "v"))
+        acc_v += nx.dequantize_sqrt(qv, sv).double()
+    # per element, σ of one draw ≤ half the spacing of the two neighbouring decoded values
+    s_m = sm.double().repeat_interleave(32) * (2 / 127)  # largest signed code spacing, x-units
+    y = torch.sqrt(v.double()) / sv.double().repeat_interleave(32) * 255
+    s_v = (sv.double().repeat_interleave(32) / 255) ** 2 * (2 * torch.floor(y) + 1)  # v spacing there
+    bound = TOL["sr_mean_sigmas"] * 0.5 / math.sqrt(k)
+    assert float(((acc_m / k - m.double()).abs() / s_m).max()) <= bound + 2.0**-8
+    err_v = (acc_v / k - v.double()) / s_v
+    assert float(err_v.abs().max()) <= bound + 2.0**-16
+    # rounding √v's code up with probability frac(z) would add f(1−f)/(2lo+1) of a spacing to
+    # every draw — most on the small codes, where the v-domain rounding adds none
+    acc_cd = torch.zeros(n, dtype=torch.float64)
+    for d in range(k):
+        u = nx.dither_field(_words(n, d), "v").double() / 65536
+        q = torch.floor(torch.clamp(y + u, max=255))
+        acc_cd += (q * sv.double().repeat_interleave(32) / 255) ** 2
+    small = y < 4
+    err_cd = ((acc_cd / k - v.double()) / s_v)[small]
+    assert float(err_cd.mean()) > 0.04 and abs(float(err_v[small].mean())) < 0.01, (float(err_cd.mean()), float(err_v[small].mean()))
+
+
+def test_stochastic_codes_never_leave_their_range():
+    """|y| ≤ 127 + 2^-16 for every x ≤ 1 + 2^-22 (the largest x = m·fl(1/s) reaches), which the
+    2^-8 grid rounds onto ±127: no int8 code wraps to -128, with any dither; √v codes stay ≤ 255
+    although z = √v·fl(255/s) can exceed 255 by 2^-15."""
+    x = torch.cat([torch.linspace(0.999, 1.0 + 2.0**-22, 100_001), torch.tensor([1.0 + 2.0**-22, 1.0 + 2.0**-23])])
+    x = torch.cat([x, -x])
+    for k in (0, 1, 127, 128, 255):
+        q, _ = nx.quantize_signed(x * 0.75, 32, 0, torch.full_like(x, k, dtype=torch.int64))
+        assert int(q.min()) >= -127 and int(q.max()) <= 127
+    # the compander quotient the encoder rounds, at its largest input
+    y = (x * 254.0) / (1.0 + x.abs())
+    assert float(y.abs().max()) <= 127 + 2.0**-16
+    assert float(((y + 49152.0) - 49152.0).abs().max()) == 127.0
+    # √v: every element at the group max with the largest dither
+    s = torch.tensor([1.0, 3.0, 1e-30, 7.7e20]).repeat_interleave(32)
+    q, _ = nx.quantize_sqrt(s * s * (1 + 2.0**-23), 32, 0, torch.full((128,), 65535, dtype=torch.int64))
+    assert int(q.max()) == 255
+
+
+def test_dither_is_a_function_of_canonical_coordinates():
+    """The same (seed, parameter size, step, global index) gives the same word wherever the
+    element sits — a shard's words are a slice of the whole tensor's — and any change of
+    seed, step or size changes them."""
+    n = 1000
+    key = nx.parameter_key(7, n)
+    whole = nx.dither_words(torch.arange(n), nx.segment_salt(key, 5))
+    part = nx.dither_words(torch.arange(300, 700), nx.segment_salt(key, 5))
+    assert torch.equal(part, whole[300:700])
+    for other in (nx.segment_salt(key, 6), nx.segment_salt(nx.parameter_key(8, n), 5),
+                  nx.segment_salt(nx.parameter_key(7, n + 1), 5)):
+        assert float((nx.dither_words(torch.arange(n), other) == whole).float().mean()) < 0.01
+    # the fields of one element across steps are uniform and mutually uncorrelated
+    w = torch.stack([nx.dither_words(torch.tensor([123]), nx.segment_salt(key, t)) for t in range(4000)]).reshape(-1)
+    fields = {f: nx.dither_field(w, f).double() / 2 ** nx._FIELDS[f][1] for f in ("m", "v", "rho")}
+    for f, u in fields.items():
+        assert abs(float(u.mean()) - 0.5) < 0.03, f  # σ = 0.29/√4000 = 0.0046
+    assert abs(float(torch.corrcoef(torch.stack([fields["m"], fields["v"]]))[0, 1])) < 0.06

@@ -187,6 +187,22 @@ def test_interop_load_plain_torch_adamw_state_quantized():
     opt.step()  # and it trains on
 
 
+def test_plain_torch_sgd_state_keeps_its_momentum_in_flash_sgd():
+    """torch.optim.SGD's state has a momentum buffer but no step count: loaded into FlashSGD
+    (fp32 moments, 32-bit masters: torch's math to fp32 rounding) the next step must use that
+    buffer, as torch's own next step does, not restart it from the gradient."""
+    m = _model(dtype=torch.float32)
+    topt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    _train(m, topt, 3, dtype=torch.float32)
+    m2 = copy.deepcopy(m)
+    fopt = F.FlashSGD(m2.parameters(), lr=0.1, momentum=0.9, quantize=False, master_weight_bits=32)
+    fopt.load_state_dict(topt.state_dict())
+    _train(m, topt, 1, dtype=torch.float32, seed=5)
+    _train(m2, fopt, 1, dtype=torch.float32, seed=5)
+    for a, b in zip(m.parameters(), m2.parameters()):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_interop_export_to_plain_torch():
     m = _model(dtype=torch.float32)
     opt = F.FlashSGD(m.parameters(), lr=0.1, momentum=0.9)
@@ -255,15 +271,41 @@ def test_cast_model_keeps_running_stats_and_patterns_fp32():
 
 
 def test_numerics_check_flags_too_small_lr():
-    p = nn.Parameter(torch.full((64,), 100.0).bfloat16())
-    opt = F.FlashAdamW([p], lr=1e-6, check_numerics=True)
-    p.grad = torch.ones(64).bfloat16()
-    with pytest.raises(ValueError, match="too small"):
+    """At |θ| = 100 a 24-bit master moves in ρ steps of 2e-3: round-to-nearest loses lr 1e-6
+    entirely, stochastic rounding resolves 2^-15 of a step (6e-8) and loses only lr 1e-9."""
+    def step(lr, **kw):
+        p = nn.Parameter(torch.full((64,), 100.0).bfloat16())
+        opt = F.FlashAdamW([p], lr=lr, check_numerics=True, **kw)
+        p.grad = torch.ones(64).bfloat16()
         opt.step()
-    q = nn.Parameter(torch.full((64,), 100.0).bfloat16())
-    ok = F.FlashAdamW([q], lr=1e-2, check_numerics=True)
+
+    with pytest.raises(ValueError, match="too small.*rounding='nearest'"):
+        step(1e-6, rounding="nearest")
+    step(1e-6)
+    with pytest.raises(ValueError, match="too small"):
+        step(1e-9)
+    step(1e-2, rounding="nearest")
+
+
+def test_numerics_check_judges_the_peak_lr_not_the_warmup():
+    """Warm-up from 0 (and torch's lr = 0 state initialisation) defers the check; a scheduler's
+    ``initial_lr`` (the peak) is what is judged, so a warm-up's first tiny rate does not fail."""
+    p = nn.Parameter(torch.full((64,), 1.0).bfloat16())
+    opt = F.FlashAdamW([p], lr=1e-4, check_numerics=True, rounding="nearest")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: s / 1000)  # lr 0, then 1e-7, ...
+    for _ in range(3):
+        p.grad = torch.ones(64).bfloat16()
+        opt.step()  # lr 0 first: deferred; then 1e-7 < resolution 3e-5 but the peak 1e-4 passes
+        sched.step()
+    q = nn.Parameter(torch.full((64,), 1.0).bfloat16())
+    bad = F.FlashAdamW([q], lr=1e-6, check_numerics=True, rounding="nearest")
     q.grad = torch.ones(64).bfloat16()
-    ok.step()
+    bad.param_groups[0]["lr"] = 0.0  # torch's _init_optim_state: a step at lr 0 judges nothing
+    bad.step()
+    bad.param_groups[0]["lr"] = 1e-6
+    torch.optim.lr_scheduler.LambdaLR(bad, lambda s: s / 1000)  # records the peak, sets lr 0
+    with pytest.raises(ValueError, match="too small"):
+        bad.step()  # the peak 1e-6 on weights of 1 with nearest rounding: frozen
 
 
 def test_without_ecc_small_updates_are_lost_and_with_ecc_they_accumulate():

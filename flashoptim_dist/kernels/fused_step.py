@@ -51,14 +51,18 @@ import triton
 import triton.language as tl
 
 from .. import numerics as nx
-from ..optim.reference import HYPER_COLUMNS, N_HYPER
+from ..optim.reference import HYPER_COLUMNS, N_HYPER, SIGN_COLUMN, STEP_HI_COLUMN, STEP_LO_COLUMN
 
-# Offsets table columns (int64 per segment).
-_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _NCOLS = range(11)
+# Offsets table columns (int64 per segment). _GORIG: canonical index of the segment's aligned
+# origin (global_start − phase); _KEY: the parameter's dither identity (numerics.parameter_key).
+_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _GORIG, _KEY, _NCOLS = range(13)
 _ROLES_ALIGN = (_P, _G, _R, _C0, _C1)  # element-indexed roles whose alignment matters
 
 INV_SIGNED = tl.constexpr(nx.INV_SIGNED)
-_SIGN = 8  # hyper column of the gradient sign (−1 when maximizing), the same for every family
+_SIGN = SIGN_COLUMN  # hyper column of the gradient sign (−1 when maximizing), the same for every family
+_DITHER_MUL = tl.constexpr(nx.DITHER_MUL)
+STEP_LO = tl.constexpr(STEP_LO_COLUMN)
+STEP_HI = tl.constexpr(STEP_HI_COLUMN)
 
 
 #: Largest finite fp32: |x| <= FLT_MAX is false exactly for ±inf and NaN (one compare).
@@ -221,7 +225,7 @@ def _reciprocal(sbits, NUM: tl.constexpr):
 
 
 @triton.jit
-def _quant_signed(m, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
+def _quant_signed(m, mask, dith, MASKED: tl.constexpr, INTERPRET: tl.constexpr, SR: tl.constexpr):
     # non-finite values become 0 and stay out of the group's scale
     ok = _finite(m)
     if MASKED:
@@ -231,12 +235,17 @@ def _quant_signed(m, mask, MASKED: tl.constexpr, INTERPRET: tl.constexpr):
     xn = m * _reciprocal(sbits, 1.0)[:, None]
     y = _div_normal(xn * 254.0, 1.0 + tl.abs(xn), INTERPRET)
     # |xn| ≤ 1 + 2^-23 (s ≥ the group absmax, 1/s rounded), so |y| < 127.0001 rounds into
-    # [-127, 127]: no clamp needed (the reference's clamp never acts)
-    return _round_int(y).to(tl.int8), sbits
+    # [-127, 127] to nearest: no clamp needed (the reference's clamp never acts); stochastic:
+    # |y| ≤ 127 + 2^-16 lands on ±127 exactly in _sr_floor's 2^-15 grid, so no clamp either
+    if SR:  # B = 8: the code is byte 1 of (z + 49152)'s bits + k
+        q = _sr_floor(y, dith, 49152.0, 8)
+    else:
+        q = _round_int(y)
+    return q.to(tl.int8), sbits
 
 
 @triton.jit
-def _quant_sqrt(mask, sqrt_v, MASKED: tl.constexpr):
+def _quant_sqrt(mask, sqrt_v, dith, MASKED: tl.constexpr, SR: tl.constexpr, INTERPRET: tl.constexpr):
     # sqrt_v = sqrt_rn(v), already computed for Adam's denominator; v ≥ 0 by construction, so
     # the finiteness of √v is that of v (NaN and +inf give NaN and +inf) and √0 = 0
     ok = _finite(sqrt_v)
@@ -244,9 +253,20 @@ def _quant_sqrt(mask, sqrt_v, MASKED: tl.constexpr):
         ok = ok & mask
     r = tl.where(ok, sqrt_v, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(r, axis=1))
-    # 0 ≤ r·fl(255/s) ≤ 255·(1 + 2^-23) (−0 for v = −0 rounds to 0): rounds into [0, 255]
-    # unclamped
-    return _round_int(r * _reciprocal(sbits, 255.0)[:, None]).to(tl.uint8), sbits
+    # 0 ≤ z = r·fl(255/s) ≤ 255·(1 + 2^-23) (−0 for v = −0 rounds to 0): rounds into [0, 255]
+    # unclamped to nearest
+    z = r * _reciprocal(sbits, 255.0)[:, None]
+    if SR:
+        # unbiased in v (numerics.quantize_sqrt): lo + 1 when lo² + u(2lo + 1) < z², u = k·2^-16;
+        # z is capped at 255 (it can exceed it by 2^-15), so lo + 1 ≤ 255 and the code is the
+        # low byte of ⌊z⌋ + 1.5·2^23's bits, plus one
+        z = tl.minimum(z, 255.0)
+        tb, lo_f = _floor_bits(z, INTERPRET)
+        up = tl.fma(lo_f, lo_f + (dith + dith), dith) < z * z
+        q = tb + up.to(tl.int32)
+    else:
+        q = _round_int(z)
+    return q.to(tl.uint8), sbits
 
 
 @triton.jit
@@ -294,18 +314,72 @@ def _bf16_of_bits(bits):
 
 
 @triton.jit
+def _fmix32(x):
+    """numerics.fmix32 on a uint32 scalar (once per program: the salt of the segment's step)."""
+    x = x ^ (x >> 16)
+    x = x * 0x85EBCA6B
+    x = x ^ (x >> 13)
+    x = x * 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dither_base(gorig, key, step):
+    """The per-program constant c of numerics.dither_words: for aligned coordinate a the word is
+    a·MUL + c = (gorig + a + salt)·MUL mod 2^32, salt = fmix32(key ^ fmix32(step))."""
+    salt = _fmix32(key ^ _fmix32(step))
+    return (gorig + salt) * _DITHER_MUL
+
+
+@triton.jit
+def _sr_floor(z, k, BIG: tl.constexpr, B: tl.constexpr):
+    """numerics._sr_floor, exact in the low byte (int8 codes, ρ) or two bytes (int16 ρ) that the
+    caller keeps: the bits of z + BIG are those of 2^e (the power of two below BIG = 1.5·2^e)
+    plus 2^22 plus z in fixed point with B fractional bits; add the B-bit random integer k,
+    take away the 2^22, shift right by B, and what is left above the kept bytes is 2^e's
+    exponent bits. One fp32 add, one three-input integer add, one shift."""
+    return ((z + BIG).to(tl.int32, bitcast=True) + k - 0x400000) >> B
+
+
+@triton.jit
+def _v_dither(words, INTERPRET: tl.constexpr):
+    """The √v field (bits 8-23 = k) as the float k·2^-16: the bits 0x43000000 | k are
+    128 + k·2^-16 (one byte permute on the GPU), minus 128."""
+    if INTERPRET:
+        d = (((words >> 8) & 0xFFFF) | 0x43000000).to(tl.float32, bitcast=True)
+    else:
+        d = tl.inline_asm_elementwise("prmt.b32 $0, $1, 0x43000000, 0x7421;", "=r,r", [words],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    return d - 128.0
+
+
+@triton.jit
+def _floor_bits(z, INTERPRET: tl.constexpr):
+    """(the bits of ⌊z⌋ + 1.5·2^23 — ⌊z⌋ in the low bytes —, ⌊z⌋ as fp32) for 0 ≤ z < 2^22: the
+    fp32 adder rounding *down* (add.rm), on the full-rate pipe."""
+    if INTERPRET:
+        t = tl.floor(z) + 12582912.0
+    else:
+        t = tl.inline_asm_elementwise("add.rm.f32 $0, $1, 0f4B400000;", "=r,r", [z], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    return t.to(tl.int32, bitcast=True), t - 12582912.0
+
+
+@triton.jit
 def _step_block(
     p_ptr, g_ptr, r_ptr, s0_ptr, c0_ptr, s1_ptr, c1_ptr,
     a, grp, mask, gmask,
-    h0, h1, h2, h3, h4, h5, h6, h7, sign,
+    h0, h1, h2, h3, h4, h5, h6, h7, sign, h9, dbase,
     FAMILY: tl.constexpr, DECOUPLED: tl.constexpr, NARROW: tl.constexpr, HAS_RHO: tl.constexpr,
     RHO_N: tl.constexpr, RHO_DEC: tl.constexpr, INV_UNSIGNED: tl.constexpr, N_STATES: tl.constexpr,
     QUANT: tl.constexpr, EMIN: tl.constexpr, MANT: tl.constexpr, RHO_ENC: tl.constexpr,
     EXACT: tl.constexpr, MASKED: tl.constexpr, INTERPRET: tl.constexpr, MAXIMIZE: tl.constexpr,
+    SR: tl.constexpr,
 ):
     """Decode → update → encode one block. Pointers are at the segment's *aligned origin*
     (element 0 of the canonical group holding its first element), ``a`` are aligned coordinates.
-    With MASKED=False the whole block lies inside the segment: no masks, so loads vectorize."""
+    With MASKED=False the whole block lies inside the segment: no masks, so loads vectorize.
+    With SR, ``dbase`` is the program's dither constant (:func:`_dither_base`)."""
     pv = _ld(p_ptr + a, mask, MASKED).to(tl.float32)
     g = _ld(g_ptr + a, mask, MASKED).to(tl.float32)
     if HAS_RHO:
@@ -339,6 +413,8 @@ def _step_block(
         st1 = st1 * h3 + (h4 * g) * g
         sqrt_v = _sqrt(st1, EXACT)
         denom = sqrt_v * h7 + h5
+        if QUANT:  # the outlier bound (optim/reference.py): |m|/denom ≤ R_t = 1/h9
+            denom = tl.maximum(denom, tl.abs(st0) * h9, propagate_nan=tl.PropagateNan.ALL)
         theta = theta + _div((-h6) * st0, denom, EXACT)
     elif FAMILY == 1:  # sgd: decay l2 momentum w_damp nesterov first lr
         if DECOUPLED:
@@ -356,17 +432,22 @@ def _step_block(
         theta = theta + (-h6) * sgn
         st0 = st0 * h4 + h5 * g
 
-    # ---- encode
+    # ---- encode (the dither words are made here, not at the top: fewer live registers)
+    if SR:
+        words = a.to(tl.uint32) * _DITHER_MUL + dbase
+    else:
+        words = a
     if N_STATES >= 1:
         if QUANT:
-            q0n, sb0 = _quant_signed(st0, mask, MASKED, INTERPRET)
+            q0n, sb0 = _quant_signed(st0, mask, (words >> 24).to(tl.int32) if SR else 0, MASKED, INTERPRET, SR)
             _st(c0_ptr + a, q0n, mask, MASKED)
             _st_scale(s0_ptr + grp, sb0, gmask, MASKED, INTERPRET)
         else:
             _st(c0_ptr + a, st0, mask, MASKED)
     if N_STATES >= 2:
         if QUANT:
-            q1n, sb1 = _quant_sqrt(mask, sqrt_v, MASKED)
+            dv = _v_dither(words, INTERPRET) if SR else 0.0
+            q1n, sb1 = _quant_sqrt(mask, sqrt_v, dv, MASKED, SR, INTERPRET)
             _st(c1_ptr + a, q1n, mask, MASKED)
             _st_scale(s1_ptr + grp, sb1, gmask, MASKED, INTERPRET)
         else:
@@ -391,7 +472,14 @@ def _step_block(
         # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
         # and the reference's clamp to [-1, 1] never acts; ρ = 0 for ±inf/NaN θ'
         r = (theta - pf) * _rho_scale(pf, EMIN, RHO_ENC, True)
-        rq = tl.where(_finite(pf), _round_int(r), 0)
+        if SR:  # |r| ≤ N exactly (above): ⌊r + u⌋ stays in [−N, N]
+            if RHO_N == 127:
+                rq = _sr_floor(r, (words & 0x7FFF).to(tl.int32), 384.0, 15)
+            else:
+                rq = _sr_floor(r, (words & 0x7F).to(tl.int32), 98304.0, 7)
+        else:
+            rq = _round_int(r)
+        rq = tl.where(_finite(pf), rq, 0)
         if RHO_N == 127:
             rq = rq.to(tl.int8)
         else:
@@ -432,6 +520,7 @@ def _flash_step_kernel(
     EXACT: tl.constexpr,
     INTERPRET: tl.constexpr,
     MAXIMIZE: tl.constexpr,
+    SR: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
@@ -453,6 +542,12 @@ def _flash_step_kernel(
     h6 = tl.load(hb + 6)
     h7 = tl.load(hb + 7)
     sign = tl.load(hb + 8)
+    h9 = tl.load(hb + 9)
+    if SR:  # the program's dither constant; the table's int64 columns wrap to uint32 on purpose
+        step = tl.load(hb + STEP_LO).to(tl.uint32) + (tl.load(hb + STEP_HI).to(tl.uint32) << 24)
+        dbase = _dither_base(tl.load(ob + 10).to(tl.uint32), tl.load(ob + 11).to(tl.uint32), step)
+    else:
+        dbase = 0
 
     # origin offsets (element 0 of the segment's first canonical group); the offsets table
     # stores them already shifted by -phase, scales start at the segment's first group
@@ -473,9 +568,9 @@ def _flash_step_kernel(
         _step_block(
             p_base + tl.multiple_of(p_o, 16), g_base + tl.multiple_of(g_o, 16), r_base + tl.multiple_of(r_o, 16),
             s0_base + s0_o, c0_base + tl.multiple_of(c0_o, 16), s1_base + s1_o, c1_base + tl.multiple_of(c1_o, 16),
-            a, grp, a, grp, h0, h1, h2, h3, h4, h5, h6, h7, sign,
+            a, grp, a, grp, h0, h1, h2, h3, h4, h5, h6, h7, sign, h9, dbase,
             FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, RHO_DEC, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-            RHO_ENC, EXACT, False, INTERPRET, MAXIMIZE,
+            RHO_ENC, EXACT, False, INTERPRET, MAXIMIZE, SR,
         )
     else:
         # Edge blocks (a segment's first/last block, or unaligned storage): masked accesses
@@ -491,9 +586,9 @@ def _flash_step_kernel(
             _step_block(
                 p_base + p_o, g_base + g_o, r_base + r_o, s0_base + s0_o, c0_base + c0_o, s1_base + s1_o,
                 c1_base + c1_o, a_e, grp_e, (a_e >= phase) & (a_e < phase + length), grp_e < n_groups,
-                h0, h1, h2, h3, h4, h5, h6, h7, sign,
+                h0, h1, h2, h3, h4, h5, h6, h7, sign, h9, dbase,
                 FAMILY, DECOUPLED, NARROW, HAS_RHO, RHO_N, RHO_DEC, INV_UNSIGNED, N_STATES, QUANT, EMIN, MANT,
-                RHO_ENC, EXACT, True, INTERPRET, MAXIMIZE,
+                RHO_ENC, EXACT, True, INTERPRET, MAXIMIZE, SR,
             )
 
 
@@ -556,9 +651,11 @@ class KernelPlan:
     the hyper-parameter rows are recomputed.
     """
 
-    def __init__(self, segs, rhos, codes, scales, quantized, group_size, device):
-        # segs: list of (tensor index, local start, length, phase, scale offset)
-        arr = np.asarray(segs, dtype=np.int64).reshape(-1, 5)
+    def __init__(self, segs, rhos, codes, scales, quantized, group_size, device, stochastic=False):
+        # segs: list of (tensor index, local start, length, phase, scale offset, global start,
+        # dither key)
+        arr = np.asarray(segs, dtype=np.int64).reshape(-1, 7)
+        self.stochastic = stochastic
         self.seg_tensor = arr[:, 0].copy()
         self.seg_local = arr[:, 1].copy()
         # aligned origin: element 0 of the canonical group holding the segment's first element
@@ -586,6 +683,8 @@ class KernelPlan:
                 offs[:, (_S0, _S1)[k]] = _rel_offsets(scales[k])[st] + arr[:, 4]
         offs[:, _LEN] = arr[:, 2]
         offs[:, _PHASE] = arr[:, 3]
+        offs[:, _GORIG] = (arr[:, 5] - arr[:, 3]) & 0xFFFFFFFF
+        offs[:, _KEY] = arr[:, 6]
         self.offs = offs
         # pinned staging buffers, so the per-step host→device copies are asynchronous
         pin = device.type == "cuda"
@@ -609,7 +708,7 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.dtype, maximize: bool) -> dict:
     """The launch's compile-time arguments (cached per plan: computing them costs host time)."""
-    key = (family, decoupled, dtype, maximize, EXACT, MAXNREG, NUM_WARPS)
+    key = (family, decoupled, dtype, maximize, EXACT, MAXNREG, NUM_WARPS)  # (SR is fixed per plan)
     kw = plan._kwargs.get(key)
     if kw is None:
         narrow, emin, mant = _NARROW[dtype]
@@ -621,7 +720,8 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
             RHO_DEC=rho_dec, INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=len(plan.codes), QUANT=plan.quantized,
             EMIN=emin, MANT=mant, RHO_ENC=rho_enc, NCOLS=_NCOLS, NHYPER=N_HYPER, NG=plan.groups_per_block,
             MASK_SPLIT=min(MASK_SPLIT, plan.groups_per_block), G=plan.group_size, EXACT=EXACT,
-            INTERPRET=INTERPRETING, MAXIMIZE=maximize, enable_fp_fusion=not EXACT, num_warps=NUM_WARPS,
+            INTERPRET=INTERPRETING, MAXIMIZE=maximize, SR=plan.stochastic and (has_rho or plan.quantized),
+            enable_fp_fusion=not EXACT, num_warps=NUM_WARPS,
             **({"maxnreg": MAXNREG} if MAXNREG and not INTERPRETING else {}),
         )
     return kw

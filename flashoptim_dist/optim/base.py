@@ -39,7 +39,7 @@ from torch.optim import Optimizer
 from .. import layout as lay
 from .. import numerics as nx
 from ..config import FlashConfig
-from .reference import FAMILIES, N_HYPER, SegmentViews, reference_step_segment
+from .reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
 
 __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
@@ -137,13 +137,19 @@ def allocate_state(layout: lay.StateLayout, family: str, n_states: int, device) 
 
 
 class _TensorInfo:
-    """What the optimizer knows about one optimizer tensor (cached at state init)."""
+    """What the optimizer knows about one optimizer tensor (cached at state init): its shard,
+    state layout and, per segment, the parameter's dither identity
+    (:func:`~flashoptim_dist.numerics.parameter_key` of the seed and the global numel)."""
 
-    __slots__ = ("spec", "layout", "numerics_checked")
+    __slots__ = ("spec", "layout", "keys", "numerics_checked")
 
-    def __init__(self, spec: lay.ShardSpec, layout: lay.StateLayout):
+    def __init__(self, spec: lay.ShardSpec, layout: lay.StateLayout, seed: int):
         self.spec = spec
         self.layout = layout
+        self.keys = tuple(
+            nx.parameter_key(seed, s.global_numel if s.global_numel >= 0 else spec.global_numel)
+            for s in layout.segments
+        )
         self.numerics_checked = False
 
 
@@ -216,7 +222,7 @@ class FlashOptimizer(Optimizer):
     def _make_info(self, p: torch.Tensor) -> _TensorInfo:
         spec = lay.resolve_shard(p)
         local = spec.local(p) if spec.local is not None else p
-        return _TensorInfo(spec, lay.state_layout_for(local, spec.segments, self.config))
+        return _TensorInfo(spec, lay.state_layout_for(local, spec.segments, self.config), self.config.seed)
 
     def _fresh_state(self, p: torch.Tensor, info: _TensorInfo, group: Dict[str, Any]) -> None:
         local = self._local(p)
@@ -438,7 +444,13 @@ class FlashOptimizer(Optimizer):
         out = np.empty((n, N_HYPER), dtype=np.float64)
         for group, idx, states in by_group:
             steps = np.fromiter(map(_step_of, states), dtype=np.float64, count=len(idx))
-            out[idx] = self._hyper_rows(group, steps + step_offset if step_offset else steps)
+            if step_offset:
+                steps = steps + step_offset
+            rows = self._hyper_rows(group, steps)
+            # the step count for the dither, split so both halves are exact in fp32
+            rows[:, STEP_LO_COLUMN] = np.fmod(steps, STEP_SPLIT)
+            rows[:, STEP_HI_COLUMN] = np.floor(steps / STEP_SPLIT)
+            out[idx] = rows
         return out
 
     def _launch(self, key, entries, cache: Optional[dict] = None, hyper: Optional[np.ndarray] = None,
@@ -472,10 +484,11 @@ class FlashOptimizer(Optimizer):
             )
             return
         hyper32 = torch.from_numpy(hyper.astype(np.float32))
+        stochastic = self.config.stochastic
         for (p, group, local, grad, info, state), row in zip(entries, hyper32):
             flat, gflat = local.view(-1), grad.view(-1)
             rho = state.get("rho")
-            for seg, soff in zip(info.layout.segments, info.layout.scale_offsets):
+            for seg, soff, key in zip(info.layout.segments, info.layout.scale_offsets, info.keys):
                 if seg.length == 0:
                     continue
                 sl = slice(seg.local_start, seg.local_start + seg.length)
@@ -487,16 +500,18 @@ class FlashOptimizer(Optimizer):
                     states=[state[n][sl] for n in names],
                     scales=[state[n + "_scales"][soff : soff + ng] if quantized else None for n in names],
                     phase=seg.phase(group_size),
+                    global_start=seg.global_start,
+                    key=key,
                 )
-                reference_step_segment(self.family, self.decoupled, views, row, group_size)
+                reference_step_segment(self.family, self.decoupled, views, row, group_size, stochastic)
 
     def _build_plan(self, entries, device, names, quantized, rho_dtype, fused_step):
         g = self.config.group_size
         segs = []
         for i, (_, _, _, _, info, _) in enumerate(entries):
-            for seg, soff in zip(info.layout.segments, info.layout.scale_offsets):
+            for seg, soff, key in zip(info.layout.segments, info.layout.scale_offsets, info.keys):
                 if seg.length:
-                    segs.append((i, seg.local_start, seg.length, seg.phase(g), soff))
+                    segs.append((i, seg.local_start, seg.length, seg.phase(g), soff, seg.global_start, key))
         states = [e[5] for e in entries]
         return fused_step.KernelPlan(
             segs,
@@ -506,6 +521,7 @@ class FlashOptimizer(Optimizer):
             quantized,
             g,
             device,
+            self.config.stochastic,
         )
 
     # ------------------------------------------------------------------ numerics check
@@ -514,9 +530,23 @@ class FlashOptimizer(Optimizer):
         return 1.0
 
     def _check_resolution(self, p, local, grad, group, info) -> None:
-        info.numerics_checked = True
+        """Fail if the learning rate cannot move the tensor's largest weights at all.
+
+        Judged once per tensor, on its first step with a non-zero update: at the schedule's peak
+        (``initial_lr``, which torch's LR schedulers record) rather than at a warm-up's first
+        tiny rate; a zero rate (torch's state initialisation steps with lr = 0) or an all-zero
+        gradient defers the check. The smallest change the stored master can make at
+        |θ| = max|θ| is ρ's step (u/2)/N; stochastic rounding moves it in expectation down to
+        2^-b of that step (the dither's grid, b = 15 for int8 ρ, 7 for int16); without ρ,
+        θ' itself rounds to nearest: u/2."""
         if local.dtype == torch.float32 or local.numel() == 0:
+            info.numerics_checked = True
             return
+        lr = max(float(group["lr"]), float(group.get("initial_lr", 0.0)))
+        update = lr * self._update_scale(group, grad)
+        if update == 0.0:
+            return  # nothing to judge yet
+        info.numerics_checked = True
         amax = float(local.detach().abs().float().amax())
         if not math.isfinite(amax) or amax == 0.0:
             return
@@ -524,16 +554,19 @@ class FlashOptimizer(Optimizer):
         ulp = 2.0 ** (math.floor(math.log2(amax)) - mant)
         bits = self.config.master_weight_bits
         levels = {24: 127, 32: 32767, None: 0}[bits]
-        # smallest change the stored master can represent at |θ| = amax
         resolution = ulp / (2 * levels) if levels else ulp / 2
-        update = group["lr"] * self._update_scale(group, grad)
+        if levels and self.config.stochastic:
+            resolution /= 2.0 ** (15 if bits == 24 else 7)
         if update < resolution:
+            fixes = ["master_weight_bits=24 or 32 (an error-correction term)"] if not levels else (
+                ["master_weight_bits=32"] + (["rounding='stochastic' (the default)"] if not self.config.stochastic else []))
             raise ValueError(
-                f"learning rate {group['lr']:.3g} is too small for a {local.dtype} parameter of shape "
-                f"{tuple(p.shape)} with max |θ| = {amax:.3g}: with master_weight_bits={bits} the "
-                f"master can only move in steps of {resolution:.3g}, so the largest weights would "
-                "never change. Use master_weight_bits=32, a larger learning rate, or keep this "
-                "tensor in float32 (cast_model(..., keep_fp32=[...]))."
+                f"learning rate {lr:.3g} is too small for a {local.dtype} parameter of shape "
+                f"{tuple(p.shape)} with max |θ| = {amax:.3g}: with master_weight_bits={bits} and "
+                f"rounding={self.config.rounding!r} the master moves in steps of {resolution:.3g}, "
+                f"so the largest weights would never change. Use {', '.join(fixes)}, a larger "
+                "learning rate, or keep this tensor in float32 (cast_model(..., keep_fp32=[...])); "
+                "check_numerics=False turns the check off."
             )
 
     # ------------------------------------------------------------------ memory accounting
@@ -669,7 +702,14 @@ class FlashOptimizer(Optimizer):
     def _from_torch_state(self, p, local, st, group) -> Dict[str, Any]:
         """Quantize a plain torch.optim state entry into this optimizer's layout."""
         layout = self._make_info(p).layout
-        out: Dict[str, Any] = {"step": st.get("step", 0)}
+        step = st.get("step", 0)
+        step = int(step.item()) if torch.is_tensor(step) else int(step)
+        if self.family == "sgd" and st.get("momentum_buffer") is not None:
+            # torch's SGD keeps no step: its state exists only after a first step, which made
+            # the buffer. Step 0 here would make the next step the "first" (buf = grad) and
+            # drop the loaded momentum.
+            step = max(step, 1)
+        out: Dict[str, Any] = {"step": step}
         if layout.rho_dtype is not None:
             out["rho"] = torch.zeros(local.numel(), dtype=layout.rho_dtype, device=local.device)
         for name, kind in FAMILIES[self.family][: self._n_states(group)]:

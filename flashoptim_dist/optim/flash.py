@@ -30,6 +30,7 @@ import torch
 
 from ..config import FlashConfig
 from .base import FlashOptimizer
+from .reference import N_HYPER
 
 __all__ = ["FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion"]
 
@@ -70,18 +71,39 @@ def _no_torch_only_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
 
 
 def _rows(n: int, values: List[float]) -> np.ndarray:
-    """``n`` copies of one fp64 hyper row (step-independent columns)."""
-    return np.tile(np.asarray(values, dtype=np.float64), (n, 1))
+    """``n`` copies of one fp64 hyper row (the step-independent columns; the rest, including the
+    step columns the base class fills, are 0)."""
+    row = np.zeros(N_HYPER, dtype=np.float64)
+    row[: len(values)] = values
+    return np.tile(row, (n, 1))
 
 
-def _config(master_weight_bits, quantize, group_size, backend, check_numerics) -> FlashConfig:
+def _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed) -> FlashConfig:
     return FlashConfig(
         group_size=group_size,
         quantize=quantize,
         master_weight_bits=master_weight_bits,
         backend=backend,
         check_numerics=check_numerics,
+        rounding=rounding,
+        seed=seed,
     )
+
+
+def adam_ratio_bound(beta1: float, beta2: float, steps: np.ndarray) -> np.ndarray:
+    """R_t: the largest |m_t|·√(1−β2^t)/√v_t exact Adam can reach at step t, for any gradients
+    (Cauchy–Schwarz, see :mod:`.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
+    steps = np.asarray(steps, dtype=np.float64)
+    if beta2 <= 0.0:
+        return np.full(steps.shape, np.inf)
+    r = beta1 * beta1 / beta2
+    if r == 0.0:  # β1 = 0: m_t = g_t, one term
+        geo = np.ones_like(steps)
+    elif r == 1.0:
+        geo = steps
+    else:  # Σ_{j<t} r^j
+        geo = -np.expm1(steps * np.log(r)) / (1.0 - r)
+    return (1.0 - beta1) * np.sqrt(geo) * np.sqrt(-np.expm1(steps * np.log(beta2))) / math.sqrt(1.0 - beta2)
 
 
 class _AdamBase(FlashOptimizer):
@@ -102,6 +124,8 @@ class _AdamBase(FlashOptimizer):
         group_size: int = 32,
         backend: str = "auto",
         check_numerics: bool = False,
+        rounding: str = "stochastic",
+        seed: int = 0,
         **kwargs,
     ):
         _no_torch_only_flags(type(self).__name__, kwargs)
@@ -111,7 +135,7 @@ class _AdamBase(FlashOptimizer):
                 "use torch.optim.AdamW(amsgrad=True)"
             )
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics))
+        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
 
     def _validate_group(self, group):
         lr = _as_float("learning rate", group["lr"])
@@ -142,6 +166,8 @@ class _AdamBase(FlashOptimizer):
         ])
         rows[:, 6] = lr / bias_correction1  # step_size
         rows[:, 7] = 1.0 / np.sqrt(bias_correction2)  # inv_bc2_sqrt
+        if self.config.quantize:  # the outlier bound; fp32 moments stay torch's update exactly
+            rows[:, 9] = 1.0 / adam_ratio_bound(beta1, beta2, steps)
         return rows
 
 
@@ -188,13 +214,15 @@ class _SGDBase(FlashOptimizer):
         group_size: int = 32,
         backend: str = "auto",
         check_numerics: bool = False,
+        rounding: str = "stochastic",
+        seed: int = 0,
         **kwargs,
     ):
         _no_torch_only_flags(type(self).__name__, kwargs)
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
         )
-        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics))
+        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
 
     def _validate_group(self, group):
         _check_range("learning rate", _as_float("learning rate", group["lr"]), 0.0, math.inf)
@@ -270,11 +298,13 @@ class FlashLion(FlashOptimizer):
         group_size: int = 32,
         backend: str = "auto",
         check_numerics: bool = False,
+        rounding: str = "stochastic",
+        seed: int = 0,
         **kwargs,
     ):
         _no_torch_only_flags(type(self).__name__, kwargs)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics))
+        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
 
     def _validate_group(self, group):
         _check_range("learning rate", _as_float("learning rate", group["lr"]), 0.0, math.inf)

@@ -165,6 +165,12 @@ class OptimConfig:
     """Flash only: 24 keeps an int8 error-correction term per bf16 param, 32 an int16 one, null none (plain bf16 weights)."""
     quantize: bool = True
     """Flash only: store optimizer states as companded 8-bit codes (false: full precision states)."""
+    rounding: Literal["stochastic", "nearest"] = "stochastic"
+    """Flash only: how the 8-bit codes and the error-correction term are re-rounded each step. stochastic: unbiased, so slow decays (beta2 0.999), stopped gradients and fine-tuning learning rates move like fp32 AdamW; nearest: the FlashOptim paper's rounding, which stalls in those regimes (docs/QUALITY.md)."""
+    rounding_seed: int = 0
+    """Flash only: seed of the stochastic-rounding dither (a run and its resume are bit-reproducible on any number of ranks)."""
+    check_numerics: bool = True
+    """Flash only: on each tensor's first step with a non-zero learning rate (the schedule's peak, not its warm-up, where known), fail if that rate cannot move the tensor's largest weights at all with the chosen master_weight_bits and rounding."""
     gradient_release: bool = False
     """Flash only: step each parameter in its post-accumulate-grad hook and free its gradient at once (engines: single, fsdp2; no gradient accumulation). With train.max_grad_norm > 0 each step is clipped with the previous step's global gradient norm."""
     schedule: Literal["constant", "cosine", "linear"] = "cosine"

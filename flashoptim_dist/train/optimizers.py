@@ -77,7 +77,8 @@ def optimizer_kwargs(cfg: OptimConfig) -> dict:
     else:
         kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     if is_flash(cfg.name):
-        kw.update(master_weight_bits=cfg.master_weight_bits, quantize=cfg.quantize)
+        kw.update(master_weight_bits=cfg.master_weight_bits, quantize=cfg.quantize, rounding=cfg.rounding,
+                  seed=cfg.rounding_seed, check_numerics=cfg.check_numerics)
     return kw
 
 
@@ -96,7 +97,10 @@ def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False)
 def build_optimizer(cfg: OptimConfig, model: nn.Module):
     """Instantiate ``cfg.name`` over ``model``'s parameters (call after the engine wrapped the model)."""
     cls = optimizer_class(cfg.name)
-    return cls(param_groups(model, cfg.weight_decay, cfg.decay_all), **optimizer_kwargs(cfg))
+    groups = param_groups(model, cfg.weight_decay, cfg.decay_all)
+    for g in groups:  # the schedule's peak, as torch's LR schedulers record it (check_numerics judges it)
+        g["initial_lr"] = cfg.lr
+    return cls(groups, **optimizer_kwargs(cfg))
 
 
 class SGDW(torch.optim.SGD):

@@ -1,0 +1,238 @@
+"""Fidelity probes: regimes where re-quantizing 8-bit state every step can stall, measured
+against fp32 ``torch.optim`` on the same gradients.
+
+Each probe returns plain numbers (ratios of a Flash optimizer's behaviour to torch's; 1.0 is
+perfect). ``tests/test_fidelity.py`` asserts them with bounds from ``tests/tolerances.py``;
+``python tests/fidelity_probes.py`` prints the table in docs/QUALITY.md for both rounding modes.
+
+The probes (issue 13):
+
+* ``v_decay``: gradients c_i for 100 steps then 0.01·c_i (c_i ∈ [0.5, 1.5]); at β2 = 0.999 the
+  second moment must decay by 0.05% per step in √v, below half a code. Ratio of the weights'
+  displacement over steps 100..T, and of the dequantized v of each group's largest element at T.
+* ``idle``: element 0 of every group keeps its gradient, the others stop after 100 steps; the
+  momentum of the stopped ones must decay to 0. Ratio of their movement over steps 100..T.
+* ``sub_resolution``: lr 1e-6 on weights near 1 (RMSNorm gains), where one step moves a 24-bit
+  master by 0.03 of ρ's resolution. Ratio of the drift over T steps.
+* ``spike``: one element's gradient ×10^4 for one step in groups of iid N(0,1) gradients; the
+  other 31 elements' √v then sits below code 1 of a scale set by the spike (√(1−β2)·10^4 = 316
+  times theirs at β2 = 0.999). Ratio of their mean |step| over the following T steps, and the
+  largest single-step |Δθ|/lr anywhere (less one ρ step, the rounding of the new master).
+* ``sgd_idle`` / ``lion_idle``: the momentum-buffer analogue of ``idle`` for FlashSGD (movement
+  ratio) and FlashLion (ratio of the mean dequantized momentum of the stopped elements, while
+  torch's is at least 8 codes of the group scale; Lion's step is a sign, so movement does not
+  measure the momentum).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+
+import flashoptim_dist as F
+
+G = 32
+
+
+def _pair(n, init, torch_cls, flash_cls, kw, flash_kw):
+    """fp32 params under torch's optimizer and bf16 params under the Flash one, same values."""
+    ref = torch.nn.Parameter(init.clone().float())
+    fl = torch.nn.Parameter(init.clone().bfloat16())
+    return ref, fl, torch_cls([ref], **kw), flash_cls([fl], **kw, **flash_kw)
+
+
+def _run(ref, fl, t_opt, f_opt, grad_of: Callable[[int], torch.Tensor], steps: int, on_step=None):
+    for t in range(steps):
+        g = grad_of(t)
+        ref.grad = g.clone()
+        fl.grad = g.bfloat16()
+        t_opt.step()
+        f_opt.step()
+        if on_step is not None:
+            on_step(t)
+
+
+def rho_unit(p: torch.Tensor) -> torch.Tensor:
+    """One step of ρ at each element of a bf16 param: (u/2)/127. Stochastic rounding puts the
+    master on either neighbour, so a measured step can exceed the update by this much."""
+    pf = p.detach().float().reshape(-1)
+    return torch.ldexp(torch.ones_like(pf), F.numerics.half_ulp_exponent(pf, torch.bfloat16)) / 127
+
+
+def _master(opt, p):
+    return opt.master_params()[0].reshape(-1) if isinstance(opt, F.FlashOptimizer) else p.detach().reshape(-1)
+
+
+def v_decay(beta2: float, steps: int = 1500, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    n = groups * G
+    gen = torch.Generator().manual_seed(seed)
+    c = 0.5 + torch.rand(n, generator=gen)
+    init = torch.randn(n, generator=gen) * 0.1 + 1.0
+    kw = dict(lr=1e-3, betas=(0.9, beta2), weight_decay=0.0)
+    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
+    snap = {}
+
+    def grad(t):
+        return c * (1.0 if t < 100 else 0.01)
+
+    def on_step(t):
+        if t == 99:
+            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
+
+    _run(ref, fl, t_opt, f_opt, grad, steps, on_step)
+    d_ref = (ref.detach() - snap["ref"]).abs().sum()
+    d_fl = (_master(f_opt, fl) - snap["fl"]).abs().sum()
+    v_ref = t_opt.state[ref]["exp_avg_sq"].reshape(groups, G)
+    v_fl = f_opt.dequantized_state(fl)["exp_avg_sq"].reshape(groups, G)
+    top = c.reshape(groups, G).argmax(dim=1, keepdim=True)
+    v_ratio = (v_fl.gather(1, top) / v_ref.gather(1, top)).mean()
+    return {"displacement_ratio": float(d_fl / d_ref), "v_top_ratio": float(v_ratio)}
+
+
+def idle(steps: int = 1000, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    n = groups * G
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, generator=gen)
+    init = torch.randn(n, generator=gen) * 0.1
+    active = torch.zeros(n, dtype=torch.bool)
+    active[::G] = True
+    kw = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
+    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
+    snap = {}
+
+    def grad(t):
+        return torch.where(active | (t < 100), c, 0.0)
+
+    def on_step(t):
+        if t == 99:
+            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
+
+    _run(ref, fl, t_opt, f_opt, grad, steps, on_step)
+    idle_ = ~active
+    d_ref = (ref.detach() - snap["ref"])[idle_].abs().sum()
+    d_fl = (_master(f_opt, fl) - snap["fl"])[idle_].abs().sum()
+    return {"idle_movement_ratio": float(d_fl / d_ref)}
+
+
+def sub_resolution(steps: int = 500, n: int = 1024, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    gen = torch.Generator().manual_seed(seed)
+    init = 1.0 + torch.randn(n, generator=gen) * 0.01
+    c = 1e-3 * (1.0 + 0.5 * torch.rand(n, generator=gen))  # same sign: Adam's step is ~lr
+    kw = dict(lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0)
+    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
+    start_ref, start_fl = ref.detach().clone(), _master(f_opt, fl).clone()
+    _run(ref, fl, t_opt, f_opt, lambda t: c, steps)
+    d_ref = (ref.detach() - start_ref).sum()
+    d_fl = (_master(f_opt, fl) - start_fl).sum()
+    return {"drift_ratio": float(d_fl / d_ref)}
+
+
+def spike(beta2: float = 0.999, factor: float = 1e4, steps: int = 300, groups: int = 8, seed: int = 0,
+          **flash_kw) -> Dict[str, float]:
+    n = groups * G
+    gen = torch.Generator().manual_seed(seed)
+    init = torch.randn(n, generator=gen) * 0.1
+    grads = torch.randn(steps + 50, n, generator=gen)
+    spiked = torch.zeros(n, dtype=torch.bool)
+    spiked[::G] = True
+    lr = 1e-3
+    kw = dict(lr=lr, betas=(0.9, beta2), weight_decay=0.0)
+    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
+    prev = {}
+    acc = {"ref": 0.0, "fl": 0.0, "max": 0.0}
+
+    def grad(t):
+        return torch.where(spiked & (t == 50), grads[t] * factor, grads[t])
+
+    def on_step(t):
+        now_ref, now_fl = ref.detach().clone(), _master(f_opt, fl).clone()
+        if prev:
+            d_fl = (now_fl - prev["fl"]).abs()
+            acc["max"] = max(acc["max"], float((d_fl - rho_unit(fl)).max()) / lr)
+            if t > 50:
+                acc["ref"] += float((now_ref - prev["ref"]).abs()[~spiked].sum())
+                acc["fl"] += float(d_fl[~spiked].sum())
+        prev["ref"], prev["fl"] = now_ref, now_fl
+
+    _run(ref, fl, t_opt, f_opt, grad, steps + 50, on_step)
+    return {"others_step_ratio": acc["fl"] / acc["ref"], "max_step_over_lr": acc["max"]}
+
+
+def sgd_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    n = groups * G
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, generator=gen)
+    init = torch.randn(n, generator=gen) * 0.1
+    active = torch.zeros(n, dtype=torch.bool)
+    active[::G] = True
+    kw = dict(lr=1e-2, momentum=0.9)
+    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.SGD, F.FlashSGD, kw, flash_kw)
+    snap = {}
+
+    def on_step(t):
+        if t == 99:
+            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
+
+    _run(ref, fl, t_opt, f_opt, lambda t: torch.where(active | (t < 100), c, 0.0), steps, on_step)
+    d_ref = (ref.detach() - snap["ref"])[~active].abs().sum()
+    d_fl = (_master(f_opt, fl) - snap["fl"])[~active].abs().sum()
+    return {"idle_movement_ratio": float(d_fl / d_ref)}
+
+
+def lion_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    n = groups * G
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(n, generator=gen)
+    init = torch.randn(n, generator=gen) * 0.1
+    active = torch.zeros(n, dtype=torch.bool)
+    active[::G] = True
+    ref = torch.nn.Parameter(init.clone())
+    fl = torch.nn.Parameter(init.clone().bfloat16())
+    f_opt = F.FlashLion([fl], lr=1e-4, betas=(0.9, 0.99), **flash_kw)
+    m_ref = torch.zeros(n)  # fp32 Lion momentum (torch has no Lion; the rule is two lines)
+    ratios = []
+    for t in range(steps):
+        g = torch.where(active | (t < 100), c, 0.0)
+        fl.grad = g.bfloat16()
+        f_opt.step()
+        m_ref = 0.99 * m_ref + 0.01 * g.bfloat16().float()
+        if t >= 100:
+            m_fl = f_opt.dequantized_state(fl)["exp_avg"]
+            scale = m_ref.abs().reshape(groups, G).amax(dim=1).repeat_interleave(G)
+            ok = ~active & (m_ref.abs() >= 8 / 254 * scale)  # ≥ 8 codes: resolvable by torch's rule
+            if ok.any():
+                ratios.append(float(m_fl[ok].abs().sum() / m_ref[ok].abs().sum()))
+    return {"idle_momentum_ratio": sum(ratios) / len(ratios)}
+
+
+PROBES = {
+    "v_decay β2=0.95": lambda **k: v_decay(0.95, **k),
+    "v_decay β2=0.99": lambda **k: v_decay(0.99, **k),
+    "v_decay β2=0.999": lambda **k: v_decay(0.999, **k),
+    "idle (AdamW)": idle,
+    "lr 1e-6 on weights near 1": sub_resolution,
+    "spike ×10^4 (β2=0.999)": spike,
+    "spike ×10^4 (β2=0.95)": lambda **k: spike(0.95, **k),
+    "idle (SGD momentum 0.9)": sgd_idle,
+    "idle (Lion β2=0.99)": lion_idle,
+}
+
+
+def main() -> None:
+    modes = [("nearest", {"rounding": "nearest"}), ("stochastic", {"rounding": "stochastic"})]
+    print("| probe | metric | " + " | ".join(f"{m} (seeds 0-2)" for m, _ in modes) + " |")
+    print("|---|---|" + "---|" * len(modes))
+    for name, fn in PROBES.items():
+        res = {m: [fn(seed=s, **kw) for s in range(3)] for m, kw in modes}
+        for metric in res[modes[0][0]][0]:
+            cells = []
+            for m, _ in modes:
+                vals = [r[metric] for r in res[m]]
+                cells.append(" / ".join(f"{v:.3f}" for v in vals))
+            print(f"| {name} | {metric} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
