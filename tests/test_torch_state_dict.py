@@ -455,9 +455,9 @@ def test_torch_empty_optimizer_initialisation_changes_nothing():
              ("FlashSGD", dict(momentum=0.9, weight_decay=0.1)), ("FlashSGDW", dict(momentum=0.9, weight_decay=0.1)),
              ("FlashLion", dict(weight_decay=0.1)), ("FlashAdamW", dict(master_weight_bits=32, quantize=False))]
     if os.environ.get("TRITON_INTERPRET") == "1":  # tests/conftest.py sets it on machines without CUDA
-        cases += [(cls, dict(kw, backend="triton")) for cls, kw in cases[:5]]
+        cases += [(cls, dict(kw, backend="triton")) for cls, kw in (cases[0], cases[2], cases[4])]
     for cls, kw in cases:
-        for release in (False, True):
+        for release in (False, True) if "backend" not in kw else (False,):  # the interpreter is slow
             m = _one_process_model()
             m.e = None  # gradient release hooks need parameters with elements
             before = [p.detach().clone() for p in m.parameters()]
