@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -42,6 +42,11 @@ __all__ = [
     "get_shard_spec",
     "register_shard_adapter",
     "resolve_shard",
+    "chunk_range",
+    "shard_block",
+    "FORM_GLOBAL",
+    "FORM_ELEMENTWISE",
+    "FORM_LOCAL",
 ]
 
 #: Attribute name under which an engine adapter stores a :class:`ShardSpec` on a parameter.
@@ -84,6 +89,15 @@ class Segment:
         return num_groups(self.length, self.phase(group_size), group_size)
 
 
+#: How ``FlashOptimizer.state_dict()`` exposes a tensor's state (see :mod:`flashoptim_dist.optim.state_io`):
+#: in the parameter's global layout (DTensor for DTensor parameters; whole tensors), ...
+FORM_GLOBAL = "global"
+#: ... one value per local element in one dtype (what FSDP1's optim_state_dict gathers), ...
+FORM_ELEMENTWISE = "elementwise"
+#: ... or as stored, this rank's slice only (a per-rank format: DeepSpeed partitions, custom specs).
+FORM_LOCAL = "local"
+
+
 @dataclass(frozen=True)
 class ShardSpec:
     """What a rank holds of a parameter, as seen by the optimizer.
@@ -96,16 +110,44 @@ class ShardSpec:
             whose parameter object is not itself the local storage (FSDP2 DTensors).
         grad: optional callable returning the local gradient (same numel as the local tensor)
             or ``None``.
+        state_dict_form: how ``state_dict()`` exposes the tensor's state (``FORM_*`` above);
+            ``None`` lets the optimizer decide: the global layout for DTensor parameters and
+            whole tensors, this rank's slice (``FORM_LOCAL``) for anything else.
     """
 
     global_shape: tuple
     segments: tuple
     local: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     grad: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
+    state_dict_form: Optional[str] = None
 
     @property
     def global_numel(self) -> int:
         return math.prod(self.global_shape)
+
+
+def chunk_range(n: int, k: int, i: int) -> Tuple[int, int]:
+    """(start, length) of chunk ``i`` when ``n`` items are split into ``k`` chunks like
+    ``torch.chunk`` (chunk size ``ceil(n/k)``), padded with empty chunks at the end: how
+    DTensor's ``Shard`` placement and FSDP2 split a dimension."""
+    if k <= 0 or not 0 <= i < k:
+        raise ValueError(f"chunk index {i} out of range for {k} chunks")
+    if n <= 0:
+        return 0, 0
+    size = -(-n // k)
+    start = min(i * size, n)
+    return start, min(size, n - start)
+
+
+def shard_block(n: int, mesh_sizes: Sequence[int], coord: Sequence[int], shard_dims: Sequence[int]) -> Tuple[int, int]:
+    """(start, length) of the block of ``n`` rows held at mesh coordinate ``coord`` when the mesh
+    dims in ``shard_dims`` each chunk the previous block like ``torch.chunk``, left to right
+    (DTensor's order for several ``Shard(0)`` placements), and the other dims replicate it."""
+    start, length = 0, n
+    for dim in shard_dims:
+        s, length = chunk_range(length, mesh_sizes[dim], coord[dim])
+        start += s
+    return start, length
 
 
 def set_shard_spec(param: torch.Tensor, spec: ShardSpec) -> None:

@@ -17,7 +17,9 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
     on disk by kind (params, ρ, codes, scales, other) and per parameter, and every DCP entry.
 
     ``verify=True`` also checks every file's size and CRC-32 (``"verified"`` in the result).
-    Plain DCP checkpoints (written with ``torch.optim``) are described too (``"kind": "torch"``).
+    Standard DCP checkpoints (``get_state_dict`` + ``dcp.save``) are described too (``"kind":
+    "torch"``); when their optimizer state is a Flash optimizer's, ``"flash_state"`` says what it
+    holds (parameters, family, state names, ρ dtype, scale layout).
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -53,6 +55,10 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
         out["kind"] = "torch"
         out["bytes"] = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
     md = dcp.FileSystemReader(path).read_metadata()
+    if out["kind"] == "torch":
+        flash = flash_state_in_dcp(md)
+        if flash:
+            out["flash_state"] = flash
     kinds = defaultdict(int)
     entries = []
     numel = 0
@@ -76,6 +82,51 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
     return out
 
 
+def _optim_state_entries(md):
+    """(fqn, state name, metadata) of every ``optim.state.<fqn>.<name>`` tensor of a DCP
+    checkpoint written through torch's get_state_dict (nested or flattened optimizer dict: DCP
+    joins both into the same key)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    for key, smd in md.state_dict_metadata.items():
+        if key.startswith("optim.state.") and isinstance(smd, TensorStorageMetadata):
+            fqn, _, name = key[len("optim.state."):].rpartition(".")
+            if fqn:
+                yield fqn, name, smd
+
+
+def flash_state_in_dcp(md) -> Optional[dict]:
+    """What Flash optimizer state a standard DCP checkpoint (``get_state_dict`` + ``dcp.save``)
+    holds, or None when its optimizer state has no ρ and no scales (plain ``torch.optim``)."""
+    import torch
+
+    names, params, rho_dtypes, layouts = set(), set(), set(), set()
+    for fqn, name, smd in _optim_state_entries(md):
+        if name == "rho" or name.endswith("_scales"):
+            params.add(fqn)
+        names.add(name)
+        if name == "rho":
+            rho_dtypes.add(F.dtype_name(smd.properties.dtype))
+        if name.endswith("_scales"):
+            if smd.properties.dtype == torch.int16:
+                layouts.add("elementwise")  # FSDP1: the scale of each element's group, as bf16 bits
+            elif len(smd.size) == 2:
+                layouts.add("rows")  # (rows, K): the scales of the groups touching each row
+            else:
+                layouts.add("flat")
+    if not params:
+        return None
+    family = "adam" if "exp_avg_sq" in names else "sgd" if "momentum_buffer" in names else "lion"
+    return {
+        "params": len(params),
+        "family": family,
+        "state_names": sorted(n for n in names if n != "step"),
+        "rho_dtype": "/".join(sorted(rho_dtypes)) or None,
+        "quantized": any(n.endswith("_scales") for n in names),
+        "scales_layout": "/".join(sorted(layouts)) or None,
+    }
+
+
 def _itemsize(dt) -> int:
     import torch
 
@@ -92,7 +143,8 @@ def _kind_of(key: str) -> str:
     if key.startswith(F.MODEL_PREFIX):
         return "param"
     if key.startswith("optim.state."):
-        return "states"
+        name = key.rpartition(".")[2]
+        return "rho" if name == "rho" else "scales" if name.endswith("_scales") else "states"
     return "other"
 
 

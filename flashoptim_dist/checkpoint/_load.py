@@ -32,6 +32,7 @@ from ..optim.reference import FAMILIES
 from . import _comm
 from . import _format as F
 from ._dcp import Chunked, FlashLoadPlanner
+from ._inspect import flash_state_in_dcp
 from ._views import View, build_view, n_state_slots, rank_world
 
 
@@ -127,6 +128,13 @@ def _torch_source(path: str) -> Source:
         raise F.IncompleteCheckpointError(
             f"{path} is a DCP checkpoint without 'model.*' entries and without {F.COMPLETE_FILE}: it is neither a "
             "flashoptim_dist checkpoint nor a plain get_state_dict() checkpoint"
+        )
+    if flash_state_in_dcp(md):
+        raise F.CheckpointError(
+            f"{path} is a standard torch.distributed.checkpoint checkpoint holding Flash optimizer state (written "
+            "through torch's get_state_dict + dcp.save): its ρ and 8-bit codes are not torch.optim moments. Load it "
+            "the way it was written: msd, osd = get_state_dict(model, optimizer); dcp.load({'model': msd, 'optim': "
+            "osd}, checkpoint_id=path); set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)"
         )
     opt = None
     if states:

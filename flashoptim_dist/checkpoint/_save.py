@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
-from .. import numerics as nx
+from ..canonical import canonical_run, cut_groups
 from ..optim.base import STATE_FORMAT_VERSION
 from . import _comm
 from . import _format as F
@@ -24,55 +24,7 @@ from ._dcp import Chunked, FlashSavePlanner
 from ._views import View, build_view, n_state_slots, rank_world
 
 
-# ------------------------------------------------------------------------------ requantization
-
-
-def _fixed_signed(values: torch.Tensor, scale: float) -> torch.Tensor:
-    """Companded int8 codes of fp32 ``values`` against a given scale (same formula as
-    :func:`flashoptim_dist.numerics.quantize_signed`)."""
-    if scale <= 0:
-        return torch.zeros(values.shape, dtype=torch.int8)
-    xn = nx.true_div(values.float(), scale)
-    y = (xn + xn) / (1.0 + xn.abs())
-    q = torch.floor(y * float(nx.SIGNED_LEVELS) + 0.5)
-    return q.clamp(-nx.SIGNED_LEVELS, nx.SIGNED_LEVELS).to(torch.int8)
-
-
-def _fixed_sqrt(values: torch.Tensor, scale: float) -> torch.Tensor:
-    """uint8 codes of √v for fp32 ``values`` = v against a given scale (as quantize_sqrt)."""
-    if scale <= 0:
-        return torch.zeros(values.shape, dtype=torch.uint8)
-    r = nx.sqrt_rn(values.float().clamp(min=0))
-    xn = nx.true_div(r, scale)
-    q = torch.floor(xn * float(nx.UNSIGNED_LEVELS) + 0.5)
-    return q.clamp(0, nx.UNSIGNED_LEVELS).to(torch.uint8)
-
-
-def requantize(codes: torch.Tensor, kind: str, s_old: torch.Tensor, s_new: torch.Tensor, group_size: int, phase: int) -> torch.Tensor:
-    """Re-express the codes of (part of) one group quantized with scale ``s_old`` against the
-    agreed scale ``s_new`` (>= s_old). Both scales are 1-element bf16 tensors."""
-    c = codes.detach().cpu()
-    if kind == "signed":
-        vals = nx.dequantize_signed(c, s_old.cpu().reshape(1), group_size, phase)
-        return _fixed_signed(vals, float(s_new))
-    vals = nx.dequantize_sqrt(c, s_old.cpu().reshape(1), group_size, phase)
-    return _fixed_sqrt(vals, float(s_new))
-
-
 # ------------------------------------------------------------------------------ cut groups
-
-
-def _cut_groups(gs: int, length: int, numel: int, G: int) -> List[int]:
-    """Canonical groups this run shares with another run (a shard boundary cuts them)."""
-    end = gs + length
-    out = []
-    if gs % G:
-        out.append(gs // G)
-    if end % G and end != numel:
-        g = (end - 1) // G
-        if g not in out:
-            out.append(g)
-    return out
 
 
 def _local_cut_scales(view: View) -> Dict[Tuple[str, str, int], float]:
@@ -88,7 +40,7 @@ def _local_cut_scales(view: View) -> Dict[Tuple[str, str, int], float]:
         names = view.state_names[: n_state_slots(client, group)] if group else view.state_names
         for si in ti.segs:
             pi = view.params[si.fqn]
-            for g in _cut_groups(si.seg.global_start, si.seg.length, pi.numel, G):
+            for g in cut_groups(si.seg.global_start, si.seg.length, pi.numel, G):
                 for name, _ in names:
                     sc = st.get(name + "_scales")
                     v = 0.0 if sc is None else float(sc[si.soff + g - si.seg.global_start // G])
@@ -102,28 +54,6 @@ def _local_cut_scales(view: View) -> Dict[Tuple[str, str, int], float]:
 
 def _zeros(n: int, dtype, device) -> torch.Tensor:
     return torch.zeros(n, dtype=dtype, device=device)
-
-
-def _add_codes(ch: Chunked, codes: torch.Tensor, scales: Optional[torch.Tensor], kind: str, si, numel: int, G: int,
-               agreed: Dict[Tuple[str, str, int], float], name: str) -> None:
-    """Add a segment's codes to ``ch``, re-quantizing its cut groups to the agreed scale."""
-    gs, L = si.seg.global_start, si.seg.length
-    end = gs + L
-    g0 = gs // G
-    head_end = min(end, -(-gs // G) * G) if gs % G else gs
-    tail_start = max(head_end, (end // G) * G) if (end % G and end != numel) else end
-    for a, b in ((gs, head_end), (head_end, tail_start), (tail_start, end)):
-        if b <= a:
-            continue
-        piece = codes[a - gs : b - gs]
-        if (a, b) != (head_end, tail_start) and scales is not None:
-            g = a // G
-            s_loc = scales[g - g0 : g - g0 + 1]
-            s_new = agreed.get((si.fqn, name, g))
-            if s_new is not None and s_new != float(s_loc):
-                s_new_t = torch.tensor([s_new], dtype=torch.bfloat16)
-                piece = requantize(piece, kind, s_loc, s_new_t, G, a % G)
-        ch.add_run(a, piece)
 
 
 def _build_state_dict(view: View, agreed, opt_fqns: set, lr_scheduler, extra, save_rng: bool, rank: int) -> Dict[str, Any]:
@@ -164,19 +94,15 @@ def _build_state_dict(view: View, agreed, opt_fqns: set, lr_scheduler, extra, sa
                     sc = st.get(name + "_scales")
                     sc = sc[si.soff : si.soff + ng] if sc is not None else _zeros(ng, torch.bfloat16, dev)
                     codes = vals[ls : ls + L] if vals is not None else _zeros(L, dt, dev)
-                    _add_codes(chunked(F.state_key(si.fqn, name), pi.global_shape, dt), codes, sc, kind, si, pi.numel,
-                               G, agreed, name)
+                    # groups cut by this rank's boundaries: scale agreed, codes re-expressed
+                    codes, sc = canonical_run(codes, sc, kind, gs, pi.numel, G,
+                                              lambda g, f=si.fqn, n=name: agreed.get((f, n, g)))
+                    chunked(F.state_key(si.fqn, name), pi.global_shape, dt).add_run(gs, codes)
                     # scales of the groups whose first element lies in this segment
                     g0 = gs // G
                     ga, gb = -(-gs // G), -(-(gs + L) // G)
                     if gb > ga:
-                        piece = sc[ga - g0 : gb - g0]
-                        tail = (gs + L - 1) // G
-                        s_new = agreed.get((si.fqn, name, tail))
-                        if s_new is not None and ga <= tail < gb and s_new != float(piece[tail - ga]):
-                            piece = piece.clone()
-                            piece[tail - ga] = s_new
-                        chunked(F.scales_key(si.fqn, name), (-(-pi.numel // G),), torch.bfloat16).add_run(ga, piece)
+                        chunked(F.scales_key(si.fqn, name), (-(-pi.numel // G),), torch.bfloat16).add_run(ga, sc[ga - g0 : gb - g0])
 
     for fqn, pi in view.params.items():
         if fqn in opt_fqns or pi.numel == 0:

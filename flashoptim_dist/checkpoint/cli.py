@@ -40,7 +40,13 @@ def cmd_inspect(args) -> int:
         print(json.dumps(info, indent=1, default=str))
         return 0 if info.get("verified", True) else 1
     print(f"checkpoint: {info['path']}")
-    if info["kind"] == "torch":
+    if info["kind"] == "torch" and info.get("flash_state"):
+        fl = info["flash_state"]
+        print("kind: standard DCP checkpoint (torch get_state_dict + dcp.save) holding Flash optimizer state; load it "
+              "the same way: get_state_dict(model, opt) as template, dcp.load, set_state_dict")
+        print(f"flash state: {fl['params']} parameters, family {fl['family']}, states {fl['state_names']}, "
+              f"rho {fl['rho_dtype']}, scales layout {fl['scales_layout']}")
+    elif info["kind"] == "torch":
         print("kind: plain DCP checkpoint (torch.optim); load it with flashoptim_dist.checkpoint.load(..., convert=True)")
     else:
         print(f"format version: {info['format_version']}  (flashoptim_dist {info.get('flashoptim_dist_version')}, torch {info.get('torch_version')})")

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from flashoptim_dist.layout import Segment, ShardSpec, get_shard_spec, set_shard_spec
+from flashoptim_dist.layout import FORM_LOCAL, Segment, ShardSpec, get_shard_spec, set_shard_spec
 
 __all__ = ["DeepSpeedInternalsError", "attach_shard_specs", "zero_stage_of", "tile_segments"]
 
@@ -299,7 +299,9 @@ def attach_shard_specs(engine, *, dedupe: bool = True) -> dict:
         specs = _zero12_specs(opt, names)
     nseg = 0
     for flat, segs in specs:
-        set_shard_spec(flat, ShardSpec(global_shape=tuple(flat.shape), segments=segs))
+        # state_dict() keeps the stored per-rank tensors: DeepSpeed saves the client optimizer's
+        # state per rank and the converters (checkpoint/_convert.py, zero_to_fp32) read them as stored
+        set_shard_spec(flat, ShardSpec(global_shape=tuple(flat.shape), segments=segs, state_dict_form=FORM_LOCAL))
         nseg += len(segs)
     return {"stage": stage, "tensors": len(specs), "segments": nseg, "dedupe_bytes": freed}
 

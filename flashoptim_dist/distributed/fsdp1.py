@@ -22,6 +22,11 @@ empty), which FSDP records per rank in ``FlatParameter._shard_param_infos``
     parameter) and one Segment per padding gap (``key`` = ``"<fsdp1 padding>"``, its own groups,
     zero gradient, so it stays zero). This needs no preparation.
 
+State dicts. FSDP1's ``FSDP.optim_state_dict`` / ``optim_state_dict_to_load`` (and torch's
+``get_state_dict``/``set_state_dict``, which call them) treat every optimizer state tensor as
+one value per element of the local shard, all of one dtype; the specs attached here ask the
+optimizer for that form (``layout.FORM_ELEMENTWISE``, see :mod:`flashoptim_dist.optim.state_io`).
+
 Invariance bound. Quantization groups are canonical (runs of G elements of each flattened
 parameter). Parameters lying wholly inside a rank's range have canonical groups on that rank.
 Only the first parameter of the range can start inside a group and only the last can end inside
@@ -156,7 +161,7 @@ def prepare_fsdp1(model: torch.nn.Module) -> int:
                     f"shard metadata says {seg.length}. prepare_fsdp1 must run while the model is "
                     "in its sharded state (not inside forward/backward or summon_full_params)."
                 )
-            lay.set_shard_spec(p, lay.ShardSpec(global_shape=gshape, segments=(seg,)))
+            lay.set_shard_spec(p, lay.ShardSpec(global_shape=gshape, segments=(seg,), state_dict_form=lay.FORM_ELEMENTWISE))
             count += 1
     return count
 
@@ -193,7 +198,7 @@ def _flat_spec(fp, prefix: str = "") -> lay.ShardSpec:
     if pos < n:
         segs.append(lay.Segment(pos, n - pos, 0, FSDP1_PADDING_KEY, n - pos))
     shape = (sum(int(x) for x in fp._numels),)
-    return lay.ShardSpec(global_shape=shape, segments=tuple(segs))
+    return lay.ShardSpec(global_shape=shape, segments=tuple(segs), state_dict_form=lay.FORM_ELEMENTWISE)
 
 
 def fsdp1_shard_adapter(p) -> Optional[lay.ShardSpec]:

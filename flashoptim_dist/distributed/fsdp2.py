@@ -51,6 +51,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import layout as lay
+from ..layout import chunk_range  # noqa: F401  (re-exported: part of this module's API)
 
 __all__ = [
     "fsdp2_shard_adapter",
@@ -77,18 +78,6 @@ def is_dtensor(t) -> bool:
 
 # ---------------------------------------------------------------------------------------------
 # row blocks
-
-
-def chunk_range(n: int, k: int, i: int) -> Tuple[int, int]:
-    """(start, length) of chunk ``i`` when ``n`` items are split into ``k`` chunks like
-    ``torch.chunk`` (chunk size ``ceil(n/k)``), padded with empty chunks at the end."""
-    if k <= 0 or not 0 <= i < k:
-        raise ValueError(f"chunk index {i} out of range for {k} chunks")
-    if n <= 0:
-        return 0, 0
-    size = -(-n // k)
-    start = min(i * size, n)
-    return start, min(size, n - start)
 
 
 def _placement_kind(pl) -> str:
@@ -125,16 +114,15 @@ def dtensor_row_block(global_rows: int, mesh, placements) -> Tuple[int, int]:
     coord = mesh.get_coordinate()
     if coord is None:  # this rank is not part of the mesh: it holds nothing
         return 0, 0
-    start, length = 0, global_rows
+    shard_dims = []
     for dim, pl in enumerate(placements):
         kind = _placement_kind(pl)
         if kind == "replicate":
             continue
         if kind != "shard0":
             raise ValueError(f"placement {pl} is not Shard(0)/Replicate()")
-        s, length = chunk_range(length, mesh.size(dim), coord[dim])
-        start += s
-    return start, length
+        shard_dims.append(dim)
+    return lay.shard_block(global_rows, [mesh.size(d) for d in range(len(placements))], coord, shard_dims)
 
 
 def _local_of(p):

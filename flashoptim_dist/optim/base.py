@@ -39,12 +39,15 @@ from torch.optim import Optimizer
 from .. import layout as lay
 from .. import numerics as nx
 from ..config import FlashConfig
+from . import state_io
 from .reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
 
 __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
-#: Version of the optimizer state_dict / checkpoint state format.
-STATE_FORMAT_VERSION = 1
+#: Version of the optimizer state_dict format. 2: the forms of :mod:`.state_io` (global layout
+#: for DTensor parameters and whole tensors); 1: every tensor in its stored local layout (still
+#: read by load_state_dict).
+STATE_FORMAT_VERSION = 2
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -241,7 +244,9 @@ class FlashOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One optimizer step over every parameter that has a gradient."""
-        if self._gradient_release is not None:
+        # With no state at all this is the first step ever: with release on, only torch's
+        # _init_optim_state (zero gradients, lr 0; get/set_state_dict run it) gets here.
+        if self._gradient_release is not None and self.state:
             raise RuntimeError(
                 "optimizer.step() was called while gradient release is active: every parameter "
                 "was already updated during backward. Remove the call (gradient accumulation, "
@@ -580,11 +585,27 @@ class FlashOptimizer(Optimizer):
         return total
 
     # ------------------------------------------------------------------ state dict
+    @torch.no_grad()
     def state_dict(self) -> Dict[str, Any]:
         """Like ``torch.optim.Optimizer.state_dict`` plus a ``"flashoptim"`` entry with the
-        format version and numeric config. State tensors keep their stored dtypes (int8 codes,
-        bf16 scales, int8/int16 ρ), so a reload is bit exact."""
+        format version and numeric config; what torch's ``get_state_dict`` + DCP, FSDP1's
+        ``optim_state_dict`` and a plain ``torch.save`` need (:mod:`.state_io` has the details).
+
+        Per parameter, the state is in its *global* layout where the parameter has one: ρ and
+        codes shaped like the parameter (DTensors with its mesh and placements for FSDP2/HSDP;
+        views of the stored state, no copy), scales as ``(rows, K)`` with the scales of the
+        groups touching each row (:func:`.state_io.scale_rows_shape`; a view when the row length
+        is a multiple of the group size). Groups that a DTensor shard boundary cuts are agreed to
+        one scale first: then this call is collective over the parameter's mesh and copies those
+        parameters' codes. FSDP1 parameters get one bf16 (fp32 for int16 ρ or unquantized
+        state) value per element for every state, scales included: what FSDP1 gathers, 10 bytes
+        per element for FlashAdamW-24. DeepSpeed partitions and custom ShardSpecs keep this
+        rank's stored tensors (a per-rank format). Every value is exact (int8 codes, bf16 scales,
+        int8/int16 ρ are kept or widened exactly): a reload is bit exact. The live state is never
+        modified.
+        """
         sd = super().state_dict()
+        sd["state"] = state_io.export_states(self, sd["state"])
         sd["flashoptim"] = {
             "format_version": STATE_FORMAT_VERSION,
             "family": self.family,
@@ -595,6 +616,10 @@ class FlashOptimizer(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a Flash state dict exactly, or a plain ``torch.optim`` one (quantized on load).
 
+        Flash state is accepted in every form :meth:`state_dict` writes, from any sharding:
+        the global layout as DTensors of any placements or as full plain tensors (this rank
+        takes its rows), FSDP1's per-element form, and this rank's stored layout (format
+        version 1 and per-rank files). Anything else raises naming the shapes.
         ``torch.optim.Optimizer.load_state_dict`` casts floating state to the param dtype (it
         would turn int8 codes into bf16); here state tensors keep their dtype and only move to
         the param's device.
@@ -610,10 +635,10 @@ class FlashOptimizer(Optimizer):
         )
         if meta is not None:
             version = meta.get("format_version")
-            if version != STATE_FORMAT_VERSION:
+            if version not in (1, STATE_FORMAT_VERSION):
                 raise ValueError(
                     f"optimizer state format version {version} is not supported (this "
-                    f"flashoptim_dist reads version {STATE_FORMAT_VERSION}); upgrade flashoptim_dist"
+                    f"flashoptim_dist reads versions 1-{STATE_FORMAT_VERSION}); upgrade flashoptim_dist"
                 )
             if meta.get("family") != self.family:
                 raise ValueError(
@@ -648,8 +673,7 @@ class FlashOptimizer(Optimizer):
             p = params[i]
             group = id_to_group[i]
             local = self._local(p)
-            if not flash_format:
-                st = self._from_torch_state(p, local, st, group)
+            st = state_io.import_state(self, p, st, group) if flash_format else self._from_torch_state(p, local, st, group)
             new = {}
             for k, v in st.items():
                 new[k] = v.to(local.device) if torch.is_tensor(v) else v
@@ -719,6 +743,8 @@ class FlashOptimizer(Optimizer):
                     f"plain torch state for a parameter of shape {tuple(p.shape)} has no {name!r}; "
                     f"it has {sorted(st)} — was it written by a different optimizer?"
                 )
+            mine = state_io.local_elementwise(p, v)  # global shape (DTensor or full): our rows
+            v = mine if mine is not None else v
             if v.numel() != local.numel():
                 raise ValueError(
                     f"torch state {name!r} has {v.numel()} elements, the local parameter {local.numel()}"
@@ -770,8 +796,9 @@ class FlashOptimizer(Optimizer):
     def torch_state_dict(self) -> Dict[str, Any]:
         """A dequantized state dict that the matching ``torch.optim`` optimizer loads.
 
-        Moments become fp32 tensors shaped like the parameters; ``step`` a float tensor.
-        The fp32 masters are not part of a torch optimizer state; get them with
+        Moments become fp32 tensors shaped like the parameters (DTensors like the parameter
+        for FSDP2/HSDP, so DCP and torch's state-dict APIs place them); ``step`` a float
+        tensor. The fp32 masters are not part of a torch optimizer state; get them with
         :meth:`master_params` (θ' + ρ correction).
         """
         sd = super().state_dict()
@@ -783,7 +810,7 @@ class FlashOptimizer(Optimizer):
             dq = self.dequantized_state(p, group)
             entry = {"step": torch.tensor(float(dq["step"]))}
             for name, _ in FAMILIES[self.family][: self._n_states(group)]:
-                entry[name] = dq[name]
+                entry[name] = state_io.as_global(p, dq[name])
             state[i] = entry
         return {"state": state, "param_groups": sd["param_groups"]}
 

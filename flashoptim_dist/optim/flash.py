@@ -3,6 +3,8 @@
 Every class is a :class:`torch.optim.Optimizer` with the same hyper-parameters and update rule
 as its ``torch.optim`` counterpart, plus the numeric options of :class:`~flashoptim_dist.FlashConfig`
 (``master_weight_bits``, ``quantize``, ``group_size``, ``backend``, ``check_numerics``).
+``torch.optim``'s implementation switches ``fused``/``foreach`` are accepted and ignored,
+``capturable=True`` and ``differentiable=True`` refused with the reason (:func:`_torch_impl_flags`).
 
 Persistent bytes per parameter with bf16 params and bf16 grads (params 2 + grads 2 + state):
 
@@ -58,14 +60,34 @@ def _check_range(name: str, value: float, lo: float, hi: float, lo_open=False, h
         raise ValueError(f"Invalid {name}: {value} (must be in {lb}{lo}, {hi}{rb})")
 
 
-def _no_torch_only_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
-    """Reject torch.optim implementation switches with a message saying why."""
-    for flag in ("foreach", "fused", "capturable", "differentiable"):
-        if kwargs.pop(flag, None):
-            raise ValueError(
-                f"{cls_name} has its own fused implementation; the torch.optim option {flag}=True "
-                "does not apply. Remove it."
-            )
+def _torch_impl_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
+    """The implementation switches of ``torch.optim`` optimizers, which frameworks pass to
+    every optimizer they build (torchtitan: ``fused``/``foreach``):
+
+    * ``fused``, ``foreach`` (any value): accepted and ignored — a Flash step is always one
+      fused kernel launch per (family, dtype) over every tensor, whatever they say;
+    * ``capturable``: ``False``/``None`` accepted; ``True`` refused — the step keeps step
+      counters and hyper-parameter rows on the host and picks kernels per step, which a CUDA
+      graph cannot capture;
+    * ``differentiable``: ``False``/``None`` accepted; ``True`` refused — the update writes
+      8-bit codes and ρ in place under ``no_grad``, so no gradient can flow through it.
+
+    Anything else is a TypeError, as in ``torch.optim``.
+    """
+    for flag in ("fused", "foreach"):
+        kwargs.pop(flag, None)
+    if kwargs.pop("capturable", None):
+        raise ValueError(
+            f"{cls_name} cannot run with capturable=True: its step keeps step counters and hyper-parameter "
+            "rows on the host and chooses kernel launches per step, which a CUDA graph cannot capture. Remove "
+            "capturable=True (and keep optimizer.step() outside torch.cuda.graph / torch.compile regions)."
+        )
+    if kwargs.pop("differentiable", None):
+        raise ValueError(
+            f"{cls_name} cannot run with differentiable=True: the step is not differentiable (it writes "
+            "8-bit codes and the ρ correction in place under no_grad). Use a torch.optim optimizer with "
+            "differentiable=True for meta-learning through the update."
+        )
     if kwargs:
         raise TypeError(f"{cls_name} got unexpected keyword arguments: {sorted(kwargs)}")
 
@@ -128,7 +150,7 @@ class _AdamBase(FlashOptimizer):
         seed: int = 0,
         **kwargs,
     ):
-        _no_torch_only_flags(type(self).__name__, kwargs)
+        _torch_impl_flags(type(self).__name__, kwargs)
         if amsgrad:
             raise ValueError(
                 f"{type(self).__name__} does not implement amsgrad (it would need a third state); "
@@ -218,7 +240,7 @@ class _SGDBase(FlashOptimizer):
         seed: int = 0,
         **kwargs,
     ):
-        _no_torch_only_flags(type(self).__name__, kwargs)
+        _torch_impl_flags(type(self).__name__, kwargs)
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
         )
@@ -302,7 +324,7 @@ class FlashLion(FlashOptimizer):
         seed: int = 0,
         **kwargs,
     ):
-        _no_torch_only_flags(type(self).__name__, kwargs)
+        _torch_impl_flags(type(self).__name__, kwargs)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
 
