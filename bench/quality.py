@@ -167,9 +167,14 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--tiny", action="store_true", help="a tiny model for a CPU smoke test")
     ap.add_argument("--summarize", default=None, help="only print the tables of this folder")
+    ap.add_argument("--json", default=None, help="also write every run's evaluations and seconds here")
     args = ap.parse_args()
     if args.summarize:
-        print(summarize(Path(args.summarize)))
+        root = Path(args.summarize)
+        print(summarize(root))
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {d.name: read_evals(d) for d in sorted(root.iterdir()) if d.is_dir()}, indent=1))
         return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -178,6 +183,9 @@ def main() -> None:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(lambda r: run_one(r[0], r[1], out), runs))
     print(summarize(out))
+    if args.json:
+        record = {r["tag"]: dict(r, evals=read_evals(out / r["tag"])) for r in results}
+        Path(args.json).write_text(json.dumps(record, indent=1))
     if any(r["rc"] for r in results):
         sys.exit(1)
 
