@@ -26,7 +26,6 @@ The probes (issue 13):
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict
 
 import torch
@@ -188,7 +187,6 @@ def lion_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> D
     init = torch.randn(n, generator=gen) * 0.1
     active = torch.zeros(n, dtype=torch.bool)
     active[::G] = True
-    ref = torch.nn.Parameter(init.clone())
     fl = torch.nn.Parameter(init.clone().bfloat16())
     f_opt = F.FlashLion([fl], lr=1e-4, betas=(0.9, 0.99), **flash_kw)
     m_ref = torch.zeros(n)  # fp32 Lion momentum (torch has no Lion; the rule is two lines)
