@@ -174,3 +174,17 @@ def test_quantized_trajectory_tracks_fp32_in_direction_and_size(flash_cls, torch
     for tag, (cos, size) in res.items():
         assert cos >= TOL["quantized_traj_cosine"], (tag, res)
         assert abs(size - 1) <= TOL["quantized_traj_size"], (tag, res)
+
+
+@pytest.mark.parametrize("probe,kw", [
+    ("idle", dict(steps=130, groups=2)),
+    ("sub_resolution", dict(steps=40, n=256)),
+    ("sgd_idle", dict(steps=120, groups=2)),
+], ids=["idle", "sub_resolution", "sgd_idle"])
+def test_probes_give_the_same_numbers_through_the_kernel(probe, kw):
+    """The probes above run the reference math; the fused kernel (interpreted on CPU) must give
+    the same results bit for bit on shortened versions of them (same dithers, same codes)."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("the kernel runs on CUDA or under TRITON_INTERPRET=1 (tests/conftest.py sets it on CPU)")
+    fn = getattr(P, probe)
+    assert fn(backend="triton", **kw) == fn(backend="reference", **kw)
