@@ -850,8 +850,13 @@ def _main(argv: list[str]) -> int:
             host, _, port = args.wait.rpartition(":")
             timeout = rendezvous_timeout()
             if not wait_for_endpoint(host, int(port), timeout):
+                try:
+                    socket.getaddrinfo(host, None)
+                    unresolved = ""
+                except OSError:
+                    unresolved = f" ({host} does not resolve on this node: use its IP address or a name in this node's DNS)"
                 raise LaunchEnvError(
-                    f"the rendezvous {host}:{port} did not answer within {timeout:g} s from host {socket.gethostname()}. "
+                    f"the rendezvous {host}:{port} did not answer within {timeout:g} s from host {socket.gethostname()}{unresolved}. "
                     f"Check that the first node was started with the same MASTER_ADDR:MASTER_PORT and that {host} "
                     f"is reachable from this node (firewall, `nc -zv {host} {port}`); set MASTER_ADDR to an address of "
                     f"the first node that every node can reach; if nodes start far apart, raise {RDZV_TIMEOUT_VAR} (seconds)"
