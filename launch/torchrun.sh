@@ -16,6 +16,7 @@
 #   MASTER_ADDR     rendezvous host for NNODES > 1           (127.0.0.1)
 #   MASTER_PORT     rendezvous port for NNODES > 1           (29500)
 #   RDZV_ID         rendezvous id, the same on every node    (flashoptim)
+#   FLASHOPTIM_RDZV_TIMEOUT  seconds for all NNODES to join     (600, torchrun's default)
 #   PYTHON          python interpreter                       (python3, or python if absent)
 #   TORCHRUN_ARGS   extra arguments for torchrun             (none)
 # Arguments are passed to the trainer as config overrides.
@@ -42,7 +43,15 @@ if [[ "$NNODES" == "1" ]]; then
     # --standalone: a private rendezvous on a free local port (several jobs may share a node).
     rdzv=(--standalone)
 else
-    rdzv=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID")
+    join="${FLASHOPTIM_RDZV_TIMEOUT:-600}"
+    join="${join%.*}"  # torchrun takes whole seconds
+    rdzv=(--nnodes="$NNODES" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" --rdzv-id="$RDZV_ID"
+          --rdzv-conf="join_timeout=$((join > 0 ? join : 1))")
+    # On a node that does not host the store, wait for it here: an unreachable MASTER_ADDR then
+    # fails with the fix named instead of torchrun's connection traceback. Returns at once on
+    # the node whose address MASTER_ADDR is (torchrun starts the store there).
+    # (run as a file: importing the package would import torch, seconds per node for nothing)
+    "$PYTHON" "$repo/flashoptim_dist/launch_env.py" --wait "$MASTER_ADDR:$MASTER_PORT"
 fi
 
 set -x

@@ -149,3 +149,40 @@ def preserved_environ():
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (for a rendezvous that the test pins)."""
+    from flashoptim_dist.launch_env import free_port as _free
+
+    return _free("")
+
+
+def emulated_mpi_hosts(tmp_path: Path, slots: tuple[int, ...] = (2, 2)) -> dict:
+    """Environment for launch/mpirun.sh that makes Open MPI start ``len(slots)`` "nodes" on this machine.
+
+    The hostfile names hosts ``nodeA``, ``nodeB``, ... and ``plm_rsh_agent`` is a stand-in for
+    ssh that runs the command it is given here instead of on that host: mpirun then starts one
+    ``orted`` daemon per host, exactly as on a real allocation, and each daemon's ranks form one
+    node for MPI (local rank/size, ``COMM_TYPE_SHARED``). Two more settings are needed only
+    because both daemons share this machine: ``btl self,tcp`` (the shared-memory transport
+    segfaults here between ranks of two daemons on one host; Open MPI 4.1.4 under gVisor) and
+    ``PMIX_MCA_gds=hash`` (both daemons' shared-memory PMIx stores would otherwise collide:
+    "PMIX ERROR ... dstore_base.c").
+    """
+    agent = tmp_path / "fake_ssh"
+    agent.write_text(
+        "#!/usr/bin/env bash\n"
+        "# ssh stand-in: skip options and the host name, run the remote command on this machine\n"
+        'while [[ "${1:-}" == -* ]]; do shift; done\n'
+        "shift\n"
+        'exec /bin/sh -c "$*"\n'
+    )
+    agent.chmod(0o755)
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("".join(f"node{chr(65 + i)} slots={n}\n" for i, n in enumerate(slots)))
+    return {
+        "HOSTFILE": str(hosts),
+        "MPIRUN_ARGS": f"--oversubscribe --mca plm_rsh_agent {agent} --mca btl self,tcp",
+        "PMIX_MCA_gds": "hash",
+    }

@@ -1,14 +1,21 @@
-"""A real one-node SLURM cluster for tests: munged + slurmctld + slurmd in a scratch directory.
+"""A real SLURM cluster on this machine for tests: munged + slurmctld + one slurmd per node, in a
+scratch directory.
 
 Follows ../shared/notes/slurm-local.md (Debian's slurm-wlm and munge, run as root). Everything
 the daemons write (state, spool, logs, the munge socket) stays under the scratch directory, the
 ports are picked free, and the daemons are stopped by their pids, never by name, so a test
 session leaves nothing running.
 
-Use the ``slurm_cluster`` fixture (module scope), or :class:`SlurmCluster` directly::
+Several nodes: Debian's Slurm 22.05 runs several slurmd on one machine (``slurmd -N name``, one
+``NodeName`` line each with its own ``Port``, spool/pid/log paths per node through ``%n``). The
+nodes are called ``node1``, ``node2``, ...: names that do not resolve, with ``NodeAddr=127.0.0.1``
+— as on clusters whose node names are not in DNS, a job must take the first node's address from
+``scontrol show node`` (``NodeAddr``), which launch/slurm.sbatch does. One node is ``localhost``.
 
-    with SlurmCluster(tmp_dir) as cluster:
-        subprocess.run(["srun", "-N1", "-n2", "hostname"], env=cluster.env(), check=True)
+Use the ``slurm_cluster`` fixture (module scope, two nodes), or :class:`SlurmCluster` directly::
+
+    with SlurmCluster(tmp_dir, nodes=2) as cluster:
+        subprocess.run(["srun", "-N2", "-n2", "hostname"], env=cluster.env(), check=True)
 
 The fixture skips (with the reason) only when the binaries are missing or the tests do not run
 as root; CI installs the packages with .ci/setup_system.sh and runs as root.
@@ -66,9 +73,10 @@ def _free_port() -> int:
 class SlurmCluster:
     """munged + slurmctld + slurmd with all state under ``root``; :meth:`start` / :meth:`stop`."""
 
-    def __init__(self, root: Path, cpus: int = 2) -> None:
+    def __init__(self, root: Path, cpus: int = 2, nodes: int = 1) -> None:
         self.root = Path(root)
         self.cpus = cpus
+        self.nodes = ["localhost"] if nodes == 1 else [f"node{i}" for i in range(1, nodes + 1)]
         self.procs: dict[str, subprocess.Popen] = {}
         self.conf = self.root / "slurm.conf"
         self.munge_socket = self.root / "munge" / "munge.socket"
@@ -87,25 +95,29 @@ class SlurmCluster:
 
     def _write_conf(self) -> None:
         r = self.root
-        ctld_port, d_port = _free_port(), _free_port()
+        ctld_port = _free_port()
+        if self.nodes == ["localhost"]:
+            node_lines = [f"SlurmdPort={_free_port()}", f"NodeName=localhost CPUs={self.cpus} State=UNKNOWN"]
+        else:
+            node_lines = [f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={_free_port()} "
+                          f"CPUs={self.cpus} State=UNKNOWN" for n in self.nodes]
         self.conf.write_text(
             "\n".join(
                 [
                     "ClusterName=flashoptimtest",
                     "SlurmctldHost=localhost",
                     f"SlurmctldPort={ctld_port}",
-                    f"SlurmdPort={d_port}",
                     "SlurmUser=root",
                     "SlurmdUser=root",
                     "AuthType=auth/munge",
                     "CredType=cred/munge",
                     f"AuthInfo=socket={self.munge_socket}",
                     f"StateSaveLocation={r}/spool_ctld",
-                    f"SlurmdSpoolDir={r}/spool_d",
+                    f"SlurmdSpoolDir={r}/spool_d/%n",  # %n: the node name, one of each per slurmd
                     f"SlurmctldPidFile={r}/slurmctld.pid",
-                    f"SlurmdPidFile={r}/slurmd.pid",
+                    f"SlurmdPidFile={r}/slurmd_%n.pid",
                     f"SlurmctldLogFile={r}/log/slurmctld.log",
-                    f"SlurmdLogFile={r}/log/slurmd.log",
+                    f"SlurmdLogFile={r}/log/slurmd_%n.log",
                     "ProctrackType=proctrack/linuxproc",
                     "TaskPlugin=task/none",
                     "SelectType=select/cons_tres",
@@ -118,7 +130,7 @@ class SlurmCluster:
                     "SchedulerParameters=sched_interval=1",
                     "MessageTimeout=30",
                     "KillWait=5",
-                    f"NodeName=localhost CPUs={self.cpus} State=UNKNOWN",
+                    *node_lines,
                     "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES",
                     "",
                 ]
@@ -145,7 +157,7 @@ class SlurmCluster:
         reason = missing_requirements()
         if reason:
             raise RuntimeError(reason)
-        for d in ("spool_ctld", "spool_d", "log", "munge"):
+        for d in ("spool_ctld", "log", "munge", *(f"spool_d/{n}" for n in self.nodes)):
             (self.root / d).mkdir(parents=True, exist_ok=True)
         munge = pwd.getpwnam("munge")
         os.chown(self.root / "munge", munge.pw_uid, munge.pw_gid)
@@ -176,10 +188,11 @@ class SlurmCluster:
             time.sleep(0.1)
         self._spawn("slurmctld", ["/usr/sbin/slurmctld", "-D", "-c", "-f", str(self.conf)])
         time.sleep(0.5)
-        self._spawn("slurmd", ["/usr/sbin/slurmd", "-D", "-N", "localhost", "-f", str(self.conf)])
+        for n in self.nodes:
+            self._spawn(f"slurmd_{n}", ["/usr/sbin/slurmd", "-D", "-N", n, "-f", str(self.conf)])
         while True:
-            out = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env(), capture_output=True, text=True)
-            if "idle" in out.stdout:
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env(), capture_output=True, text=True)
+            if out.stdout.split().count("idle") == len(self.nodes):
                 return self
             dead = [n for n, p in self.procs.items() if p.poll() is not None]
             if dead or time.time() > deadline:
@@ -189,8 +202,21 @@ class SlurmCluster:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld and munged by their pids (TERM, then KILL after 15 s)."""
-        for name in ("slurmd", "slurmctld", "munged"):
+        """Cancel this cluster's jobs, then stop the slurmds, slurmctld and munged by their pids
+        (TERM, then KILL after 15 s)."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            # A job still running (a test that timed out) lives in slurmstepd processes, which
+            # outlive slurmd: without scancel its ranks would keep running after the cluster.
+            # (SLURM_CONF in env() points at this cluster only)
+            subprocess.run(["scancel", "--full", "--quiet", f"--user={pwd.getpwuid(os.getuid()).pw_name}"],
+                           env=self.env(), capture_output=True, timeout=30)
+            deadline = time.time() + 20
+            while time.time() < deadline:  # until every node is idle again: the job's processes ended
+                q = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env(), capture_output=True, text=True, timeout=30)
+                if q.returncode != 0 or set(q.stdout.split()) <= {"idle"}:
+                    break
+                time.sleep(0.5)
+        for name in (*(f"slurmd_{n}" for n in self.nodes), "slurmctld", "munged"):
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:
                 continue
@@ -210,14 +236,14 @@ class SlurmCluster:
 
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
-    """A running one-node SLURM cluster for the tests of one module; stopped afterwards."""
+    """A running two-node SLURM cluster (node1, node2) for the tests of one module; stopped afterwards."""
     reason = missing_requirements()
     if reason:
         missing(reason)
     # Not under pytest's tmp_path: its directories are private (0700) and munged insists that
     # every directory above its socket be searchable by all.
     root = Path(tempfile.mkdtemp(prefix="flashoptim-slurm-"))
-    cluster = SlurmCluster(root)
+    cluster = SlurmCluster(root, nodes=2)
     try:
         cluster.start()
         yield cluster

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from flashoptim_dist.launch_env import LaunchEnvError, apply_to_environ, detect, expand_hostlist
+from flashoptim_dist import launch_env
+from flashoptim_dist.launch_env import (
+    LaunchEnvError, apply_to_environ, choose_master_addr, detect, expand_hostlist, hsdp_mesh_shape, rendezvous_timeout,
+)
+
+
+@pytest.fixture
+def no_mpi4py(monkeypatch):
+    """As on a machine without mpi4py: no MPI discovery."""
+    monkeypatch.setattr(launch_env, "_mpi4py_available", lambda: False)
+
+
+@pytest.fixture
+def with_mpi4py(monkeypatch):
+    monkeypatch.setattr(launch_env, "_mpi4py_available", lambda: True)
 
 
 def test_torchrun():
@@ -20,7 +34,7 @@ def test_deepspeed_launcher():
     assert (le.launcher, le.rank, le.local_world_size, le.node_rank) == ("deepspeed", 1, 2, 0)
 
 
-def test_open_mpi_single_node_defaults_to_loopback():
+def test_open_mpi_single_node_defaults_to_loopback(no_mpi4py):
     env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     le = detect(env)
@@ -29,12 +43,36 @@ def test_open_mpi_single_node_defaults_to_loopback():
     assert (le.master_addr, le.master_port) == ("10.1.2.3", 4000)
 
 
-def test_open_mpi_multi_node_requires_explicit_master_addr():
+def test_open_mpi_multi_node_without_mpi4py_requires_master_addr(no_mpi4py):
     env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
-    with pytest.raises(LaunchEnvError, match=r"MASTER_ADDR is not set; pass it explicitly, e.g. `mpirun -x MASTER_ADDR="):
+    with pytest.raises(LaunchEnvError, match=r"MASTER_ADDR is not set; pass it explicitly, e.g. `mpirun -x MASTER_ADDR=.*"
+                                             r"or `pip install mpi4py` and let rank 0 broadcast them"):
         detect(env)
     assert detect({**env, "MASTER_ADDR": "node1"}).node_rank == 0
+
+
+def test_open_mpi_with_mpi4py_leaves_the_rendezvous_to_resolve(with_mpi4py):
+    env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
+           "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
+    le = detect(env)  # multi-node without MASTER_ADDR is no longer an error
+    assert le.needs_mpi_discovery and (le.master_addr, le.master_port) == ("", 0)
+    with pytest.raises(LaunchEnvError, match=r"call launch_env.resolve\(\) on every rank"):
+        apply_to_environ(le, {})
+    # explicit values win, each on its own: with both there is nothing to discover
+    le = detect({**env, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4000"})
+    assert not le.needs_mpi_discovery and (le.master_addr, le.master_port) == ("10.0.0.1", 4000)
+    le = detect({**env, "MASTER_ADDR": "10.0.0.1"})
+    assert le.needs_mpi_discovery and (le.master_addr, le.master_port) == ("10.0.0.1", 0)
+
+
+def test_open_mpi_node_rank_is_the_node_index():
+    # OMPI_COMM_WORLD_NODE_RANK is this process's rank among the processes on its node (across
+    # jobs), not the node's index: rank 10 of 8-per-node is on node 1 whatever it says.
+    le = detect({"OMPI_COMM_WORLD_RANK": "10", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "2",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE": "8", "OMPI_COMM_WORLD_NODE_RANK": "2", "MASTER_ADDR": "n0",
+                 "MASTER_PORT": "1"})
+    assert le.node_rank == 1
 
 
 def test_mpich():
@@ -93,7 +131,7 @@ def test_hostlist_expansion():
         expand_hostlist("gpu[3-1]")
 
 
-def test_apply_to_environ_exports_env_vars_and_remembers_the_launcher():
+def test_apply_to_environ_exports_env_vars_and_remembers_the_launcher(no_mpi4py):
     src = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     env = dict(src)
@@ -103,3 +141,62 @@ def test_apply_to_environ_exports_env_vars_and_remembers_the_launcher():
     single = {}
     le = apply_to_environ(detect(single), single)
     assert le.master_port > 0 and single["MASTER_PORT"] == str(le.master_port)
+
+
+def _route_table(table):
+    return lambda dest: table.get(dest)
+
+
+def test_master_addr_is_the_interface_that_routes_to_the_other_nodes():
+    mine = [("lo", "127.0.0.1"), ("docker0", "172.17.0.1"), ("eth0", "10.1.0.5"), ("ib0", "10.2.0.5")]
+    # Every node has the same docker bridge address: it says nothing about reaching that node.
+    peers = [["127.0.0.1", "172.17.0.1", "10.2.0.6"], ["127.0.0.1", "172.17.0.1", "10.2.0.7"]]
+    route = _route_table({"172.17.0.1": "172.17.0.1", "10.2.0.6": "10.2.0.5", "10.2.0.7": "10.2.0.5"})
+    addr, why = choose_master_addr(peers, mine, route=route)
+    assert addr == "10.2.0.5" and "ib0" in why and "2 of the 2 other nodes" in why
+    # by majority when nodes disagree
+    route = _route_table({"10.2.0.6": "10.1.0.5", "10.2.0.7": "10.2.0.5", "10.2.0.8": "10.2.0.5"})
+    addr, _ = choose_master_addr([["10.2.0.6"], ["10.2.0.7"], ["10.2.0.8"]], mine, route=route)
+    assert addr == "10.2.0.5"
+
+
+def test_master_addr_on_two_nodes_of_one_machine_and_one_node():
+    mine = [("lo", "127.0.0.1"), ("eth0", "192.0.2.2")]
+    # a "node" holding only rank 0's own addresses is this machine: its address still routes
+    addr, why = choose_master_addr([["127.0.0.1", "192.0.2.2"]], mine, route=_route_table({"192.0.2.2": "192.0.2.2"}))
+    assert addr == "192.0.2.2" and "eth0" in why
+    assert choose_master_addr([], mine) == ("127.0.0.1", "one node: loopback")
+    # no route found: the first non-loopback address, said so
+    addr, why = choose_master_addr([["10.9.9.9"]], mine, route=_route_table({}))
+    assert addr == "192.0.2.2" and "no route" in why
+    with pytest.raises(LaunchEnvError, match="no non-loopback IPv4 address.*set MASTER_ADDR"):
+        choose_master_addr([["10.9.9.9"]], [("lo", "127.0.0.1")], route=_route_table({}))
+
+
+def test_master_ifname_override():
+    mine = [("lo", "127.0.0.1"), ("eth0", "10.1.0.5"), ("ib0", "10.2.0.5")]
+    route = _route_table({"10.1.0.6": "10.1.0.5"})
+    assert choose_master_addr([["10.1.0.6"]], mine, ifnames="ib1,ib0", route=route)[0] == "10.2.0.5"
+    with pytest.raises(LaunchEnvError, match=r"FLASHOPTIM_MASTER_IFNAME='hsn0'.*it has: lo=127.0.0.1, eth0=10.1.0.5, ib0=10.2.0.5"):
+        choose_master_addr([["10.1.0.6"]], mine, ifnames="hsn0", route=route)
+
+
+def test_hsdp_mesh_shape_from_nodes():
+    assert hsdp_mesh_shape("nodes", [0, 0, 1, 1]) == (2, 2)
+    assert hsdp_mesh_shape("nodes", [0, 1]) == (2, 1)
+    assert hsdp_mesh_shape("nodes", [0, 0, 0]) == (1, 3)
+    assert hsdp_mesh_shape(2, [0, 0, 0, 1, 1, 1]) == (2, 3)
+    with pytest.raises(LaunchEnvError, match=r"the 2 nodes run \[2, 1\] ranks: 2 nodes do not divide the 3 ranks evenly.*"
+                                             r"NPROC_PER_NODE.*--ntasks-per-node.*engine.replicas to a divisor of 3 \(1, 3\)"):
+        hsdp_mesh_shape("nodes", [0, 0, 1])
+    with pytest.raises(LaunchEnvError, match=r"consecutive, but rank 1 runs on node 1.*--distribution=block"):
+        hsdp_mesh_shape("nodes", [0, 1, 0, 1])
+    with pytest.raises(LaunchEnvError, match=r"engine.replicas=3 does not divide the 4 ranks: use one of 1, 2, 4"):
+        hsdp_mesh_shape(3, [0, 0, 1, 1])
+
+
+def test_rendezvous_timeout_setting():
+    assert rendezvous_timeout({}) == 600.0 and rendezvous_timeout({"FLASHOPTIM_RDZV_TIMEOUT": "2.5"}) == 2.5
+    for bad in ("0", "-1", "soon"):
+        with pytest.raises(LaunchEnvError, match=f"FLASHOPTIM_RDZV_TIMEOUT='{bad}' is invalid"):
+            rendezvous_timeout({"FLASHOPTIM_RDZV_TIMEOUT": bad})

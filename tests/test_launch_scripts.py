@@ -48,26 +48,46 @@ def test_scripts_are_executable_and_strict(script):
 def test_torchrun_script_settings_come_from_the_environment(tmp_path):
     """A fake python records what torchrun.sh would run: every setting is overridable."""
     fake = tmp_path / "fakepy"
-    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_OUT"\n')
+    fake.write_text('#!/usr/bin/env bash\necho "$*" >> "$FAKE_OUT"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PYTHON": str(fake), "FAKE_OUT": str(tmp_path / "args"), "NPROC_PER_NODE": "8",
            "NNODES": "4", "MASTER_ADDR": "node007", "MASTER_PORT": "1234", "RDZV_ID": "job9",
-           "CONFIG": "my.yaml", "COMMAND": "compare"}
+           "CONFIG": "my.yaml", "COMMAND": "compare", "FLASHOPTIM_RDZV_TIMEOUT": "77"}
     subprocess.run(["bash", str(LAUNCH / "torchrun.sh"), "optim.lr=1"], env=env, check=True, capture_output=True)
-    args = (tmp_path / "args").read_text().split("\n")
+    wait, torchrun = (tmp_path / "args").read_text().splitlines()
+    # first the wait for the first node's rendezvous, then torchrun with the same timeout
+    assert wait == f"{REPO / 'flashoptim_dist' / 'launch_env.py'} --wait node007:1234"
+    args = torchrun.split()
     for want in ("--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=node007:1234", "--rdzv-id=job9",
-                 "--nproc-per-node=8", "compare", "my.yaml", "optim.lr=1"):
+                 "--rdzv-conf=join_timeout=77", "--nproc-per-node=8", "compare", "my.yaml", "optim.lr=1"):
         assert want in args, (want, args)
 
 
-def test_mpirun_script_pins_master_addr_from_hostfile(tmp_path):
+def _mpirun_args(tmp_path, python: str, **settings) -> list[str]:
+    """What launch/mpirun.sh passes to mpirun (a fake one records it) with a two-host hostfile."""
     fake = tmp_path / "fakempirun"
     fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$FAKE_OUT"\n')
     fake.chmod(0o755)
     hosts = tmp_path / "hosts"
     hosts.write_text("# comment\n\nnodeA slots=8\nnodeB slots=8\n")
-    env = {**os.environ, "MPIRUN": str(fake), "FAKE_OUT": str(tmp_path / "args"), "NP": "16", "HOSTFILE": str(hosts)}
-    env.pop("MASTER_ADDR", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "NP")}
+    env.update(MPIRUN=str(fake), FAKE_OUT=str(tmp_path / "args"), HOSTFILE=str(hosts), PYTHON=python, **settings)
     subprocess.run(["bash", str(LAUNCH / "mpirun.sh")], env=env, check=True, capture_output=True)
-    args = (tmp_path / "args").read_text().split("\n")
-    assert "MASTER_ADDR=nodeA" in args and "--hostfile" in args and "16" in args and "--bind-to" in args
+    return (tmp_path / "args").read_text().split("\n")
+
+
+def test_mpirun_script_leaves_the_rendezvous_to_mpi4py(tmp_path):
+    pytest.importorskip("mpi4py")
+    args = _mpirun_args(tmp_path, sys.executable)
+    assert "--hostfile" in args and "--bind-to" in args and "-np" not in args  # every slot of the hostfile
+    assert not [a for a in args if a.startswith(("MASTER_ADDR", "MASTER_PORT"))], args
+    args = _mpirun_args(tmp_path, sys.executable, NP="16", MASTER_PORT="4242", FLASHOPTIM_MASTER_IFNAME="ib0")
+    assert args[args.index("-np") + 1] == "16" and "MASTER_PORT=4242" in args and "FLASHOPTIM_MASTER_IFNAME=ib0" in args
+
+
+def test_mpirun_script_without_mpi4py_pins_master_addr_from_hostfile(tmp_path):
+    nompi = tmp_path / "python_without_mpi4py"
+    nompi.write_text(f'#!/usr/bin/env bash\n[[ "$*" == *mpi4py* ]] && exit 1\nexec {sys.executable} "$@"\n')
+    nompi.chmod(0o755)
+    args = _mpirun_args(tmp_path, str(nompi), NP="16")
+    assert "MASTER_ADDR=nodeA" in args and "MASTER_PORT=29500" in args and "16" in args

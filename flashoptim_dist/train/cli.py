@@ -124,7 +124,7 @@ def _run(command: str, argv: list[str]) -> int:
             from .compare import main_compare
 
             main_compare(cfg)
-    except (EngineError, ImportError, FileNotFoundError) as e:
+    except (EngineError, launch_env.LaunchEnvError, ImportError, FileNotFoundError) as e:
         # Problems of the setup, with messages that name the fix; anything else keeps its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -193,6 +193,8 @@ class EngineConfig:
     """Dtype of gradient reduction under fsdp2/fsdp1."""
     shard_embeddings: bool = True
     """fsdp2/fsdp1: the token embedding and the output head (when not tied) are FSDP units of their own instead of parts of the root unit. Both FSDP versions keep the root unit's parameters gathered from the end of forward to the end of backward and its unsharded gradients until the root's reduce-scatter; out of the root, embedding and head (2 x vocab x d_model x 2 bytes gathered, plus the head's gradient) are held only while used. Other engines ignore it."""
+    replicas: Union[int, Literal["nodes"]] = 1
+    """fsdp2 only: HSDP when > 1 — the ranks form this many model replicas, each sharding the model over its consecutive ranks (reduce-scatter inside a replica, all-reduce across replicas); 'nodes': one replica per node, so only the cheap all-reduce crosses the network (needs the same number of ranks on every node); 1: plain FSDP2 over all ranks."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto: nccl with CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0
@@ -616,6 +618,9 @@ def validate(cfg: Config) -> None:
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} is invalid: must be >= 0")
     need(t.max_grad_norm >= 0.0, f"train.max_grad_norm={t.max_grad_norm} is invalid: must be >= 0 (0 disables clipping)")
     need(en.timeout_minutes > 0, f"engine.timeout_minutes={en.timeout_minutes} is invalid: must be > 0")
+    if en.replicas != "nodes":
+        need(en.replicas >= 1, f"engine.replicas={en.replicas} is invalid: must be a positive integer or 'nodes'")
+    need(en.replicas == 1 or en.name == "fsdp2", f"engine.replicas={en.replicas!r} is invalid with engine.name={en.name!r}: HSDP replicas need engine.name=fsdp2")
     if d.global_batch_size is not None:
         need(
             d.global_batch_size % d.micro_batch_size == 0,

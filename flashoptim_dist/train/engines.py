@@ -73,6 +73,8 @@ class Engine:
         self.device = device
         self.autocast = autocast
         self.grad_release = grad_release
+        self.layout = ""
+        """How the ranks are arranged when that is not obvious from the engine's name (HSDP)."""
         self.loss_chunks = 1
         """Token slices for head + loss (model.loss_chunks; > 1 needs a model with
         ``forward(idx, targets, loss_chunks)``: the built-in GPT, or a Hugging Face model after
@@ -256,6 +258,25 @@ def _bf16_cast(model: nn.Module) -> nn.Module:
     return cast_model(model, dtype=torch.bfloat16)
 
 
+def _fsdp2_mesh(cfg: Config, device: torch.device, world: int):
+    """1-D mesh of all ranks, or with engine.replicas != 1 the 2-D (replicate, shard) HSDP mesh
+    whose shape :func:`launch_env.hsdp_mesh_shape` derives from where every rank runs."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from .. import launch_env
+
+    if cfg.engine.replicas == 1:
+        return init_device_mesh(device.type, (world,))
+    nodes: list = [launch_env.detect().node_rank] * world
+    if world > 1:
+        dist.all_gather_object(nodes, nodes[0])
+    try:
+        shape = launch_env.hsdp_mesh_shape(cfg.engine.replicas, nodes)
+    except launch_env.LaunchEnvError as e:
+        raise EngineError(str(e)) from None
+    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -371,14 +392,13 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
         cls = _DDPEngine if name == "ddp" else Engine
         eng = cls(name, model, module, opt, device, autocast=not flash)
     elif name == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if flash:
             _bf16_cast(model)
         if not meta:
             model.to(device)
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = _fsdp2_mesh(cfg, device, world)
         mp = MixedPrecisionPolicy(param_dtype=None if flash else torch.bfloat16, reduce_dtype=reduce_dtype)
         for unit in _fsdp_units(cfg, model):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
@@ -388,6 +408,8 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
             model.init_weights()
         opt = build_optimizer(cfg.optim, model)
         eng = _FSDP2Engine(name, model, model, opt, device)
+        if mesh.ndim == 2:
+            eng.layout = f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
     elif name == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import MixedPrecision, ShardingStrategy

@@ -226,6 +226,7 @@ def run_training(cfg: Config) -> dict:
             f"data {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens from {corpus.n_files} files | "
             f"global batch {global_bs} x {cfg.data.seq_len} tokens ({accum} accumulation steps)"
             + "".join(f" | {what}" for what, on in (
+                (engine.layout, bool(engine.layout)),
                 ("activation checkpointing", cfg.model.activation_checkpointing),
                 (f"loss in {cfg.model.loss_chunks} slices", cfg.model.loss_chunks > 1)) if on),
             flush=True,
