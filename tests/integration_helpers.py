@@ -13,7 +13,12 @@ training loops) is the frameworks' own:
   when the state came out as ``MULTI_CPU``/``NO`` with a plugin.
 * :func:`fsdp1_on_cpu` — Lightning's ``FSDPStrategy`` passes ``device_id=root_device.index``
   (None on CPU) to ``FullyShardedDataParallel``, which then raises "FSDP needs a non-CPU
-  accelerator device"; FSDP1 runs on CPU with ``device_id=torch.device("cpu")``.
+  accelerator device"; FSDP1 runs on CPU with ``device_id=torch.device("cpu")``. And its full
+  state dicts use ``offload_to_cpu=True`` (``lightning/fabric/strategies/fsdp.py``,
+  ``_get_full_state_dict_context``), under which FSDP1 on a CPU-only machine copies nothing
+  (the "offload" is a no-op) and the entries point into buffers it frees: torch 2.13 segfaults
+  in ``param_hook`` cloning the model state (any optimizer); the patch uses
+  ``offload_to_cpu=False`` there, the setting docs/checkpoints.md gives for CPU machines.
 
 Both return an undo function. GPU runs need neither (bench/integrations_gpu.sh).
 """
@@ -69,8 +74,23 @@ def fsdp1_on_cpu():
 
     cls.__init__ = init
 
+    import lightning.pytorch.strategies.fsdp as pl_fsdp
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp.api import FullOptimStateDictConfig
+
+    orig_ctx = pl_fsdp._get_full_state_dict_context
+
+    def full_ctx(module, world_size, rank0_only=True):
+        return cls.state_dict_type(
+            module=module, state_dict_type=StateDictType.FULL_STATE_DICT,
+            state_dict_config=FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
+            optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only))
+
+    pl_fsdp._get_full_state_dict_context = full_ctx
+
     def undo():
         cls.__init__ = orig
+        pl_fsdp._get_full_state_dict_context = orig_ctx
 
     return undo
 
