@@ -68,28 +68,18 @@ def _config(tmp, extra=()):
     return cfg
 
 
-class _DataPosition:
-    """A Stateful stand-in for torchtitan's dataloader: the checkpointer saves and restores it."""
+class _Counter:
+    """A Stateful int that torchtitan's checkpointer saves and restores: the data position
+    (standing in for torchtitan's dataloader) and the train state's step."""
 
-    def __init__(self):
-        self.pos = 0
-
-    def state_dict(self):
-        return {"pos": self.pos}
-
-    def load_state_dict(self, sd):
-        self.pos = sd["pos"]
-
-
-class _TrainState:
-    def __init__(self):
-        self.step = 0
+    def __init__(self, key):
+        self.key, self.value = key, 0
 
     def state_dict(self):
-        return {"step": self.step}
+        return {self.key: self.value}
 
     def load_state_dict(self, sd):
-        self.step = sd["step"]
+        self.value = sd[self.key]
 
 
 def _build(cfg, world):
@@ -114,7 +104,7 @@ def _build(cfg, world):
     model.train()
     opts = cfg.optimizer.build(model_parts=[model])
     lrs = cfg.lr_scheduler.build(optimizers=opts, training_steps=cfg.training.steps)
-    data, state = _DataPosition(), _TrainState()
+    data, state = _Counter("pos"), _Counter("step")
     ckpt = cfg.checkpoint.build(dataloader=data, model_parts=[model], optimizers=opts, lr_schedulers=lrs,
                                 states={"train_state": state}, sd_adapter=None, base_folder=cfg.dump_folder)
     return model, opts, lrs, ckpt, data, state
@@ -135,12 +125,12 @@ def _train(cfg, parts, rank, world, until, emulate=1, mem=None):
     model, opts, lrs, ckpt, data, state = parts
     vocab = cfg.model_spec.model.vocab_size
     losses = []
-    while state.step < until:
-        state.step += 1
+    while state.value < until:
+        state.value += 1
         opts.zero_grad(set_to_none=False)
         ranks = range(emulate) if world == 1 else [rank]
-        toks = torch.cat([_tokens(data.pos, r, vocab) for r in ranks])
-        data.pos += 1
+        toks = torch.cat([_tokens(data.value, r, vocab) for r in ranks])
+        data.value += 1
         logits = model(toks[:, :-1], torch.arange(SEQ).expand(len(toks), SEQ))
         global_tokens = ROWS * SEQ * max(world, emulate)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), toks[:, 1:].flatten(), reduction="sum") / global_tokens
@@ -156,7 +146,7 @@ def _train(cfg, parts, rank, world, until, emulate=1, mem=None):
         if world > 1:
             torch.distributed.all_reduce(t)
         losses.append(float(t))
-        ckpt.save(curr_step=state.step, last_step=state.step == cfg.training.steps)
+        ckpt.save(curr_step=state.value, last_step=state.value == cfg.training.steps)
     return losses
 
 
@@ -174,7 +164,7 @@ def _torchtitan_2ranks(rank, world, tmp):
     out["saved"] = sorted(os.listdir(os.path.join(tmp, cfg.checkpoint.folder)))
     parts = _build(_config(tmp), world)
     assert parts[3].load(step=SAVE_AT)
-    out["resumed_step"] = parts[5].step
+    out["resumed_step"] = parts[5].value
     out["resumed"] = _train(cfg, parts, rank, world, STEPS)
     return out
 
