@@ -461,3 +461,12 @@ def test_parameters_upcast_after_construction_are_refused_at_the_first_step():
     _train(m32, F.FlashAdamW(m32.parameters(), lr=1e-3), steps=1, dtype=torch.float32)
     mb = _model()
     _train(mb, F.FlashAdamW(mb.parameters(), lr=1e-3), steps=2)
+    # an engine that swaps in flat partitions of its own (DeepSpeed ZeRO with fp32 partitions):
+    # other shapes, no upcast
+    mz = _model()
+    opt = F.FlashAdamW(mz.parameters(), lr=1e-3)
+    flat = nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in mz.parameters()]))
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.randn_like(flat)
+    opt.step()
+    assert opt.state[flat]["step"] == 1

@@ -178,9 +178,9 @@ class FlashOptimizer(Optimizer):
         # per-bucket entries and plans (see _steady_step); dropped when anything differs
         self._steady: Optional[tuple] = None
         self._gradient_release = None  # set by enable_gradient_release
-        # (group index, position) -> dtype of every bf16/fp16 parameter as the optimizer was
-        # built, checked once at the first step (_check_upcast); None after that check
-        self._built_narrow: Optional[Dict[Tuple[int, int], torch.dtype]] = {}
+        # (group index, position) -> (dtype, shape) of every bf16/fp16 parameter as the
+        # optimizer was built, checked once at the first step (_check_upcast); None after that
+        self._built_narrow: Optional[Dict[Tuple[int, int], Tuple[torch.dtype, tuple]]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -207,7 +207,7 @@ class FlashOptimizer(Optimizer):
             for i, p in enumerate(group["params"]):
                 dt = self._local(p).dtype
                 if dt != torch.float32:
-                    self._built_narrow[(gi, i)] = dt
+                    self._built_narrow[(gi, i)] = (dt, tuple(p.shape))
 
     def _check_upcast(self) -> None:
         """Refuse a step on float32 parameters that were bf16/fp16 when the optimizer was built.
@@ -219,7 +219,10 @@ class FlashOptimizer(Optimizer):
         ``fsdp2_prepare_model``) would otherwise turn the bf16 + ρ master into plain fp32
         parameters without a word. Run once, at the first step (state is created lazily, so
         nothing of the optimizer goes stale in such a remap); an optimizer built on fp32
-        parameters is never refused."""
+        parameters is never refused. Only a parameter of the same (global) shape in the same
+        place counts: an engine that replaces the parameters by flat partitions of its own
+        (DeepSpeed ZeRO, whose fp32 partitions a user may ask for) changes the shapes, and that
+        is no upcast."""
         built, self._built_narrow = self._built_narrow, None
         if not built:
             return
@@ -227,8 +230,8 @@ class FlashOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 was = built.get((gi, i))
-                if was is not None and self._local(p).dtype == torch.float32:
-                    upcast.append((tuple(p.shape), was))
+                if was is not None and was[1] == tuple(p.shape) and self._local(p).dtype == torch.float32:
+                    upcast.append((tuple(p.shape), was[0]))
         if not upcast:
             return
         n_narrow = len(built)
