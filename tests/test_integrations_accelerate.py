@@ -8,7 +8,7 @@ the one CPU adaptation is tests/integration_helpers.accelerate_fsdp_on_cpu):
   state until the first step (nothing created in ``__init__`` goes stale); after the step every
   state entry belongs to a shard; bf16 params and grads, ~3.1 bytes of int8/uint8/bf16 state per
   element, no fp32 tensor; ``save_state``/``load_state`` (sharded DCP) continue bit-exactly on 2
-  ranks, and on 1 rank (resharded) within float tolerance of the uninterrupted run;
+  ranks, and on 1 rank (resharded) within rel 5e-4 of the uninterrupted run (measured 1.8e-5);
 * the Trainer with ``optimizer_cls_and_kwargs=(FlashAdamW, ...)`` and ``fsdp_config
   {"fsdp_version": 2}``: same memory, and ``resume_from_checkpoint`` (Accelerate's full
   optimizer state dict, ``optimizer.bin``) continues with identical losses;
@@ -194,11 +194,11 @@ def test_accelerate_fsdp2_and_hf_trainer(tmp_path):
     # the 2-rank checkpoint on 1 rank (DCP reshards model and Flash state)
     (one,) = run_distributed(_accelerate_1rank, 1, str(tmp_path), timeout=300)
     ref = r0["ref"][SAVE_AT:]
-    assert one == pytest.approx(ref, rel=2e-3), (one, ref)
+    assert one == pytest.approx(ref, rel=5e-4), (one, ref)  # measured: <= 1.8e-5
 
 
 def assert_mem(mem):
     from integration_helpers import assert_flash_memory
 
     assert_flash_memory(mem)
-    assert mem["total"] < 7.4, mem
+    assert mem["total"] <= 7.13, mem  # 2 + 2 + 3.125

@@ -153,11 +153,11 @@ def test_lightning_model_parallel_and_fsdp_strategies(tmp_path):
             c = r[name]
             assert c["first"] == c["ref"][:SAVE_AT], (name, c)
             assert c["resumed"] == c["ref"][SAVE_AT:], (name, rank, c["resumed"], c["ref"])
-            assert_flash_memory(c["mem"], state_bytes=(3.125, 3.3))
+            assert_flash_memory(c["mem"], state_bytes=(3.125, 3.13))
         err = r["plain_fsdp1_error"]
         assert err is not None and "FlashFSDPStrategy" in err and "prepare_fsdp1" in err, err
     # the distributed checkpoint of 2 ranks resumed on 1 (DCP reshards model and Flash state),
     # that rank taking both ranks' batches: the mean loss of the 2-rank run, step after step
     (one,) = run_distributed(_lightning_1rank, 1, str(tmp_path), timeout=300)
     two = [(a + b) / 2 for a, b in zip(*(r["fsdp2-distributed"]["ref"][SAVE_AT:] for r in results))]
-    assert one == pytest.approx(two, rel=1e-3), (one, two)
+    assert one == pytest.approx(two, rel=5e-4), (one, two)  # measured: <= 6.2e-5

@@ -226,14 +226,13 @@ def test_torchtitan_flash_optimizers(tmp_path):
     assert r0["container"] == "FlashOptimizersContainer" and r0["optimizers"] == ["FlashAdamW"], r0
     assert r0["saved"] == [f"step-{SAVE_AT}", f"step-{STEPS}"], r0
     for r in (r0, r1):
-        # the norms' 1-D weights are a few groups: a little above 3.125
-        assert_flash_memory(r["mem"], state_bytes=(3.125, 3.2))
+        assert_flash_memory(r["mem"], state_bytes=(3.125, 3.13))  # measured 3.125
         assert r["resumed_step"] == SAVE_AT
         assert r["resumed"] == r["ref"][SAVE_AT:], (r["resumed"], r["ref"])
     assert r0["ref"] == r1["ref"]  # all-reduced: one global loss
 
     (one,) = run_distributed(_torchtitan_1rank, 1, str(tmp_path), timeout=600)
-    assert one["resumed"] == pytest.approx(r0["ref"][SAVE_AT:], rel=2e-3), (one["resumed"], r0["ref"])
+    assert one["resumed"] == pytest.approx(r0["ref"][SAVE_AT:], rel=5e-4), (one["resumed"], r0["ref"])  # measured <= 5.2e-5
     by_name = one["by_name"]
     assert by_name["FlashAdam"][0] == ["FlashAdam"]
     assert by_name["FlashLion"][:2] == (["FlashLion"], ["betas", "lr", "weight_decay"])  # eps dropped
