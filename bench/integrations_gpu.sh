@@ -13,8 +13,9 @@
 #    TORCHTITAN_REPO: a torchtitan 0.3.0 checkout; the wheel lacks tests/assets (the tokenizer and
 #    the c4_test data set that llama3_debugmodel reads), so the runs start from that directory.
 # 2. The Accelerate, HF Trainer and Lightning examples of docs/integrations.md on CUDA, without the
-#    CPU adaptations of the tests (torchrun; Lightning starts its own processes). Record: that each
-#    trains and writes its checkpoint, and the losses printed.
+#    CPU adaptations of the tests (torchrun; Lightning starts its own processes and its example
+#    asks for devices=2: use a node with >= 2 GPUs). Record: that each trains and writes its
+#    checkpoint, and the losses printed.
 # Environment: NPROC (GPUs, default 1), OUT (default ./integrations_gpu_out).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
