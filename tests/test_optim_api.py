@@ -445,3 +445,28 @@ def test_steady_step_path_is_the_general_path(monkeypatch, first_chunk):
             if torch.is_tensor(sa[k]):
                 assert torch.equal(sa[k], sb[k]), k
     assert o_fast.state[list(fast.parameters())[1]]["step"] == 9  # 10 steps, skipped once
+
+
+def test_parameters_upcast_after_construction_are_refused_at_the_first_step():
+    # what Accelerate's FSDP prepare does with mixed_precision != "no" (param.data = fp32 copy)
+    m = _model()
+    opt = F.FlashAdamW(m.parameters(), lr=1e-3)
+    for p in m.parameters():
+        p.data = p.data.float()
+    m(torch.randn(4, 32)).pow(2).mean().backward()
+    with pytest.raises(RuntimeError, match=r"built on 4 torch.bfloat16 parameters, but 4 of them are float32 at the first step"):
+        opt.step()
+    # an optimizer built on fp32 parameters, and one whose parameters kept their dtype, step
+    m32 = _model(dtype=torch.float32)
+    _train(m32, F.FlashAdamW(m32.parameters(), lr=1e-3), steps=1, dtype=torch.float32)
+    mb = _model()
+    _train(mb, F.FlashAdamW(mb.parameters(), lr=1e-3), steps=2)
+    # an engine that swaps in flat partitions of its own (DeepSpeed ZeRO with fp32 partitions):
+    # other shapes, no upcast
+    mz = _model()
+    opt = F.FlashAdamW(mz.parameters(), lr=1e-3)
+    flat = nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in mz.parameters()]))
+    opt.param_groups[0]["params"] = [flat]
+    flat.grad = torch.randn_like(flat)
+    opt.step()
+    assert opt.state[flat]["step"] == 1

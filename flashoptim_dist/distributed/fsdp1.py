@@ -223,5 +223,6 @@ def fsdp1_shard_adapter(p) -> Optional[lay.ShardSpec]:
         "original parameter is a 1-D slice of FSDP's flat parameter, and without its offset the "
         "quantization groups would depend on the number of ranks. Fix: call "
         "flashoptim_dist.distributed.prepare_fsdp1(fsdp_model) after wrapping and before creating "
-        "the optimizer."
+        "the optimizer (Lightning's FSDPStrategy: use "
+        "flashoptim_dist.integrations.lightning.FlashFSDPStrategy, which does that)."
     )

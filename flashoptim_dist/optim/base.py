@@ -29,6 +29,7 @@ import itertools
 import math
 import operator
 import os
+import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -177,6 +178,9 @@ class FlashOptimizer(Optimizer):
         # per-bucket entries and plans (see _steady_step); dropped when anything differs
         self._steady: Optional[tuple] = None
         self._gradient_release = None  # set by enable_gradient_release
+        # (group index, position) -> (dtype, shape) of every bf16/fp16 parameter as the
+        # optimizer was built, checked once at the first step (_check_upcast); None after that
+        self._built_narrow: Optional[Dict[Tuple[int, int], Tuple[torch.dtype, tuple]]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ param groups
@@ -198,6 +202,56 @@ class FlashOptimizer(Optimizer):
                     "creating the optimizer (p.data = p.data.contiguous())."
                 )
         self._validate_group(group)
+        if self._built_narrow is not None:
+            gi = len(self.param_groups) - 1
+            for i, p in enumerate(group["params"]):
+                dt = self._local(p).dtype
+                if dt != torch.float32:
+                    self._built_narrow[(gi, i)] = (dt, tuple(p.shape))
+
+    def _check_upcast(self) -> None:
+        """Refuse a step on float32 parameters that were bf16/fp16 when the optimizer was built.
+
+        Frameworks that build the optimizer on the model and then replace its parameters
+        (Accelerate's FSDP2 ``prepare`` remaps the optimizer by ``data_ptr`` to the sharded
+        parameters, and with ``mixed_precision != "no"`` it first upcasts every non-fp32
+        trainable parameter to fp32: accelerate 1.15, ``utils/fsdp_utils.py``,
+        ``fsdp2_prepare_model``) would otherwise turn the bf16 + ρ master into plain fp32
+        parameters without a word. Run once, at the first step (state is created lazily, so
+        nothing of the optimizer goes stale in such a remap); an optimizer built on fp32
+        parameters is never refused. Only a parameter of the same (global) shape in the same
+        place counts: an engine that replaces the parameters by flat partitions of its own
+        (DeepSpeed ZeRO, whose fp32 partitions a user may ask for) changes the shapes, and that
+        is no upcast."""
+        built, self._built_narrow = self._built_narrow, None
+        if not built:
+            return
+        upcast = []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                was = built.get((gi, i))
+                if was is not None and was[1] == tuple(p.shape) and self._local(p).dtype == torch.float32:
+                    upcast.append((tuple(p.shape), was[0]))
+        if not upcast:
+            return
+        n_narrow = len(built)
+        shapes = ", ".join(str(s) for s, _ in upcast[:3]) + (", ..." if len(upcast) > 3 else "")
+        was = upcast[0][1]
+        where = (
+            " Accelerate does this under FSDP when mixed_precision is not \"no\": it upcasts every "
+            "non-fp32 trainable parameter to fp32 inside accelerator.prepare (HF Trainer: bf16=True "
+            "or fp16=True). Fix: keep the model in bf16 and use mixed_precision=\"no\" "
+            "(Accelerator(mixed_precision=\"no\"), `accelerate launch --mixed_precision no`, "
+            "TrainingArguments(bf16=False)); compute then runs in the parameters' bf16."
+            if "accelerate" in sys.modules else ""
+        )
+        raise RuntimeError(
+            f"{type(self).__name__} was built on {n_narrow} {was} parameters, but {len(upcast)} "
+            f"of them are float32 at the first step (shapes {shapes}): something cast the model "
+            "after the optimizer was built, which replaces the narrow parameter + rho master "
+            "(7.1 bytes/param for FlashAdamW) by fp32 parameters and fp32 gradients (10+)."
+            f"{where} To train fp32 parameters on purpose, build the optimizer on the fp32 model."
+        )
 
     def _validate_group(self, group: Dict[str, Any]) -> None:  # overridden
         pass
@@ -339,6 +393,8 @@ class FlashOptimizer(Optimizer):
         # for every parameter every step (~200 per step for a 24-layer model, ~1 ms of host time
         # before this cache): a parameter seen before costs one int-keyed dict lookup, one
         # identity check of its state, its gradient accessor and four attribute reads.
+        if self._built_narrow is not None:
+            self._check_upcast()
         buckets: Dict[tuple, list] = {}
         check = self.config.check_numerics
         fast = self._fast
