@@ -177,7 +177,7 @@ def _row_layout_matches(rows: torch.Tensor, flat: torch.Tensor, shape) -> None:
     assert rows.dim() == 2 and rows.shape[0] == R, (tuple(rows.shape), shape)
     for r in range(R):
         a, c = (r * L) // G, ((r * L) % G + L - 1) // G + 1
-        assert torch.equal(C.bits(rows[r, :c]), C.bits(flat[a : a + c])), f"row {r} of {shape}"
+        assert torch.equal(C.bits(rows[r, :c]), C.bits(flat.reshape(-1)[a : a + c])), f"row {r} of {shape}"
         assert not rows[r, c:].any(), f"padding of row {r} of {shape} is not zero"
 
 
