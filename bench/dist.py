@@ -8,6 +8,12 @@ CPU smoke test (gloo, a tiny model; what tests/test_bench_dist.py runs)::
 
     torchrun --nproc_per_node 2 bench/dist.py --tiny
 
+FSDP2 + tensor parallelism (``--tp N``: a (ranks/N, N) mesh, ``GPT.tensor_parallel_plan`` applied
+on "tp" before ``fully_shard`` on "dp", torchtitan's order; the N ranks of a dp group share a
+batch)::
+
+    torchrun --nproc_per_node 2 bench/dist.py --tp 2 --cases flash,flash_release
+
 Model: GPT-like, d_model 2048, 24 layers, 16 heads, GELU MLP 4x, vocab 32000, untied head
 (1.339e9 params); batch 2 x 1024 tokens per rank; 8 iterations, median of the last 5.
 
@@ -87,6 +93,8 @@ def parse_args(argv=None):
                          "(0: full logits, as a plain training loop does)")
     ap.add_argument("--peak-report", action="store_true",
                     help="rank 0: trace the allocator in the last iteration and print what is alive at its peak")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel degree (GPT.tensor_parallel_plan on a (ranks/tp, tp) mesh, FSDP2 on dp)")
     ap.add_argument("--json", default=None, help="write the results (rank 0) to this file")
     args = ap.parse_args(argv)
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
@@ -100,7 +108,7 @@ def parse_args(argv=None):
     return args
 
 
-def setup(tiny: bool):
+def setup(tiny: bool, tp: int = 1):
     use_cuda = torch.cuda.is_available() and not tiny
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # plain `python bench/dist.py`: one process
@@ -113,8 +121,13 @@ def setup(tiny: bool):
         device = torch.device("cpu")
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    return device, mesh
+    world = dist.get_world_size()
+    if tp == 1:
+        return device, init_device_mesh(device.type, (world,))
+    if world % tp:
+        raise SystemExit(f"--tp {tp} does not divide the {world} ranks")
+    world_mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return device, world_mesh
 
 
 def profile_step(opt) -> None:
@@ -139,6 +152,11 @@ def build(case: str, cfg: GPTConfig, mesh, device, args):
 
     with torch.device("meta"):
         model = GPT(cfg)
+    if args.tp > 1:  # tensor parallelism on "tp", then FSDP2 on "dp" (torchtitan's order)
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        parallelize_module(model, mesh["tp"], model.tensor_parallel_plan())
+        mesh = mesh["dp"]
     reduce = torch.float32 if args.reduce_dtype == "fp32" else torch.bfloat16
     if case == "torch_adamw":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce)
@@ -184,7 +202,7 @@ def run_case(case: str, cfg: GPTConfig, mesh, device, args) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model, opt, handle = build(case, cfg, mesh, device, args)
-    gen = torch.Generator(device="cpu").manual_seed(1 + rank)
+    gen = torch.Generator(device="cpu").manual_seed(1 + rank // args.tp)  # a dp group's tp ranks share a batch
     tokens = [
         torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), generator=gen).to(device)
         for _ in range(args.iters)
@@ -308,7 +326,7 @@ def gather_and_report(results: list, device, desc: str, title: str, json_path, e
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, mesh = setup(args.tiny)
+    device, mesh = setup(args.tiny, args.tp)
     cfg = model_config(args.tiny)
     if args.ac:
         cfg = dataclasses.replace(cfg, activation_checkpointing=True)
@@ -321,7 +339,8 @@ def main(argv=None) -> int:
     desc = (model_desc(cfg, args)
             + (", activation checkpointing per block" if args.ac else "")
             + (", embedding and head in their own FSDP units" if args.wrap_embeddings else "")
-            + (f", head + loss in {args.loss_chunks} recomputed slices" if args.loss_chunks else ""))
+            + (f", head + loss in {args.loss_chunks} recomputed slices" if args.loss_chunks else "")
+            + (f", tensor parallel {args.tp} (dp {dist.get_world_size() // args.tp} x tp {args.tp})" if args.tp > 1 else ""))
     gather_and_report(results, device, desc, "bench/dist.py", args.json)
     dist.barrier()
     dist.destroy_process_group()

@@ -18,6 +18,10 @@ The rule chosen here:
   and keeps its own scale for it at run time; checkpoints reconcile the two halves.
 * Per segment the rank stores one scale per canonical group it touches:
   ``ceil((phase + length) / G)`` scales, laid out segment after segment.
+* Where the local tensor is a sub-block of the global one — rows of dim 0 (any set, e.g. a
+  strided one) times one range of each row (a ``Shard(1)`` column split of tensor parallelism) —
+  the spec also carries it as a :class:`RowBlock`, so that ``state_dict()`` can expose state in
+  the parameter's global layout and checkpoints can write it as boxes instead of one run per row.
 
 Engines tell the optimizer what a rank holds by attaching a :class:`ShardSpec` to the parameter
 (:func:`set_shard_spec`) or through an adapter registered with :func:`register_shard_adapter`
@@ -34,9 +38,11 @@ import torch
 
 __all__ = [
     "Segment",
+    "RowBlock",
     "ShardSpec",
     "StateLayout",
     "state_layout",
+    "spec_layout",
     "num_groups",
     "set_shard_spec",
     "get_shard_spec",
@@ -89,6 +95,71 @@ class Segment:
         return num_groups(self.length, self.phase(group_size), group_size)
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """The local tensor as a sub-block of the global parameter, viewed as ``R`` rows of ``L``
+    elements (dim 0 × the flattened trailing dims; a 1-D parameter has rows of one element, a
+    0-d one is one row of one).
+
+    The local tensor holds, for each global row ``r`` of ``row_runs`` (in that order), the
+    elements ``[lo, hi)`` of that row: local flat index ``i·(hi − lo) + j`` is global element
+    ``rows[i]·L + lo + j``. ``lo = 0, hi = L`` when the rows are whole (dim-0 sharding only); a
+    ``Shard(1)`` split of a ``(R, C, D...)`` parameter over columns ``[c0, c1)`` gives
+    ``lo = c0·D``, ``hi = c1·D``.
+
+    Attributes:
+        row_runs: ``((first row, count), ...)``: the global rows held, as maximal runs of
+            consecutive rows, in local order (one run for a block of rows; several for a strided
+            split of dim 0; empty when the rank holds nothing).
+        lo, hi: the range of each row held.
+        row_length: L.
+    """
+
+    row_runs: tuple
+    lo: int
+    hi: int
+    row_length: int
+
+    @property
+    def n_rows(self) -> int:
+        return sum(n for _, n in self.row_runs)
+
+    @property
+    def width(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def whole_rows(self) -> bool:
+        return self.lo == 0 and self.hi == self.row_length
+
+    def rows(self) -> "torch.Tensor":
+        """The global rows held, in local order (int64)."""
+        if not self.row_runs:
+            return torch.zeros(0, dtype=torch.int64)
+        return torch.cat([torch.arange(r0, r0 + n, dtype=torch.int64) for r0, n in self.row_runs])
+
+    def segments(self, global_numel: int) -> tuple:
+        """The :class:`Segment` s of the block, tiling the local tensor in local order: one per
+        run of rows when rows are whole (a run of whole rows is one contiguous run of the
+        flattened parameter), else one per row (the pieces of two rows are not adjacent in the
+        global parameter)."""
+        L, w = self.row_length, self.width
+        out, local = [], 0
+        for r0, n in self.row_runs:
+            if n == 0 or w == 0:
+                continue
+            if self.whole_rows:
+                out.append(Segment(local, n * L, r0 * L, None, global_numel))
+                local += n * L
+                continue
+            for r in range(r0, r0 + n):
+                out.append(Segment(local, w, r * L + self.lo, None, global_numel))
+                local += w
+        if not out:
+            out.append(Segment(0, 0, 0, None, global_numel))
+        return tuple(out)
+
+
 #: How ``FlashOptimizer.state_dict()`` exposes a tensor's state (see :mod:`flashoptim_dist.optim.state_io`):
 #: in the parameter's global layout (DTensor for DTensor parameters; whole tensors), ...
 FORM_GLOBAL = "global"
@@ -113,6 +184,11 @@ class ShardSpec:
         state_dict_form: how ``state_dict()`` exposes the tensor's state (``FORM_*`` above);
             ``None`` lets the optimizer decide: the global layout for DTensor parameters and
             whole tensors, this rank's slice (``FORM_LOCAL``) for anything else.
+        block: the local tensor as a :class:`RowBlock` of the global parameter, when it is one
+            (the DTensor adapter always sets it); ``None`` otherwise.
+        check: optional ``check(group_size)`` that raises when this shard cannot be laid out
+            with canonical groups of that size (e.g. a column split that would cut a group in
+            every row); called by :func:`spec_layout` before any state is laid out.
     """
 
     global_shape: tuple
@@ -120,6 +196,8 @@ class ShardSpec:
     local: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     grad: Optional[Callable[[torch.Tensor], Optional[torch.Tensor]]] = None
     state_dict_form: Optional[str] = None
+    block: Optional[RowBlock] = None
+    check: Optional[Callable[[int], None]] = None
 
     @property
     def global_numel(self) -> int:
@@ -256,3 +334,11 @@ def state_layout_for(local: torch.Tensor, segments: Sequence[Segment], config) -
     checkpoint views and the offline converters all use, so they cannot disagree."""
     return state_layout(local.numel(), segments, local.dtype, group_size=config.group_size,
                         quantize=config.quantize, master_weight_bits=config.master_weight_bits)
+
+
+def spec_layout(local: torch.Tensor, spec: ShardSpec, config) -> StateLayout:
+    """:func:`state_layout_for` of a :class:`ShardSpec` after its ``check`` (if any) accepted the
+    config's group size: how the optimizer and the checkpoint views lay out a parameter's state."""
+    if spec.check is not None:
+        spec.check(config.group_size)
+    return state_layout_for(local, spec.segments, config)

@@ -228,7 +228,7 @@ def check_local_state_equals(canon: dict, module, opt, G: int = 32) -> int:
                 pairs.append((st[name][sl], canon[f"flash.{si.fqn}.{name}"].reshape(-1)[gs : gs + L], name))
                 ng = si.seg.n_groups(G)
                 pairs.append((st[name + "_scales"][si.soff : si.soff + ng],
-                              canon[f"flash.{si.fqn}.{name}.scales"][gs // G : gs // G + ng], name + " scales"))
+                              canon[f"flash.{si.fqn}.{name}.scales"].reshape(-1)[gs // G : gs // G + ng], name + " scales"))
             for got, want, what in pairs:
                 if not torch.equal(bits(got), bits(want)):
                     raise AssertionError(f"{si.fqn} {what} [{gs}, {gs + L}) differs from the checkpoint")

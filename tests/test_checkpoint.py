@@ -108,6 +108,40 @@ def test_round_trip_is_bit_exact_and_continues_identically(tmp_path):
     assert not C.diff_canonical(C.canonical_tensors(str(tmp_path / "b1")), C.canonical_tensors(str(tmp_path / "b2")))
 
 
+def test_format_version_1_with_flat_scales_still_loads(tmp_path, monkeypatch):
+    """Version 2 stores the scales of parameters with row length % G == 0 as (rows, L/G);
+    a version 1 checkpoint (flat scales) loads exactly, also through a conversion."""
+    from flashoptim_dist.checkpoint import _format as F
+
+    model, opt, _ = _trained()
+    ck.save(tmp_path / "v2", model, opt)
+    with monkeypatch.context() as m:
+        m.setattr(F, "FORMAT_VERSION", 1)
+        m.setattr(F, "scales_shape", lambda shape, G: (-(-torch.Size(shape).numel() // G),))
+        ck.save(tmp_path / "v1", model, opt)
+    v1, v2 = C.canonical_tensors(str(tmp_path / "v1")), C.canonical_tensors(str(tmp_path / "v2"))
+    key = "flash.blocks.0.w_out.weight.exp_avg.scales"
+    assert tuple(v1[key].shape) == (C.D * C.H // 32,) and tuple(v2[key].shape) == (C.D, C.H // 32)
+    assert tuple(v2["flash.blocks.0.norm.weight.exp_avg.scales"].shape) == (C.H // 32,)  # 1-D: flat as before
+    assert ck.inspect_checkpoint(str(tmp_path / "v1"))["format_version"] == 1
+    for k in v2:
+        assert torch.equal(C.bits(v1[k].reshape(-1)), C.bits(v2[k].reshape(-1))), k
+    for conv in ({}, {"master_weight_bits": 32}):  # exact load, and a conversion (reads through staging)
+        loaded = []
+        for tag in ("v1", "v2"):
+            m2 = C.make_net(5)
+            o2 = C.make_opt(m2, **conv)
+            ck.load(tmp_path / tag, m2, o2, convert=bool(conv))
+            loaded.append([v for k, v in sorted(_snapshot(m2, o2).items()) if not k[0].isdigit()]
+                          + [v for p in m2.parameters() for v in o2.state[p].values()])
+            if not conv:
+                for p, q in zip(model.parameters(), m2.parameters()):
+                    for k, v in opt.state[p].items():
+                        assert (torch.equal(C.bits(v), C.bits(o2.state[q][k])) if torch.is_tensor(v) else v == o2.state[q][k]), k
+        for x, y in zip(*loaded):
+            assert (torch.equal(C.bits(x), C.bits(y)) if torch.is_tensor(x) else x == y), conv
+
+
 def test_save_does_not_modify_live_state_and_refuses_to_overwrite(tmp_path):
     model, opt, sched = _trained()
     before = _snapshot(model, opt)

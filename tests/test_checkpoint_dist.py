@@ -184,7 +184,7 @@ def test_cut_groups_are_agreed_to_one_canonical_scale(tmp_path):
     for name, shape in CUT_SHAPES.items():
         numel = torch.Size(shape).numel()
         for state, kind in (("exp_avg", "signed"), ("exp_avg_sq", "sqrt")):
-            scales = canon[f"flash.{name}.{state}.scales"]
+            scales = canon[f"flash.{name}.{state}.scales"].reshape(-1)  # (rows, L/G) or flat: group order
             codes = canon[f"flash.{name}.{state}"].reshape(-1)
             deq = nx.dequantize_signed if kind == "signed" else nx.dequantize_sqrt
             live_scale = {}

@@ -30,6 +30,24 @@ def test_bench_dist_tiny(tmp_path):
     assert "bytes/param x world" in proc.stdout
 
 
+def test_bench_dist_tiny_tensor_parallel(tmp_path):
+    """--tp 2 on 2 ranks (dp 1 x tp 2): the same bytes per parameter (each rank holds half of
+    every split weight; the norms, replicated over tp, add 320 x 2 elements of 131k)."""
+    out = tmp_path / "bench_tp.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        os.path.join(ROOT, "bench", "dist.py"), "--tiny", "--tp", "2", "--cases", "flash,flash_release",
+        "--iters", "3", "--measure", "1", "--json", str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert "tensor parallel 2 (dp 1 x tp 2)" in data["config"]
+    for r in data["results"]:
+        assert abs(r["bytes_per_param_x_world"] - 5.125) < 0.05, r
+
+
 def test_run_isolated_starts_one_process_group_per_case():
     env = dict(os.environ, TORCHRUN="echo torchrun", NPROC="3")
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "run_isolated.sh"), "bench/dist.py", "flash,torch_adamw",

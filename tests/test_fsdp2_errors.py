@@ -3,7 +3,9 @@
 * a ``fully_shard`` unit mixing bf16 and fp32 parameters → ValueError at optimizer construction
   (FSDP2 itself only fails at the first forward, with a bare AssertionError); the suggested fix
   (the fp32 layer in its own unit) then trains;
-* a parameter sharded on dim 1 (``shard_placement_fn``) → ValueError naming ``Shard(dim=1)``;
+* a parameter sharded on dim 1 (``shard_placement_fn``) into pieces that cut quantization groups
+  (16 of 32 columns) → ValueError naming ``Shard(dim=1)``, the column split and the fixes (an
+  aligned dim-1 split is accepted: tests/test_tp.py);
 * a gradient whose placements differ from its parameter's (never reduced) → RuntimeError at step;
 * CPU-offloaded shards (``CPUOffloadPolicy``) work: the step equals the non-offloaded one bit for bit.
 """
@@ -117,8 +119,9 @@ def test_fsdp2_errors_and_offload():
         assert part in m, m
     assert msgs["fix_ok"]
     m = msgs["shard1"]
-    assert m is not None, "Shard(1) must be refused"
-    for part in ("Shard(dim=1)", "'body.weight'", "shard_placement_fn", "Shard(0)"):
+    assert m is not None, "a Shard(1) split cutting groups must be refused"
+    for part in ("Shard(dim=1)", "'body.weight'", "columns [0, 16), [16, 32)", "group size 32", "shard_placement_fn",
+                 "Shard(0)", "group_size=16"):
         assert part in m, m
     m = msgs["partial_grad"]
     assert m is not None and "Partial" in m and "redistribute" in m, m

@@ -134,6 +134,41 @@ def test_stochastic_rounding_is_reproducible_and_seeded():
     assert all(torch.equal(x, y) for x, y in zip(n1, n2))
 
 
+def _column_split_run(backend):
+    """Tensors held as one segment per row (a tensor-parallel Shard(1) piece: columns [32, 96)
+    of rows of 128) in two param groups with other lr and weight decay, and a tensor that starts
+    stepping one step later: every segment must read its own tensor's hyper-parameter row."""
+    from flashoptim_dist.layout import RowBlock
+
+    g = torch.Generator().manual_seed(3)
+    ps = []
+    for rows in ((5, 6, 7), (0, 1, 2, 3, 4, 9), (2,)):
+        block = RowBlock(tuple((r, 1) for r in rows), 32, 96, 128)
+        p = torch.nn.Parameter((torch.randn(len(rows) * 64, generator=g) * 0.1).to(torch.bfloat16))
+        set_shard_spec(p, ShardSpec(global_shape=(10, 128), segments=block.segments(1280), block=block))
+        ps.append(p)
+    opt = F.FlashAdamW([{"params": ps[:2], "lr": 1e-2, "weight_decay": 0.1},
+                        {"params": ps[2:], "lr": 3e-3, "weight_decay": 0.0}], backend=backend)
+    for s in range(3):
+        gen = torch.Generator().manual_seed(50 + s)
+        for i, p in enumerate(ps):
+            p.grad = None if (s == 0 and i == 1) else torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+        opt.step()
+    return ps, opt
+
+
+def test_kernel_reads_the_hyper_row_of_each_segments_tensor():
+    ref_p, ref_o = _column_split_run("reference")
+    ker_p, ker_o = _column_split_run("triton")
+    assert [len(ref_o.state[p]["exp_avg_scales"]) for p in ref_p] == [6, 12, 2]  # 2 groups per row piece
+    assert ref_o.state[ref_p[1]]["step"] == 2 and ref_o.state[ref_p[0]]["step"] == 3
+    for a, b in zip(ref_p, ker_p):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach()))
+        for k, v in ref_o.state[a].items():
+            if torch.is_tensor(v):
+                assert torch.equal(_bits(v), _bits(ker_o.state[b][k])), k
+
+
 def test_kernel_follows_moved_tensors():
     """The launch reuses its offsets table while params and grads stay where they were, and
     rebuilds it when one moves: gradients at new addresses, a param given new storage."""

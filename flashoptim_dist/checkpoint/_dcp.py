@@ -76,11 +76,34 @@ class Chunked:
     pieces: List[Tuple[Tuple[int, ...], Tuple[int, ...], torch.Tensor]] = dataclasses.field(default_factory=list)
 
     def add_run(self, start: int, tensor_1d: torch.Tensor) -> None:
-        """Add the run ``[start, start + len)`` of the flattened global tensor."""
+        """Add the run ``[start, start + len)`` of the flattened global tensor.
+
+        A box that continues the previous piece downwards (next rows, same columns) and whose
+        local data follows the previous piece's in memory is merged into it: a tensor-parallel
+        column shard adds one run per row, and merged they are one box per block of rows — one
+        DCP chunk instead of one per row (metadata, planning and reads stay per shard)."""
         n = tensor_1d.numel()
         for o, s, f in flat_range_boxes(self.size, start, start + n):
-            piece = tensor_1d[f - start : f - start + math.prod(s)]
-            self.pieces.append((o, s, piece.view(s)))
+            piece = tensor_1d[f - start : f - start + math.prod(s)].view(s)
+            if not self._merge(o, s, piece):
+                self.pieces.append((o, s, piece))
+
+    def _merge(self, o, s, piece: torch.Tensor) -> bool:
+        if not self.pieces or not o:
+            return False
+        lo, ls, lt = self.pieces[-1]
+        if lo[1:] != o[1:] or ls[1:] != s[1:] or lo[0] + ls[0] != o[0]:
+            return False
+        if not (lt.is_contiguous() and piece.is_contiguous()) or lt.device != piece.device or lt.dtype != piece.dtype:
+            return False
+        if lt.untyped_storage().data_ptr() != piece.untyped_storage().data_ptr():
+            return False
+        if piece.storage_offset() != lt.storage_offset() + lt.numel():
+            return False
+        size = (ls[0] + s[0],) + tuple(s[1:])
+        stride = tuple(math.prod(size[i + 1 :]) for i in range(len(size)))
+        self.pieces[-1] = (lo, size, lt.as_strided(size, stride, lt.storage_offset()))
+        return True
 
     def add_whole(self, tensor: torch.Tensor) -> None:
         self.pieces.append(((0,) * len(self.size), tuple(self.size), tensor.view(self.size)))

@@ -18,7 +18,9 @@ DCP keys (every tensor in the *global* coordinates of its parameter; see DESIGN.
     model.<buffer fqn>           persistent buffer, as stored
     flash.<fqn>.rho              int8 (24-bit masters) / int16 (32-bit) ρ, global shape
     flash.<fqn>.<state>          int8/uint8 codes (quantized) or fp32 values, global shape
-    flash.<fqn>.<state>.scales   bf16, one per canonical group: 1-D of ceil(numel / G)
+    flash.<fqn>.<state>.scales   bf16, one per canonical group, in group order: (R, L/G) for a
+                                 parameter of R rows of L elements with L % G == 0 (format
+                                 version 2), else 1-D of ceil(numel / G) (see scales_shape)
     extra.lr_scheduler           pickled lr_scheduler.state_dict()
     extra.user                   pickled ``extra`` object
     rng.<rank>                   pickled RNG states of that rank
@@ -53,7 +55,11 @@ __all__ = [
 
 FORMAT_NAME = "flashoptim_dist.checkpoint"
 #: Version of the on-disk layout. Readers accept versions <= FORMAT_VERSION.
-FORMAT_VERSION = 1
+#: 2: scales of parameters whose row length is a multiple of G are stored 2-D (rows, L/G) — the
+#: same values in the same order as version 1's flat vector, but a tensor-parallel column shard
+#: of them is one DCP box instead of one per row. Version 1 checkpoints load unchanged (readers
+#: take the scales' shape from the checkpoint's metadata).
+FORMAT_VERSION = 2
 META_FILE = "flashoptim.json"
 COMPLETE_FILE = "COMPLETE"
 
@@ -105,6 +111,25 @@ def state_key(fqn: str, name: str) -> str:
 
 def scales_key(fqn: str, name: str) -> str:
     return f"{FLASH_PREFIX}{fqn}.{name}{SCALES_SUFFIX}"
+
+
+def scales_shape(shape, group_size: int) -> tuple:
+    """Shape of a parameter's scales on disk (format version 2): ``(R, L/G)`` when the parameter
+    has ≥ 2 dims and its row length L (product of the trailing dims) is a multiple of G — rows
+    of the flat group vector, so that a block of rows × a range of columns (tensor parallelism)
+    is one box; else the flat vector of ``ceil(numel / G)``."""
+    shape = tuple(int(s) for s in shape)
+    G = int(group_size)
+    if len(shape) >= 2:
+        L = 1
+        for s in shape[1:]:
+            L *= s
+        if L % G == 0 and L > 0:
+            return (shape[0], L // G)
+    n = 1
+    for s in shape:
+        n *= s
+    return (-(-n // G),)
 
 
 def rng_key(rank: int) -> str:

@@ -13,7 +13,6 @@ Order of work (nothing of the model or optimizer is modified before step 5):
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import warnings
@@ -262,6 +261,14 @@ def _split(master: torch.Tensor, dtype: torch.dtype, rho_dtype: Optional[torch.d
     return nx.split_master(master, dtype, rho_dtype)
 
 
+def _saved_shape(src: Source, key: str, default: tuple) -> tuple:
+    """The global shape ``key`` has in the checkpoint (scales: 1-D in format version 1, the row
+    form of :func:`~flashoptim_dist.checkpoint._format.scales_shape` since version 2)."""
+    md = src.dcp_md.state_dict_metadata.get(key) if src.dcp_md is not None else None
+    size = getattr(md, "size", None)
+    return tuple(size) if size is not None else tuple(default)
+
+
 @dataclass
 class _SegRead:
     """Staging of one local run in the checkpoint's own format."""
@@ -299,7 +306,6 @@ def _stage_run(targets: Dict[str, Chunked], src: Source, fqn: str, gs: int, L: i
             chunked(F.rho_key(fqn), pd["shape"], rdt).add_run(gs, r.rho)
         Gs = opt["config"]["group_size"]
         quant = opt["config"]["quantize"]
-        numel = math.prod(pd["shape"])
         for name, kind in names:
             key = F.state_key(fqn, name)
             if key not in src.dcp_md.state_dict_metadata:
@@ -310,7 +316,8 @@ def _stage_run(targets: Dict[str, Chunked], src: Source, fqn: str, gs: int, L: i
                 ng = lay.num_groups(L, gs % Gs, Gs)
                 sc = torch.empty(ng, dtype=torch.bfloat16, device=device)
                 chunked(key, pd["shape"], dt).add_run(gs, vals)
-                chunked(F.scales_key(fqn, name), (-(-numel // Gs),), torch.bfloat16).add_run(gs // Gs, sc)
+                skey = F.scales_key(fqn, name)
+                chunked(skey, _saved_shape(src, skey, F.scales_shape(pd["shape"], Gs)), torch.bfloat16).add_run(gs // Gs, sc)
                 r.states[name] = (vals, sc, Gs)
             else:
                 vals = torch.empty(L, dtype=torch.float32, device=device)
@@ -503,12 +510,15 @@ def _plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool)
             names = view.state_names[: n_state_slots(client, client.param_groups[ti.group])]
             new = allocate_state(ti.layout, client.family, len(names), dev)
             pstage, seg_reads = [], []
+            # one staging buffer per tensor, sliced per segment: the runs of consecutive rows of a
+            # column shard then lie back to back and are read as one box (Chunked.add_run)
+            pall = torch.empty(ti.local.numel(), dtype=ti.local.dtype, device=dev) if exact else None
             for si in ti.segs:
                 ls, L, gs = si.seg.local_start, si.seg.length, si.seg.global_start
                 pd = src.params[si.fqn]
                 shape = tuple(pd["shape"])
                 if exact:  # read straight into the new state; params into staging
-                    pbuf = torch.empty(L, dtype=ti.local.dtype, device=dev)
+                    pbuf = pall[ls : ls + L]
                     chunked(pd["key"], shape, ti.local.dtype).add_run(gs, pbuf)
                     pstage.append((ls, L, pbuf))
                     if "rho" in new:
@@ -520,7 +530,8 @@ def _plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool)
                         chunked(F.state_key(si.fqn, name), shape, v.dtype).add_run(gs, v[ls : ls + L])
                         if ti.layout.quantized:
                             ng = si.seg.n_groups(G)
-                            chunked(F.scales_key(si.fqn, name), (-(-math.prod(shape) // G),), torch.bfloat16).add_run(
+                            skey = F.scales_key(si.fqn, name)
+                            chunked(skey, _saved_shape(src, skey, F.scales_shape(shape, G)), torch.bfloat16).add_run(
                                 gs // G, new[name + "_scales"][si.soff : si.soff + ng])
                 else:
                     seg_reads.append((si, _stage_run(targets, src, si.fqn, gs, L, dev, with_opt=True, names=names)))

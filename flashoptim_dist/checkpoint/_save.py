@@ -102,7 +102,7 @@ def _build_state_dict(view: View, agreed, opt_fqns: set, lr_scheduler, extra, sa
                     g0 = gs // G
                     ga, gb = -(-gs // G), -(-(gs + L) // G)
                     if gb > ga:
-                        chunked(F.scales_key(si.fqn, name), (-(-pi.numel // G),), torch.bfloat16).add_run(ga, sc[ga - g0 : gb - g0])
+                        chunked(F.scales_key(si.fqn, name), F.scales_shape(pi.global_shape, G), torch.bfloat16).add_run(ga, sc[ga - g0 : gb - g0])
 
     for fqn, pi in view.params.items():
         if fqn in opt_fqns or pi.numel == 0:

@@ -301,7 +301,7 @@ def build_view(model, optimizer=None) -> View:
                 )
             spec = lay.resolve_shard(t)
             local = spec.local(t) if spec.local is not None else t
-            layout = lay.state_layout_for(local, spec.segments, cfg)
+            layout = lay.spec_layout(local, spec, cfg)
             segs = []
             for seg, soff in zip(layout.segments, layout.scale_offsets):
                 if seg.length == 0:

@@ -3,9 +3,11 @@
 Importing this package (``flashoptim_dist`` does it) registers, without touching
 ``torch.distributed`` (no process group needed, no FSDP import):
 
-* the FSDP2/HSDP DTensor adapter (:mod:`.fsdp2`): a ``fully_shard`` parameter is handed to the
-  optimizer as its local row block, placed at ``first_row × row_length`` in the flattened global
-  parameter, so state is bit-identical to the one-device step (see :mod:`.fsdp2`);
+* the DTensor adapter (:mod:`.fsdp2`, placement arithmetic in :mod:`.dtensor`) for FSDP2, HSDP,
+  tensor parallelism and their combinations on 1-, 2- and 3-D meshes: a parameter is handed to
+  the optimizer as the runs of its flattened global parameter that the rank holds (its row
+  block, or one run per row under a ``Shard(1)`` column split), so state is bit-identical to the
+  one-device step (see :mod:`.fsdp2`);
 * the FSDP1 adapter (:mod:`.fsdp1`): FlatParameters (``use_orig_params=False``) work as they are;
   original parameters (``use_orig_params=True``) need :func:`prepare_fsdp1` before the optimizer
   is built;
@@ -24,6 +26,14 @@ Usage::
     fully_shard(model, mesh=mesh)
     opt = FlashAdamW(model.parameters(), lr=3e-4)
     handle = enable_gradient_release_with_clipping(model, opt, max_norm=1.0)   # optional
+
+    # FSDP2 + tensor parallelism (torchtitan's order: TP on the "tp" mesh dim, FSDP on "dp")
+    mesh = init_device_mesh("cuda", (dp, tp), mesh_dim_names=("dp", "tp"))
+    parallelize_module(model, mesh["tp"], plan)        # ColwiseParallel / RowwiseParallel / ...
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh["dp"])
+    fully_shard(model, mesh=mesh["dp"])
+    opt = FlashAdamW(model.parameters(), lr=3e-4)        # nothing else changes
 
     # FSDP1
     model = FullyShardedDataParallel(model, use_orig_params=True, ...)
@@ -45,6 +55,7 @@ from .fsdp2 import (
     fsdp2_release_units,
     fsdp2_shard_adapter,
     is_dtensor,
+    reduce_partial_grads,
 )
 
 _layout.register_shard_adapter(fsdp2_shard_adapter)
@@ -66,6 +77,7 @@ __all__ = [
     "dtensor_row_block",
     "chunk_range",
     "is_dtensor",
+    "reduce_partial_grads",
     "is_fsdp1_param",
     "FSDP1_PADDING_KEY",
 ]

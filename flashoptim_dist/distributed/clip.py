@@ -29,10 +29,13 @@ offers two modes:
 
 Both modes accept ``norm_type`` 2 (default), any p > 0, or ``inf``.
 
-The reduction: under FSDP2 a DTensor gradient's local norm is summed (or max-ed) over the mesh
-dims on which the parameter is *sharded* — not over replicate dims (HSDP replicas hold the same
-shard). Plain tensors (one device, DDP, replicated) are already global. FSDP1 and DDP do not
-support release (see :mod:`.ddp`).
+The reduction: a DTensor gradient's local norm is summed (or max-ed) over the mesh dims on which
+the parameter is *sharded* — ``Shard(0)``, ``Shard(1)``, ``_StridedShard`` (FSDP2, tensor
+parallelism) — and not over ``Replicate`` dims, whose ranks hold copies (HSDP replicas; norm
+weights replicated over the tensor-parallel dim), so nothing is counted twice. Parameters on
+different meshes (e.g. TP weights on the (dp, tp) mesh, FSDP-only norms on the dp mesh) are
+reduced per mesh and then added. Plain tensors (one device, DDP, replicated) are already global.
+FSDP1 and DDP do not support release (see :mod:`.ddp`).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ import torch
 import torch.distributed as dist
 
 from .. import layout as lay
-from .fsdp2 import _placement_kind, is_dtensor
+from .dtensor import mesh_dims_sharding
+from .fsdp2 import is_dtensor
 
 __all__ = ["grad_norm", "clip_coefficient", "enable_gradient_release_with_clipping", "ClippedReleaseHandle"]
 
@@ -60,7 +64,7 @@ def _reduction_key(p) -> Tuple:
     if not is_dtensor(p):
         return (("local",), None, ())
     mesh = p.device_mesh
-    dims = tuple(i for i, pl in enumerate(p.placements) if _placement_kind(pl) != "replicate")
+    dims = mesh_dims_sharding(p.placements)
     sort = ("mesh", tuple(mesh.mesh_dim_names or ()), tuple(mesh.shape), dims)
     return (sort, mesh, dims)
 

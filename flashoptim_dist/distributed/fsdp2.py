@@ -1,18 +1,23 @@
-"""FSDP2 (``fully_shard``) adapter: DTensor parameters → :class:`~flashoptim_dist.layout.ShardSpec`.
+"""FSDP2 / HSDP / tensor-parallel adapter: DTensor parameters → :class:`~flashoptim_dist.layout.ShardSpec`.
 
 FSDP2 replaces every parameter by a DTensor whose local tensor is a block of rows of the global
 parameter: placement ``(Shard(0),)`` on a 1-D mesh, ``(Replicate(), Shard(0))`` on an HSDP
 (replicate × shard) mesh. Rows are split the way ``torch.chunk`` splits dim 0 — chunk size
-``ceil(rows / n)``, trailing ranks possibly short or *empty* — which is what FSDP2
-(``_chunk_with_empty``) and DTensor (``Shard._split_tensor``) both do.
+``ceil(rows / n)``, trailing ranks possibly short or *empty*. Tensor parallelism
+(``parallelize_module``) adds ``Shard(0)`` (colwise), ``Shard(1)`` (rowwise) and, with FSDP on top,
+``_StridedShard(0)``; torchtitan's FSDP + TP plan gives ``(_StridedShard(0, tp), Shard(0))``
+(colwise), ``(Shard(0), Shard(1))`` (rowwise) and ``(Shard(0), Replicate())`` (norms under
+sequence parallelism) on a (dp, tp) mesh, HSDP a leading ``Replicate()``.
 
-A block of rows ``[r0, r0 + n)`` of a parameter whose row length (product of the trailing dims)
-is ``L`` is one contiguous run ``[r0·L, (r0 + n)·L)`` of the flattened global parameter, so the
-adapter returns a single :class:`~flashoptim_dist.layout.Segment` starting at ``r0·L``. The
-optimizer places quantization groups by that global offset, which makes the state of an
-N-rank step bit-identical to the one-device step whenever ``r0·L`` is a multiple of the group
-size G (always true when ``L % G == 0``; otherwise a shard boundary inside a group leaves a
-*partial group* on each side, at most two per rank per parameter).
+:mod:`.dtensor` turns any of these into the rows and the range of each row a rank holds (torch's own
+split functions, cross-checked against ``compute_local_shape_and_global_offset``) and into segments
+of the flattened global parameter: one per run of whole rows (FSDP2's row block is one segment,
+placed at ``first_row × row_length``), one per local row under a ``Shard(1)`` column split. The
+optimizer places quantization groups by those global offsets, which makes the state of a sharded
+step bit-identical to the one-device step wherever no shard boundary falls inside a group (always
+for a ≥ 2-D parameter whose row length is a multiple of G; column splits that would cut groups are
+refused, :func:`.dtensor.column_check`). A dim-0 boundary inside a group leaves a *partial group*
+on each side (at most two per run of rows).
 
 What the adapter hands the optimizer (:func:`fsdp2_shard_adapter`):
 
@@ -21,17 +26,21 @@ What the adapter hands the optimizer (:func:`fsdp2_shard_adapter`):
   ``p.to_local()`` shares that storage but, on torch ≥ 2.12, wraps it in a fresh view object
   when called on a Parameter; ``_local_tensor`` has been the attribute since DTensor's first
   release and is used whenever it exists.
-* ``grad(p)`` — ``p.grad._local_tensor`` (FSDP2's reduce-scattered gradient shard). A gradient
-  whose placements differ from the parameter's (e.g. a ``Partial`` gradient that was never
-  reduced) is refused, because stepping with it would be silently wrong.
+* ``grad(p)`` — ``p.grad._local_tensor`` (FSDP2's reduce-scattered gradient shard; under plain
+  TP the DTensor gradient autograd made). A gradient whose placements differ from the
+  parameter's — a ``Partial`` gradient that was never reduced, e.g. of a norm weight under
+  sequence parallelism without FSDP — is refused, because stepping with it would be silently
+  wrong; :func:`reduce_partial_grads` reduces them (torch's optimizers do it implicitly through
+  DTensor arithmetic).
+* ``block`` — the :class:`~flashoptim_dist.layout.RowBlock` (rows × range of each row), and
+  ``check`` — the column-split check, run with the optimizer's group size at construction.
 
 Checks done once per parameter (the result is cached):
 
-* placements must be ``Shard(0)`` or ``Replicate()`` on every mesh dim; anything else
-  (``Shard(1)`` from a ``shard_placement_fn``, ``_StridedShard`` from TP+FSDP on dim 0,
-  ``Partial``) raises ``ValueError`` naming the placement and the fix;
-* the local shape must equal the row block computed above (and, when torch provides it,
-  ``compute_local_shape_and_global_offset`` must agree);
+* placements must be ``Replicate()``, ``Shard(0)``, ``Shard(1)`` or ``_StridedShard(0)``;
+  ``Partial`` and the rest raise ``ValueError`` naming the placement and the fix;
+* the local shape must equal the block computed above, and torch's
+  ``compute_local_shape_and_global_offset`` must agree;
 * the ``fully_shard`` unit holding the parameter must hold one dtype among its trainable
   parameters (see :func:`check_fsdp2_unit`).
 
@@ -52,6 +61,7 @@ import torch
 
 from .. import layout as lay
 from ..layout import chunk_range  # noqa: F401  (re-exported: part of this module's API)
+from . import dtensor as dt
 
 __all__ = [
     "fsdp2_shard_adapter",
@@ -59,6 +69,7 @@ __all__ = [
     "dtensor_row_block",
     "check_fsdp2_unit",
     "is_dtensor",
+    "reduce_partial_grads",
 ]
 
 
@@ -81,30 +92,11 @@ def is_dtensor(t) -> bool:
 
 
 def _placement_kind(pl) -> str:
-    """'replicate', 'shard0' or 'other' (strided shards and Partial are 'other')."""
-    name = type(pl).__name__
-    if "Strided" in name:  # _StridedShard subclasses Shard in torch < 2.10: test it first
-        return "other"
-    if getattr(pl, "is_replicate", None) is not None and pl.is_replicate():
-        return "replicate"
-    if getattr(pl, "is_shard", None) is not None and pl.is_shard() and getattr(pl, "dim", None) == 0:
+    """'replicate', 'shard0' or 'other' (every other placement, strided shards included)."""
+    kind, dim = dt.placement_kind(pl)
+    if kind == "shard" and dim == 0:
         return "shard0"
-    return "other"
-
-
-def _unsupported_placement_error(p, placements, bad, fqn: Optional[str]) -> ValueError:
-    what = f"parameter {fqn!r}" if fqn else "a parameter"
-    return ValueError(
-        f"Flash optimizers support FSDP2 parameters sharded on dim 0 only (placements made of "
-        f"Shard(0) and Replicate(), e.g. (Shard(0),) for FSDP or (Replicate(), Shard(0)) for HSDP); "
-        f"{what} of global shape {tuple(p.shape)} has placements {tuple(placements)} with the "
-        f"unsupported placement {bad!r}. Its local block is not a contiguous run of the flattened "
-        "parameter, so the canonical quantization groups (contiguous runs of the flattened global "
-        "parameter) would be cut in every row. Fix: shard it on dim 0 — drop the "
-        "shard_placement_fn passed to fully_shard, or make it return None or Shard(0) for this "
-        "parameter; for tensor parallelism, shard it on dim 0 only or keep TP params out of the "
-        "Flash optimizer."
-    )
+    return kind if kind == "replicate" else "other"
 
 
 def dtensor_row_block(global_rows: int, mesh, placements) -> Tuple[int, int]:
@@ -144,14 +136,41 @@ def _grad_of(p):
             return t
     if is_dtensor(g):
         if tuple(g.placements) != tuple(p.placements):
+            partial = any(dt.placement_kind(pl)[0] == "partial" for pl in g.placements)
+            why = (
+                " A Partial gradient is a per-rank partial sum: under tensor parallelism this is the gradient of a "
+                "replicated parameter (a norm weight under sequence parallelism) that no FSDP reduce-scatter "
+                "reduced. Call flashoptim_dist.distributed.reduce_partial_grads(model) after backward (torch's "
+                "optimizers reduce it implicitly through DTensor arithmetic), or shard the model with fully_shard."
+                if partial else ""
+            )
             raise RuntimeError(
                 f"the gradient of a DTensor parameter of shape {tuple(p.shape)} has placements "
                 f"{tuple(g.placements)} but the parameter has {tuple(p.placements)}: stepping "
                 "with it would use an unreduced or differently sharded gradient. Reduce it first, "
-                "e.g. p.grad = p.grad.redistribute(placements=p.placements)."
+                f"e.g. p.grad = p.grad.redistribute(placements=p.placements).{why}"
             )
         return _local_of(g)
     return g
+
+
+@torch.no_grad()
+def reduce_partial_grads(model_or_params) -> int:
+    """Redistribute every DTensor gradient whose placements differ from its parameter's (e.g.
+    ``Partial`` gradients of replicated norm weights under sequence parallelism without FSDP) to
+    the parameter's placements — an all-reduce over the partial mesh dims. Call it on every rank
+    after backward and before ``step()``/clipping; returns how many gradients it reduced.
+    Collective: every rank must call it with the same parameters. Not for gradient release (the
+    hooks step before it could run)."""
+    params = model_or_params.parameters() if hasattr(model_or_params, "parameters") else model_or_params
+    n = 0
+    for p in params:
+        g = p.grad
+        if g is None or not is_dtensor(g) or not is_dtensor(p) or tuple(g.placements) == tuple(p.placements):
+            continue
+        p.grad = g.redistribute(p.device_mesh, p.placements)
+        n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,27 +319,6 @@ def _signature(p, local) -> tuple:
     return (tuple(p.placements), id(p.device_mesh), tuple(p.shape), tuple(local.shape))
 
 
-def _verify_with_torch(p, rows: Tuple[int, int], local_shape) -> None:
-    try:
-        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-    except ImportError:  # pragma: no cover - private helper gone: our own computation stands
-        return
-    try:
-        shape, offset = compute_local_shape_and_global_offset(tuple(p.shape), p.device_mesh, p.placements)
-    except Exception:  # pragma: no cover - signature changed
-        return
-    start, n = rows
-    if p.dim() == 0:
-        return
-    if tuple(shape) != tuple(local_shape) or (n > 0 and offset[0] != start):
-        raise RuntimeError(
-            f"flashoptim_dist computed rows [{start}, {start + n}) for a DTensor of shape "
-            f"{tuple(p.shape)} with placements {tuple(p.placements)}, but torch "
-            f"{torch.__version__} says local shape {tuple(shape)} at offset {tuple(offset)}. "
-            "This torch version shards dim 0 differently; please report it."
-        )
-
-
 # WeakIdKeyDictionary: tensors hash by id but compare elementwise, so a plain weak dict is unsafe.
 try:
     from torch.utils.weak import WeakIdKeyDictionary as _WeakIdKeyDictionary
@@ -330,34 +328,32 @@ except ImportError:  # pragma: no cover
 _SPEC_CACHE = _WeakIdKeyDictionary() if _WeakIdKeyDictionary is not None else {}
 
 
+def _fqn_finder(p):
+    """A zero-argument callable naming ``p`` for error messages (the FSDP2 unit lookup scans the
+    model, so it runs only when an error is worded); holds ``p`` weakly (it lives in the spec,
+    which the weak-keyed spec cache keeps)."""
+    ref = weakref.ref(p)
+
+    def find() -> Optional[str]:
+        q = ref()
+        if q is None:
+            return None
+        group, fp = _lookup_unit(q)
+        return _param_name_in_unit(group, fp) if group is not None and fp is not None else None
+
+    return find
+
+
 def _build_spec(p, local) -> lay.ShardSpec:
     placements = tuple(p.placements)
-    fqn = None
-    for pl in placements:
-        if _placement_kind(pl) == "other":
-            group, fp = _lookup_unit(p)
-            if group is not None and fp is not None:
-                fqn = _param_name_in_unit(group, fp)
-            raise _unsupported_placement_error(p, placements, pl, fqn)
-    check_fsdp2_unit(p)
     gshape = tuple(p.shape)
-    gnumel = math.prod(gshape)
-    if p.dim() == 0:
-        start, nrows, row = 0, 1, 1
-    else:
-        start, nrows = dtensor_row_block(gshape[0], p.device_mesh, placements)
-        row = math.prod(gshape[1:])
-    expect_shape = (nrows,) + gshape[1:] if p.dim() else ()
-    if tuple(local.shape) != expect_shape and not (nrows == 0 and local.numel() == 0):
-        raise RuntimeError(
-            f"DTensor parameter of global shape {gshape} with placements {placements}: expected a "
-            f"local block of shape {expect_shape} (rows [{start}, {start + nrows}) split like "
-            f"torch.chunk), found {tuple(local.shape)}. flashoptim_dist cannot tell which elements "
-            "this rank holds; shard it with fully_shard's default Shard(0) placement."
-        )
-    _verify_with_torch(p, (start, nrows), local.shape)
-    seg = lay.Segment(0, local.numel(), start * row if nrows else 0, None, gnumel)
-    return lay.ShardSpec(global_shape=gshape, segments=(seg,), local=_local_of, grad=_grad_of)
+    name = _fqn_finder(p)
+    dt.check_placements(gshape, placements, name)
+    check_fsdp2_unit(p)
+    block = dt.dtensor_block(p, tuple(local.shape), name)
+    segments = block.segments(math.prod(gshape))
+    return lay.ShardSpec(global_shape=gshape, segments=segments, local=_local_of, grad=_grad_of, block=block,
+                         check=dt.column_check(gshape, tuple(p.device_mesh.shape), placements, name))
 
 
 def fsdp2_release_units(params) -> dict:

@@ -54,8 +54,10 @@ from .. import numerics as nx
 from ..optim.reference import HYPER_COLUMNS, N_HYPER, SIGN_COLUMN, STEP_HI_COLUMN, STEP_LO_COLUMN
 
 # Offsets table columns (int64 per segment). _GORIG: canonical index of the segment's aligned
-# origin (global_start − phase); _KEY: the parameter's dither identity (numerics.parameter_key).
-_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _GORIG, _KEY, _NCOLS = range(13)
+# origin (global_start − phase); _KEY: the parameter's dither identity (numerics.parameter_key);
+# _TIDX: the segment's tensor, whose hyper-parameter row the kernel reads (rows per tensor, not
+# per segment: a tensor-parallel column shard has one segment per row, ~10^5 per step at 8B).
+_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _GORIG, _KEY, _TIDX, _NCOLS = range(14)
 _ROLES_ALIGN = (_P, _G, _R, _C0, _C1)  # element-indexed roles whose alignment matters
 
 INV_SIGNED = tl.constexpr(nx.INV_SIGNED)
@@ -532,7 +534,7 @@ def _flash_step_kernel(
 
     n_groups = (phase + length + G - 1) // G
 
-    hb = hyper_ptr + seg * NHYPER
+    hb = hyper_ptr + tl.load(ob + 12) * NHYPER  # the segment's tensor's row (_TIDX)
     h0 = tl.load(hb + 0)
     h1 = tl.load(hb + 1)
     h2 = tl.load(hb + 2)
@@ -685,12 +687,16 @@ class KernelPlan:
         offs[:, _PHASE] = arr[:, 3]
         offs[:, _GORIG] = (arr[:, 5] - arr[:, 3]) & 0xFFFFFFFF
         offs[:, _KEY] = arr[:, 6]
+        offs[:, _TIDX] = arr[:, 0]
         self.offs = offs
         # pinned staging buffers, so the per-step host→device copies are asynchronous
         pin = device.type == "cuda"
         self._offs_host = torch.from_numpy(offs).pin_memory() if pin else torch.from_numpy(offs)
         self._offs_dev = torch.empty_like(self._offs_host, device=device)
-        self._hyper_host = torch.zeros((len(arr), N_HYPER), dtype=torch.float32)
+        # one row per tensor (the kernel reads the row of its segment's tensor): the per-step
+        # host work and copy are O(tensors) however many segments the tensors are cut into
+        self.n_tensors = int(arr[:, 0].max()) + 1 if len(arr) else 0
+        self._hyper_host = torch.zeros((self.n_tensors, N_HYPER), dtype=torch.float32)
         if pin:
             self._hyper_host = self._hyper_host.pin_memory()
         self._hyper_dev = torch.empty_like(self._hyper_host, device=device)
@@ -754,7 +760,7 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
         plan._ptrs = ptrs
     hyper = plan._hyper_host.numpy()
-    hyper[:] = hyper_rows[plan.seg_tensor]
+    hyper[:] = hyper_rows[: plan.n_tensors]
     maximize = bool((hyper[:, _SIGN] != 1.0).any())
     plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
     if plan._offs_dev.is_cuda:

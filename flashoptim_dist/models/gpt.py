@@ -233,9 +233,11 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         cfg = self.cfg
-        q = self.wq(x).view(b, t, cfg.n_heads, cfg.head_dim).transpose(1, 2)
-        k = self.wk(x).view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
-        v = self.wv(x).view(b, t, cfg.kv_heads, cfg.head_dim).transpose(1, 2)
+        # heads counted from the projections' outputs (-1): under tensor parallelism each rank's
+        # wq/wk/wv give it n_heads/tp and kv_heads/tp of them (GPT.tensor_parallel_plan)
+        q = self.wq(x).view(b, t, -1, cfg.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, -1, cfg.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, -1, cfg.head_dim).transpose(1, 2)
         if cfg.pos_embedding == "rope":
             # Computed here, in fp32, rather than passed in: an FSDP2 mixed-precision policy
             # would cast a block's floating inputs (the tables) to bf16.
@@ -246,7 +248,7 @@ class Attention(nn.Module):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.wo(y.transpose(1, 2).reshape(b, t, cfg.n_heads * cfg.head_dim))
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -368,6 +370,56 @@ class GPT(nn.Module):
     def fsdp_units(self) -> list[nn.Module]:
         """Sub-modules to shard as separate FSDP units (one per block)."""
         return list(self.blocks)
+
+    def tensor_parallel_plan(self) -> dict:
+        """torchtitan's Llama plan for ``torch.distributed.tensor.parallel.parallelize_module``
+        (without sequence parallelism): attention ``wq``/``wk``/``wv`` and MLP ``w1``/``w3``
+        colwise (weights ``Shard(0)``: each rank computes n_heads/tp heads and d_ff/tp hidden
+        units), ``wo``/``w2`` rowwise (weights ``Shard(1)``, outputs all-reduced), the token
+        embedding rowwise (table ``Shard(0)`` by vocabulary), the head colwise with its logits
+        gathered (``output_layouts=Replicate()``). Norms and learned positions stay replicated
+        over the tensor-parallel dim (FSDP shards them over the data-parallel dim).
+
+        Needs n_heads, kv_heads, ff_dim and vocab_size divisible by tp (local shards are handed
+        between layers as plain tensors whose global shape DTensor takes as local × tp) and an
+        untied head (the embedding and the head split the shared table differently). Memory per
+        rank: each split weight 1/tp (and 1/dp under FSDP on top); the gathered logits are
+        B·T·V as without TP."""
+        from torch.distributed.tensor import Replicate
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        plan = {
+            "tok_emb": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "head": ColwiseParallel(output_layouts=Replicate()),
+        }
+        for i, block in enumerate(self.blocks):
+            for name in ("wq", "wk", "wv"):
+                plan[f"blocks.{i}.attn.{name}"] = ColwiseParallel()
+            plan[f"blocks.{i}.attn.wo"] = RowwiseParallel()
+            plan[f"blocks.{i}.mlp.w1"] = ColwiseParallel()
+            if block.mlp.w3 is not None:
+                plan[f"blocks.{i}.mlp.w3"] = ColwiseParallel()
+            plan[f"blocks.{i}.mlp.w2"] = RowwiseParallel()
+        return plan
+
+    def tensor_parallel_problems(self, tp: int, group_size: int = 0) -> list[str]:
+        """Why :meth:`tensor_parallel_plan` cannot split this model ``tp`` ways (empty: it can).
+        With ``group_size`` (a Flash optimizer's), also the rowwise weights whose column pieces
+        would cut quantization groups (flashoptim_dist.distributed.dtensor refuses those)."""
+        cfg, out = self.cfg, []
+        for what, n in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.kv_heads),
+                        ("model.d_ff", cfg.ff_dim), ("model.vocab_size", cfg.vocab_size)):
+            if n % tp:
+                out.append(f"{what}={n} is not divisible by engine.tp_size={tp}")
+        if cfg.tie_embeddings:
+            out.append("the head is tied to the token embedding (model.tie_embeddings=true): the embedding splits the "
+                       "shared table rowwise for lookups, the head colwise; set model.tie_embeddings=false")
+        if group_size and not out:
+            for what, cols in (("attn.wo", cfg.n_heads * cfg.head_dim), ("mlp.w2", cfg.ff_dim)):
+                if (cols // tp) % group_size:
+                    out.append(f"blocks.*.{what} ({cols} columns) splits into {cols // tp} columns per rank, not a multiple "
+                               f"of the Flash optimizer's group size {group_size}")
+        return out
 
     def fsdp_embedding_units(self) -> list[nn.Module]:
         """Token embedding and output head, to shard as FSDP units of their own; none when the

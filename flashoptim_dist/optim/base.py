@@ -188,7 +188,10 @@ class FlashOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         for p in group["params"]:
-            local = self._local(p)
+            spec = lay.resolve_shard(p)
+            if spec.check is not None:  # refused at construction, e.g. a column split cutting groups
+                spec.check(self.config.group_size)
+            local = spec.local(p) if spec.local is not None else p
             if not (local.dtype in _FLOAT_DTYPES):
                 raise TypeError(
                     f"{type(self).__name__} supports float32, bfloat16 and float16 parameters; got a "
@@ -279,7 +282,7 @@ class FlashOptimizer(Optimizer):
     def _make_info(self, p: torch.Tensor) -> _TensorInfo:
         spec = lay.resolve_shard(p)
         local = spec.local(p) if spec.local is not None else p
-        return _TensorInfo(spec, lay.state_layout_for(local, spec.segments, self.config), self.config.seed)
+        return _TensorInfo(spec, lay.spec_layout(local, spec, self.config), self.config.seed)
 
     def _fresh_state(self, p: torch.Tensor, info: _TensorInfo, group: Dict[str, Any]) -> None:
         local = self._local(p)

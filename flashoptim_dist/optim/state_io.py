@@ -27,6 +27,15 @@ full state dict is plain tensors.
     Bytes: 2·R·K per state — a 1-D parameter gets one scale per element (2 bytes instead of 2/G;
     norms and biases are ~0.01 % of a transformer's elements).
 
+    Tensor parallelism: a ``Shard(1)`` column split is accepted only where it cuts no group
+    (:mod:`flashoptim_dist.distributed.dtensor`): the row length and every column boundary are
+    multiples of G, so ``K = L/G`` and torch's split of the K scales of a row over the TP ranks
+    gives each rank exactly the scales of its columns — the scales are a DTensor with the
+    parameter's placements again (checked against torch for every parameter: a 3-D parameter
+    whose dim-1 split does not map onto that chunking is refused by ``state_dict()``, naming
+    :mod:`flashoptim_dist.checkpoint`, which has no such limit). Rows held as several runs
+    (``_StridedShard(0)``) export each run's scales in local order, like the parameter.
+
     Partial groups: a block boundary inside a group (L % G ≠ 0, or a 1-D parameter whose chunk
     is not a multiple of G) leaves one scale per side. Before exposing them the ranks agree on
     the larger — one all-reduce MAX of those scales over the mesh, only when such a boundary
@@ -57,6 +66,7 @@ dicts of format version 1, per-rank files).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import itertools
 import math
@@ -92,7 +102,7 @@ def form_of(p, spec: lay.ShardSpec) -> str:
     """The form ``state_dict()`` gives ``p``'s state (see the module docstring)."""
     if spec.state_dict_form is not None:
         return spec.state_dict_form
-    if (is_dtensor(p) and len(spec.segments) == 1) or _whole(p, spec):
+    if (is_dtensor(p) and (spec.block is not None or len(spec.segments) == 1)) or _whole(p, spec):
         return lay.FORM_GLOBAL
     return lay.FORM_LOCAL
 
@@ -162,21 +172,27 @@ def _rows_to_scales(rows: torch.Tensor, r0: int, n: int, L: int, G: int, n_scale
 
 
 @functools.lru_cache(maxsize=4096)
-def _mesh_cut_groups(gshape: tuple, mesh_sizes: tuple, shard_dims: tuple, G: int) -> Tuple[int, ...]:
-    """Every canonical group that some boundary between two ranks' row blocks cuts, over the
-    whole mesh (the same on every rank: global shape and mesh only)."""
+def _mesh_cut_groups(gshape: tuple, mesh_sizes: tuple, placements: tuple, G: int) -> Tuple[int, ...]:
+    """Every canonical group that a boundary between two ranks' runs cuts, over the whole mesh
+    (the same on every rank: global shape, mesh and placements only)."""
+    # the DTensor placement arithmetic lives with the adapter (imported here, not at module
+    # level: the optimizer core imports no engine; a DTensor exists only when it is loaded)
+    from ..distributed.dtensor import block_at, mesh_dims_sharding
+
     R, L = _rows_of(gshape)
     numel = R * L
-    if L % G == 0 or not shard_dims or numel == 0:
+    dims = mesh_dims_sharding(placements)
+    # rows start at multiples of L: with L % G == 0 only a column split could cut, and the
+    # adapter accepts column splits only at multiples of G
+    if L % G == 0 or not dims or numel == 0:
         return ()
     cuts = set()
-    for sub in itertools.product(*(range(mesh_sizes[d]) for d in shard_dims)):
+    for sub in itertools.product(*(range(mesh_sizes[d]) for d in dims)):
         coord = [0] * len(mesh_sizes)
-        for d, c in zip(shard_dims, sub):
+        for d, c in zip(dims, sub):
             coord[d] = c
-        start, n = lay.shard_block(R, mesh_sizes, coord, shard_dims)
-        if n:
-            cuts.update(cut_groups(start * L, n * L, numel, G))
+        for seg in block_at(gshape, mesh_sizes, coord, placements).segments(numel):
+            cuts.update(cut_groups(seg.global_start, seg.length, numel, G))
     return tuple(sorted(cuts))
 
 
@@ -190,11 +206,12 @@ def _mesh_device(mesh) -> torch.device:
 def _agree_cut_scales(entries: List[dict], G: int) -> Dict[tuple, float]:
     """(param index, state, group) -> agreed (largest) scale of every cut group of the DTensor
     entries: one all-reduce MAX per sharded mesh dim, per mesh, only where cuts exist."""
+    from ..distributed.dtensor import mesh_dims_sharding
+
     by_mesh: Dict[Any, List[Tuple[dict, tuple]]] = {}
     for e in entries:
         p = e["p"]
-        shard_dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
-        cuts = _mesh_cut_groups(tuple(e["spec"].global_shape), tuple(p.device_mesh.shape), shard_dims, G)
+        cuts = _mesh_cut_groups(tuple(e["spec"].global_shape), tuple(p.device_mesh.shape), tuple(p.placements), G)
         if cuts:
             by_mesh.setdefault(p.device_mesh, []).append((e, cuts))
     agreed: Dict[tuple, float] = {}
@@ -202,15 +219,20 @@ def _agree_cut_scales(entries: List[dict], G: int) -> Dict[tuple, float]:
         slots, vals = [], []
         dims = set()
         for e, cuts in ents:
-            dims.update(d for d, pl in enumerate(e["p"].placements) if pl.is_shard())
-            seg = e["spec"].segments[0]
-            g_lo = seg.global_start // G
-            g_hi = (seg.global_start + seg.length - 1) // G if seg.length else g_lo - 1
+            dims.update(mesh_dims_sharding(e["p"].placements))
+            layout = e["layout"]
             for name, _ in e["quantized"]:
                 sc = e["st"][name + "_scales"]
+                mine: Dict[int, float] = {}  # this rank's scale of each cut group it touches (scales are >= 0)
+                for seg, soff in zip(layout.segments, layout.scale_offsets):
+                    if not seg.length:
+                        continue
+                    g_lo, g_hi = seg.global_start // G, (seg.global_start + seg.length - 1) // G
+                    for g in cuts[bisect.bisect_left(cuts, g_lo) : bisect.bisect_right(cuts, g_hi)]:
+                        mine[g] = max(mine.get(g, 0.0), float(sc[soff + g - g_lo]))
                 for g in cuts:
                     slots.append((e["pid"], name, g))
-                    vals.append(float(sc[g - g_lo]) if g_lo <= g <= g_hi else 0.0)  # scales are >= 0
+                    vals.append(mine.get(g, 0.0))
         buf = torch.tensor(vals, dtype=torch.float32, device=_mesh_device(mesh))
         for d in sorted(dims):
             dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=mesh.get_group(d))
@@ -242,22 +264,76 @@ def as_global(p, local: torch.Tensor, shape=None):
 
 
 def _global_geometry(p, spec: lay.ShardSpec, local: torch.Tensor):
-    """(global shape, local shape, R, L, first local row, local rows) of a global-form tensor."""
+    """(global shape, local shape, R, L, block) of a global-form tensor: the
+    :class:`~flashoptim_dist.layout.RowBlock` this rank holds (all rows for a whole tensor)."""
     gshape = tuple(spec.global_shape)
     R, L = _rows_of(gshape)
     lshape = tuple(local.shape) if is_dtensor(p) else gshape
-    n = lshape[0] if lshape else 1
-    seg = spec.segments[0]
-    r0 = seg.global_start // L if (L and n and seg.length) else 0
-    return gshape, lshape, R, L, r0, n
+    block = spec.block
+    if block is None:  # a whole tensor, or a one-segment DTensor spec without a block: whole rows
+        seg = spec.segments[0]
+        n = (lshape[0] if lshape else 1) if seg.length else 0
+        r0 = seg.global_start // L if (L and n) else 0
+        block = lay.RowBlock(((r0, n),) if n else (), 0, L, L)
+    return gshape, lshape, R, L, block
+
+
+def _block_scale_rows(sc: torch.Tensor, layout, block: lay.RowBlock, K: int, G: int) -> torch.Tensor:
+    """This rank's rows of the row layout ``(n, K_local)`` from its stored scale vector: all K
+    slots of each held row, or — under an (aligned) column split — the slots of its columns."""
+    n, L = block.n_rows, block.row_length
+    if not block.whole_rows:  # aligned column split: one segment (w/G scales) per row, in order
+        return sc.view(n, block.width // G) if n else sc.new_zeros((0, block.width // G))
+    if L % G == 0 or not block.row_runs:
+        return sc.view(n, K) if n else sc.new_zeros((0, K))
+    parts = [
+        _scales_to_rows(sc[soff : soff + seg.n_groups(G)], r0, cnt, L, K, G)
+        for (r0, cnt), seg, soff in zip(block.row_runs, layout.segments, layout.scale_offsets)
+    ]
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _block_rows_to_scales(rows: torch.Tensor, layout, block: lay.RowBlock, G: int) -> torch.Tensor:
+    """Inverse of :func:`_block_scale_rows`: the stored scale vector from this rank's rows."""
+    L = block.row_length
+    if not block.whole_rows or L % G == 0 or not block.row_runs:
+        return rows.reshape(-1)[: layout.n_scales] if layout.n_scales else rows.new_zeros(0)
+    parts, i = [], 0
+    for (r0, cnt), seg in zip(block.row_runs, layout.segments):
+        parts.append(_rows_to_scales(rows[i : i + cnt], r0, cnt, L, G, seg.n_groups(G)))
+        i += cnt
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+@functools.lru_cache(maxsize=4096)
+def _scale_split_ok(gshape: tuple, K: int, G: int, mesh, placements: tuple, block: lay.RowBlock) -> bool:
+    """Whether torch splits the ``(R, K)`` scale rows under ``placements`` into exactly this
+    rank's ``(rows, scales of its columns)`` (always, unless a 3-D parameter's dim-1 split does
+    not map onto torch.chunk of K)."""
+    if block.whole_rows:
+        return True  # placements split dim 0 only: the scale rows split like the parameter's rows
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    except ImportError:  # pragma: no cover
+        return True
+    shape, offset = compute_local_shape_and_global_offset((gshape[0], K), mesh, placements)
+    n, w = block.n_rows, block.width // G
+    return tuple(shape) == (n, w) and (n == 0 or w == 0 or (offset[0] == block.row_runs[0][0] and offset[1] == block.lo // G))
 
 
 def _export_global(e: dict, G: int, agreed: Dict[tuple, float]) -> dict:
     p, spec, layout, st, local = e["p"], e["spec"], e["layout"], e["st"], e["local"]
-    gshape, lshape, R, L, r0, n = _global_geometry(p, spec, local)
+    gshape, lshape, R, L, block = _global_geometry(p, spec, local)
     K = _row_width(R, L, G)
-    seg = spec.segments[0]
     kinds = dict(e["quantized"])
+    if kinds and is_dtensor(p) and not _scale_split_ok(gshape, K, G, p.device_mesh, tuple(p.placements), block):
+        raise ValueError(
+            f"state_dict() cannot express the scales of a parameter of global shape {gshape} with placements "
+            f"{tuple(p.placements)} as a DTensor split like the parameter: its dim-1 split gives this rank "
+            f"{block.width // G} groups per row, which torch's split of the {K} scales of a row does not. Save this "
+            "optimizer with flashoptim_dist.checkpoint.save (any split), or split dim 1 into pieces whose element "
+            "counts are equal multiples of the group size."
+        )
     out: Dict[str, Any] = {}
     for k, v in st.items():
         if not torch.is_tensor(v) or v.dim() == 0:
@@ -265,10 +341,10 @@ def _export_global(e: dict, G: int, agreed: Dict[tuple, float]) -> dict:
         elif k in kinds:
             codes, sc = v, st[k + "_scales"]
             if agreed:
-                codes, sc = canonical_run(codes, sc, kinds[k], seg.global_start, spec.global_numel, G,
-                                          lambda g, k=k: agreed.get((e["pid"], k, g)))
+                codes, sc = _canonical_runs(codes, sc, kinds[k], layout, spec.global_numel, G,
+                                            lambda g, k=k: agreed.get((e["pid"], k, g)))
             out[k] = as_global(p, codes.view(lshape), gshape)
-            out[k + "_scales"] = as_global(p, _scales_to_rows(sc, r0, n, L, K, G), (R, K))
+            out[k + "_scales"] = as_global(p, _block_scale_rows(sc, layout, block, K, G), (R, K))
         elif k.endswith("_scales") and k[: -len("_scales")] in kinds:
             continue  # written with its codes
         elif v.numel() == layout.numel:  # ρ, fp32 moments: one value per element
@@ -280,6 +356,26 @@ def _export_global(e: dict, G: int, agreed: Dict[tuple, float]) -> dict:
                 "in the parameter's global layout. Save this optimizer with flashoptim_dist.checkpoint.save."
             )
     return out
+
+
+def _canonical_runs(codes, scales, kind, layout, numel: int, G: int, agreed):
+    """:func:`~flashoptim_dist.canonical.canonical_run` of every segment of a tensor: new codes
+    and scales where a cut group's agreed scale differs from the rank's own (the inputs
+    otherwise; never modified)."""
+    out_c, out_s = codes, scales
+    for seg, soff in zip(layout.segments, layout.scale_offsets):
+        if not seg.length:
+            continue
+        ls, ng = seg.local_start, seg.n_groups(G)
+        cs, ss = codes[ls : ls + seg.length], scales[soff : soff + ng]
+        c, sc = canonical_run(cs, ss, kind, seg.global_start, numel, G, agreed)
+        if c is cs and sc is ss:  # no cut group of this run changed
+            continue
+        if out_c is codes:
+            out_c, out_s = codes.clone(), scales.clone()
+        out_c[ls : ls + seg.length] = c
+        out_s[soff : soff + ng] = sc
+    return out_c, out_s
 
 
 def _group_counts(seg: lay.Segment, G: int) -> torch.Tensor:
@@ -354,11 +450,13 @@ def _describe(v) -> str:
     return f"tensor {tuple(v.shape)} {v.dtype}"
 
 
-def _local_block(v, p, expected: tuple, r0: int, n: int) -> Optional[torch.Tensor]:
-    """This rank's rows [r0, r0+n) of a global-form tensor ``v`` of shape ``expected`` (a
-    DTensor of any placements, or a full plain tensor); None if ``v`` is not of that shape."""
+def _local_block(v, p, expected: tuple, block: lay.RowBlock, cols: Tuple[int, int]) -> Optional[torch.Tensor]:
+    """This rank's part of a global-form tensor ``v`` of shape ``expected`` (a DTensor of any
+    placements, or a full plain tensor): the block's rows, and of each row the range ``cols``
+    (of ``expected``'s flattened trailing dims); None if ``v`` is not of that shape."""
     if tuple(v.shape) != tuple(expected):
         return None
+    n = block.n_rows
     if is_dtensor(v):
         if is_dtensor(p) and v.device_mesh == p.device_mesh:
             if tuple(v.placements) != tuple(p.placements):
@@ -370,8 +468,16 @@ def _local_block(v, p, expected: tuple, r0: int, n: int) -> Optional[torch.Tenso
                     f"{n}: its local chunk is not the standard split of its placements {tuple(v.placements)}"
                 )
             return loc
-        v = v.full_tensor()  # another mesh, or a plain parameter: gather, then take our rows
-    return v[r0 : r0 + n] if v.dim() else v
+        v = v.full_tensor()  # another mesh, or a plain parameter: gather, then take our part
+    if v.dim() == 0:
+        return v
+    rows = v.reshape(v.shape[0], math.prod(v.shape[1:]))
+    lo, hi = cols
+    if block.row_runs == ((0, v.shape[0]),):
+        part = rows[:, lo:hi]
+    else:
+        part = rows[block.rows().to(v.device)][:, lo:hi] if n else rows[:0, lo:hi]
+    return part
 
 
 def _shape_error(k, v, p, gshape, expected, stored) -> ValueError:
@@ -385,22 +491,23 @@ def _shape_error(k, v, p, gshape, expected, stored) -> ValueError:
 
 def _import_global(p, spec, layout, st, G: int) -> dict:
     local = spec.local(p) if spec.local is not None else p
-    gshape, lshape, R, L, r0, n = _global_geometry(p, spec, local)
+    gshape, lshape, R, L, block = _global_geometry(p, spec, local)
     K = _row_width(R, L, G)
+    kcols = (0, K) if block.whole_rows else (block.lo // G, block.hi // G)
     out: Dict[str, Any] = {}
     for k, v in st.items():
         if not torch.is_tensor(v) or v.dim() == 0:
             out[k] = v
         elif k.endswith("_scales"):
-            blk = _local_block(v, p, (R, K), r0, n)
+            blk = _local_block(v, p, (R, K), block, kcols)
             if blk is not None:
-                out[k] = _rows_to_scales(blk, r0, n, L, G, layout.n_scales)
+                out[k] = _block_rows_to_scales(blk, layout, block, G)
             elif not is_dtensor(v) and v.dim() == 1 and v.numel() == layout.n_scales:
                 out[k] = v  # stored form (format version 1, per-rank files)
             else:
                 raise _shape_error(k, v, p, gshape, f"({R}, {K})", f"({layout.n_scales},)")
         else:
-            blk = _local_block(v, p, gshape, r0, n)
+            blk = _local_block(v, p, gshape, block, (block.lo, block.hi))
             if blk is not None:
                 out[k] = blk.reshape(-1)
             elif not is_dtensor(v) and v.numel() == layout.numel and (v.dim() == 1 or tuple(v.shape) == lshape):
@@ -493,6 +600,6 @@ def local_elementwise(p, v: torch.Tensor) -> Optional[torch.Tensor]:
     if form_of(p, spec) != lay.FORM_GLOBAL:
         return None
     local = spec.local(p) if spec.local is not None else p
-    gshape, _, _, _, r0, n = _global_geometry(p, spec, local)
-    blk = _local_block(v, p, gshape, r0, n)
+    gshape, _, _, _, block = _global_geometry(p, spec, local)
+    blk = _local_block(v, p, gshape, block, (block.lo, block.hi))
     return None if blk is None else blk.reshape(-1)

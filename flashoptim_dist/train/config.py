@@ -136,7 +136,7 @@ class DataConfig:
     micro_batch_size: int = 8
     """Examples per forward/backward on one rank."""
     global_batch_size: Optional[int] = None
-    """Examples per optimizer step over all ranks; a multiple of micro_batch_size x ranks, the quotient being the gradient-accumulation steps. null: micro_batch_size x ranks (no accumulation). Keep it fixed to resume on a different number of ranks with identical data."""
+    """Examples per optimizer step over all ranks; a multiple of micro_batch_size x data-parallel ranks (ranks / engine.tp_size), the quotient being the gradient-accumulation steps. null: micro_batch_size x data-parallel ranks (no accumulation). Keep it fixed to resume on a different number of ranks with identical data."""
     eval_sequences: int = 64
     """Validation examples per evaluation (the same set every time, split over ranks)."""
 
@@ -199,6 +199,8 @@ class EngineConfig:
     """torch.distributed backend; auto: nccl with CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0
     """Collective timeout."""
+    tp_size: int = 1
+    """Tensor-parallel degree (engine.name=fsdp2, the built-in GPT): the ranks form a (ranks / tp_size) x tp_size mesh ("dp", "tp"), with engine.replicas a (replicas, shards, tp_size) one (HSDP + TP; tp_size consecutive ranks, inside one replica); attention, MLP, embedding and head weights are split tp_size ways with torchtitan's plan (GPT.tensor_parallel_plan, no sequence parallelism) and FSDP2 shards over "dp". Must divide the number of ranks and the model's n_heads, n_kv_heads, d_ff and vocab_size; with a Flash optimizer the column split of wo and w2 must be a multiple of 32 (e.g. tiny: tp_size 2). The tp_size ranks of a dp group read the same batch, so data.global_batch_size counts data-parallel ranks only. 1: no tensor parallelism."""
 
 
 @dataclass
@@ -621,6 +623,11 @@ def validate(cfg: Config) -> None:
     if en.replicas != "nodes":
         need(en.replicas >= 1, f"engine.replicas={en.replicas} is invalid: must be a positive integer or 'nodes'")
     need(en.replicas == 1 or en.name == "fsdp2", f"engine.replicas={en.replicas!r} is invalid with engine.name={en.name!r}: HSDP replicas need engine.name=fsdp2")
+    need(en.tp_size >= 1, f"engine.tp_size={en.tp_size} is invalid: must be a positive integer (1: no tensor parallelism)")
+    if en.tp_size > 1:
+        need(en.name == "fsdp2", f"engine.tp_size={en.tp_size} is invalid with engine.name={en.name!r}: tensor parallelism composes with fsdp2 only (FSDP2 shards over the data-parallel mesh dim); use engine.name=fsdp2 or engine.tp_size=1")
+        need(m.source == "gpt", f"engine.tp_size={en.tp_size} is invalid with model.source={m.source!r}: the tensor-parallel plan is the built-in GPT's (GPT.tensor_parallel_plan); use model.source=gpt or engine.tp_size=1")
+        need(m.loss_chunks == 1, f"model.loss_chunks={m.loss_chunks} is invalid with engine.tp_size={en.tp_size}: the sliced loss computes the head inside its own forward, which the colwise head cannot split; use model.loss_chunks=1")
     if d.global_batch_size is not None:
         need(
             d.global_batch_size % d.micro_batch_size == 0,

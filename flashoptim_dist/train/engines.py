@@ -8,6 +8,11 @@ ddp        ``DistributedDataParallel``; whole tensors on every rank, gradients a
 fsdp2      ``fully_shard`` on every block (``model.fsdp_units()``), on the embedding and the
            untied head (``model.fsdp_embedding_units()``, ``engine.shard_embeddings``) and on
            the root; params are DTensors sharded on dim 0 over a 1-D device mesh of all ranks.
+           With ``engine.tp_size`` > 1 (built-in GPT): a ("dp", "tp") mesh — ("replicate",
+           "shard", "tp") with ``engine.replicas`` (HSDP + TP) — the model's tensor-parallel plan
+           (``GPT.tensor_parallel_plan``, torchtitan's) applied on "tp" with
+           ``parallelize_module``, then ``fully_shard`` on the data-parallel dims — torchtitan's
+           order.
 fsdp1      ``FullyShardedDataParallel(use_orig_params=True)``, one unit per block and, as
            for fsdp2, for the embedding and the untied head; on CPU with
            ``device_id=torch.device('cpu')``.
@@ -41,7 +46,7 @@ from torch import nn
 from .config import FLASH_OPTIMIZERS, Config
 from .optimizers import build_optimizer, is_flash, optimizer_kwargs
 
-__all__ = ["Engine", "build_engine", "EngineError", "deepspeed_config", "local_tensor"]
+__all__ = ["Engine", "build_engine", "EngineError", "deepspeed_config", "local_tensor", "parallel_dims"]
 
 
 class EngineError(RuntimeError):
@@ -75,6 +80,8 @@ class Engine:
         self.grad_release = grad_release
         self.layout = ""
         """How the ranks are arranged when that is not obvious from the engine's name (HSDP)."""
+        self.tp_size = 1
+        """Tensor-parallel degree (engine.tp_size; fsdp2 only)."""
         self.loss_chunks = 1
         """Token slices for head + loss (model.loss_chunks; > 1 needs a model with
         ``forward(idx, targets, loss_chunks)``: the built-in GPT, or a Hugging Face model after
@@ -179,6 +186,23 @@ class _FSDP2Engine(Engine):
         self.model.set_requires_gradient_sync(is_last)
         return contextlib.nullcontext()
 
+    def clip_grad_norm(self, max_norm: float) -> Optional[float]:
+        if self.tp_size == 1:
+            return super().clip_grad_norm(max_norm)
+        # Under TP the parameters live on two meshes (split weights on ("dp", "tp"), norms on
+        # "dp"), which torch's clip_grad_norm_ cannot stack; flashoptim_dist's grad_norm reduces
+        # each mesh over its sharded dims only (the norms' copies over "tp" counted once).
+        from flashoptim_dist.distributed import clip_coefficient, grad_norm
+
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return None
+        norm = grad_norm(params)
+        coef = clip_coefficient(norm, max_norm)
+        for p in params:
+            local_tensor(p.grad).mul_(coef.to(p.grad.device))
+        return float(norm)
+
     def eval_mode(self, on: bool) -> None:
         super().eval_mode(on)
         if not on:
@@ -259,14 +283,23 @@ def _bf16_cast(model: nn.Module) -> nn.Module:
 
 
 def _fsdp2_mesh(cfg: Config, device: torch.device, world: int):
-    """1-D mesh of all ranks, or with engine.replicas != 1 the 2-D (replicate, shard) HSDP mesh
-    whose shape :func:`launch_env.hsdp_mesh_shape` derives from where every rank runs."""
+    """``(mesh for fully_shard, tensor-parallel mesh or None)``.
+
+    FSDP2 shards over a 1-D mesh of all ranks, or with engine.replicas != 1 over the 2-D
+    (replicate, shard) HSDP mesh whose shape :func:`launch_env.hsdp_mesh_shape` derives from where
+    every rank runs. With engine.tp_size = T > 1 a last mesh dim "tp" of T consecutive ranks is
+    split off (within a node, where the tensor-parallel collectives are): ("dp", "tp") or
+    ("replicate", "shard", "tp"), and fully_shard takes the data-parallel dims."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from .. import launch_env
 
+    tp = cfg.engine.tp_size
     if cfg.engine.replicas == 1:
-        return init_device_mesh(device.type, (world,))
+        if tp == 1:
+            return init_device_mesh(device.type, (world,)), None
+        mesh = init_device_mesh(device.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+        return mesh["dp"], mesh["tp"]
     nodes: list = [launch_env.detect().node_rank] * world
     if world > 1:
         dist.all_gather_object(nodes, nodes[0])
@@ -274,7 +307,16 @@ def _fsdp2_mesh(cfg: Config, device: torch.device, world: int):
         shape = launch_env.hsdp_mesh_shape(cfg.engine.replicas, nodes)
     except launch_env.LaunchEnvError as e:
         raise EngineError(str(e)) from None
-    return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard"))
+    if tp == 1:
+        return init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard")), None
+    if shape[1] % tp:
+        raise EngineError(
+            f"engine.tp_size={tp} does not divide the {shape[1]} ranks of an HSDP replica (engine.replicas="
+            f"{cfg.engine.replicas}, {world} ranks): the tensor-parallel ranks sit inside one replica. Use a tp_size "
+            f"dividing {shape[1]}, or fewer replicas"
+        )
+    mesh = init_device_mesh(device.type, (shape[0], shape[1] // tp, tp), mesh_dim_names=("replicate", "shard", "tp"))
+    return mesh["replicate", "shard"], mesh["tp"]
 
 
 def _world() -> tuple[int, int]:
@@ -357,6 +399,31 @@ def _fsdp_units(cfg: Config, model: nn.Module) -> list:
     return units
 
 
+def parallel_dims(cfg: Config, rank: int, world: int) -> tuple[int, int, int]:
+    """(data-parallel rank, data-parallel size, tensor-parallel size) of this rank: ranks form a
+    (world / tp, tp) row-major mesh ("dp", "tp"), so the tp ranks of a dp group are consecutive
+    and read the same batch. Raises EngineError when engine.tp_size does not divide the ranks."""
+    tp = cfg.engine.tp_size
+    if world % tp:
+        raise EngineError(
+            f"engine.tp_size={tp} does not divide the {world} ranks the launcher started; launch a multiple of "
+            f"{tp} ranks or choose a tp_size that divides {world}"
+        )
+    return rank // tp, world // tp, tp
+
+
+def _check_tensor_parallel(cfg: Config, model: nn.Module, flash: bool) -> None:
+    """EngineError naming every reason the model cannot be split engine.tp_size ways."""
+    tp = cfg.engine.tp_size
+    problems = model.tensor_parallel_problems(tp, group_size=32 if flash else 0) if hasattr(model, "tensor_parallel_problems") else [
+        f"{type(model).__name__} has no tensor-parallel plan (tensor_parallel_plan)"]
+    if problems:
+        raise EngineError(
+            f"engine.tp_size={tp} cannot split this model: " + "; ".join(problems)
+            + ". Use an engine.tp_size that divides them (1 turns tensor parallelism off) or change the model shape"
+        )
+
+
 def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum: int, meta: bool = False) -> Engine:
     """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
     the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
@@ -398,7 +465,14 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
             _bf16_cast(model)
         if not meta:
             model.to(device)
-        mesh = _fsdp2_mesh(cfg, device, world)
+        _, _, tp = parallel_dims(cfg, rank, world)
+        if tp > 1:
+            _check_tensor_parallel(cfg, model, flash)
+        mesh, tp_mesh = _fsdp2_mesh(cfg, device, world)
+        if tp_mesh is not None:  # torchtitan's order: tensor parallelism first, then FSDP2 on dp
+            from torch.distributed.tensor.parallel import parallelize_module
+
+            parallelize_module(model, tp_mesh, model.tensor_parallel_plan())
         mp = MixedPrecisionPolicy(param_dtype=None if flash else torch.bfloat16, reduce_dtype=reduce_dtype)
         for unit in _fsdp_units(cfg, model):
             fully_shard(unit, mesh=mesh, mp_policy=mp)
@@ -408,8 +482,11 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
             model.init_weights()
         opt = build_optimizer(cfg.optim, model)
         eng = _FSDP2Engine(name, model, model, opt, device)
+        eng.tp_size = tp
         if mesh.ndim == 2:
             eng.layout = f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
+        if tp > 1:
+            eng.layout = (eng.layout or f"FSDP2 over {mesh.shape[0]}") + f" x tensor parallel {tp}"
     elif name == "fsdp1":
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import MixedPrecision, ShardingStrategy

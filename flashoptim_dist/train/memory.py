@@ -118,8 +118,13 @@ def breakdown(engine) -> dict:
     }
 
 
-def format_table(rows: list[dict], optimizer: str, baseline: str, engine: str = "") -> str:
-    """Markdown table of per-rank bytes/param with totals and the baseline comparison."""
+def format_table(rows: list[dict], optimizer: str, baseline: str, engine: str = "", tp_size: int = 1) -> str:
+    """Markdown table of per-rank bytes/param with totals and the baseline comparison.
+
+    Each rank's bytes are divided by the parameter elements *it* holds (its local shards), so the
+    per-rank bytes/param compare with the design's per-parameter costs under any sharding; with
+    tensor parallelism the ranks hold 1/(dp·tp) of each split weight and 1/dp of the norms
+    (replicated over tp), and the "params held" column adds up to more than the model's size."""
     base = BASELINE_BYTES.get(baseline, (4, 4, 8))
     lines = [
         "| rank | params held | param B/p | grad B/p | optim B/p | total B/p | param MiB | grad MiB | optim MiB | peak MiB |",
@@ -145,6 +150,12 @@ def format_table(rows: list[dict], optimizer: str, baseline: str, engine: str = 
         "Bytes are counted from the actual local tensors and divided by the parameter elements each rank holds; "
         "grads are measured after the last backward (0 with gradient release: each grad is freed in its hook)."
     )
+    if tp_size > 1:
+        lines.append(
+            f"Tensor parallel (engine.tp_size={tp_size}): each rank holds 1/(dp x tp) of every split weight and 1/dp of "
+            "the norms, which the tp ranks of a dp group each keep (with their optimizer state): 'params held' counts "
+            "what a rank stores, so the ranks' counts add up to more than the model's parameters."
+        )
     if engine.startswith("zero"):
         lines.append(
             "DeepSpeed ZeRO: gradients live in DeepSpeed's own reduction buffers between steps and are not counted; "

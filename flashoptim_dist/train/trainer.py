@@ -34,7 +34,7 @@ from ..data import BatchSampler, ByteTokenizer, EvalSet, build_corpus
 from ..models import build_model, count_params
 from . import ckpt
 from .config import Config, config_to_dict
-from .engines import build_engine, cross_entropy
+from .engines import build_engine, cross_entropy, parallel_dims
 from .memory import breakdown, cpu_count, format_table, peak_memory_bytes, peak_report, record_allocations
 from .optimizers import baseline_of, is_flash
 
@@ -186,12 +186,14 @@ def run_training(cfg: Config) -> dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
 
-    # ---- data
+    # ---- data: split over the data-parallel ranks (the tensor-parallel ranks of a dp group
+    # compute one model replica together and read the same batch)
+    dp_rank, dp_size, tp = parallel_dims(cfg, rank, world)
     tok = _tokenizer(cfg)
     corpus = build_corpus(cfg.data.source, cfg.data.val_fraction, tok, cfg.data.max_bytes, cfg.data.include_tests, cfg.data.file_pattern)
-    global_bs = cfg.data.global_batch_size or cfg.data.micro_batch_size * world
-    sampler = BatchSampler(corpus.train, cfg.data.seq_len, global_bs, cfg.data.micro_batch_size, rank, world, cfg.train.seed)
-    evalset = EvalSet(corpus.val, cfg.data.seq_len, cfg.data.eval_sequences, cfg.data.micro_batch_size, rank, world)
+    global_bs = cfg.data.global_batch_size or cfg.data.micro_batch_size * dp_size
+    sampler = BatchSampler(corpus.train, cfg.data.seq_len, global_bs, cfg.data.micro_batch_size, dp_rank, dp_size, cfg.train.seed)
+    evalset = EvalSet(corpus.val, cfg.data.seq_len, cfg.data.eval_sequences, cfg.data.micro_batch_size, dp_rank, dp_size)
     accum = sampler.grad_accum
 
     # ---- model + engine
@@ -349,11 +351,13 @@ def run_training(cfg: Config) -> dict:
         dist.all_gather_object(rows, row)
     else:
         rows = [row]
-    table = format_table(rows, cfg.optim.name, baseline_of(cfg.optim.name), cfg.engine.name)
+    table = format_table(rows, cfg.optim.name, baseline_of(cfg.optim.name), cfg.engine.name, tp_size=tp)
     result = {
         "optimizer": cfg.optim.name,
         "engine": cfg.engine.name,
         "world_size": world,
+        "tp_size": tp,
+        "layout": engine.layout,
         "n_params": n_params,
         "final_step": final_step,
         "resumed_from": resumed,
