@@ -71,18 +71,7 @@ def v_decay(beta2: float, steps: int = 1500, groups: int = 8, seed: int = 0, **f
     init = torch.randn(n, generator=gen) * 0.1 + 1.0
     kw = dict(lr=1e-3, betas=(0.9, beta2), weight_decay=0.0)
     ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
-    snap = {}
-
-    def grad(t):
-        return c * (1.0 if t < 100 else 0.01)
-
-    def on_step(t):
-        if t == 99:
-            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
-
-    _run(ref, fl, t_opt, f_opt, grad, steps, on_step)
-    d_ref = (ref.detach() - snap["ref"]).abs().sum()
-    d_fl = (_master(f_opt, fl) - snap["fl"]).abs().sum()
+    d_ref, d_fl = _movement_after(ref, fl, t_opt, f_opt, lambda t: c * (1.0 if t < 100 else 0.01), steps)
     v_ref = t_opt.state[ref]["exp_avg_sq"].reshape(groups, G)
     v_fl = f_opt.dequantized_state(fl)["exp_avg_sq"].reshape(groups, G)
     top = c.reshape(groups, G).argmax(dim=1, keepdim=True)
@@ -90,29 +79,39 @@ def v_decay(beta2: float, steps: int = 1500, groups: int = 8, seed: int = 0, **f
     return {"displacement_ratio": float(d_fl / d_ref), "v_top_ratio": float(v_ratio)}
 
 
-def idle(steps: int = 1000, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
+def _movement_after(ref, fl, t_opt, f_opt, grad_of, steps, start=100, mask=None):
+    """Σ|Δθ| of both runs from step ``start`` to the end (over ``mask`` when given)."""
+    snap = {}
+
+    def on_step(t):
+        if t == start - 1:
+            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
+
+    _run(ref, fl, t_opt, f_opt, grad_of, steps, on_step)
+    d_ref, d_fl = ref.detach() - snap["ref"], _master(f_opt, fl) - snap["fl"]
+    if mask is not None:
+        d_ref, d_fl = d_ref[mask], d_fl[mask]
+    return d_ref.abs().sum(), d_fl.abs().sum()
+
+
+def _idle_movement(torch_cls, flash_cls, kw, steps, groups, seed, flash_kw) -> Dict[str, float]:
+    """Element 0 of every group keeps its gradient, the others stop after step 100: the ratio of
+    the stopped elements' movement from then on, Flash over torch."""
     n = groups * G
     gen = torch.Generator().manual_seed(seed)
     c = torch.randn(n, generator=gen)
     init = torch.randn(n, generator=gen) * 0.1
     active = torch.zeros(n, dtype=torch.bool)
     active[::G] = True
-    kw = dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0)
-    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
-    snap = {}
-
-    def grad(t):
-        return torch.where(active | (t < 100), c, 0.0)
-
-    def on_step(t):
-        if t == 99:
-            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
-
-    _run(ref, fl, t_opt, f_opt, grad, steps, on_step)
-    idle_ = ~active
-    d_ref = (ref.detach() - snap["ref"])[idle_].abs().sum()
-    d_fl = (_master(f_opt, fl) - snap["fl"])[idle_].abs().sum()
+    ref, fl, t_opt, f_opt = _pair(n, init, torch_cls, flash_cls, kw, flash_kw)
+    d_ref, d_fl = _movement_after(ref, fl, t_opt, f_opt, lambda t: torch.where(active | (t < 100), c, 0.0), steps,
+                                  mask=~active)
     return {"idle_movement_ratio": float(d_fl / d_ref)}
+
+
+def idle(steps: int = 1000, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    return _idle_movement(torch.optim.AdamW, F.FlashAdamW, dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=0.0),
+                          steps, groups, seed, flash_kw)
 
 
 def sub_resolution(steps: int = 500, n: int = 1024, seed: int = 0, **flash_kw) -> Dict[str, float]:
@@ -160,24 +159,7 @@ def spike(beta2: float = 0.999, factor: float = 1e4, steps: int = 300, groups: i
 
 
 def sgd_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
-    n = groups * G
-    gen = torch.Generator().manual_seed(seed)
-    c = torch.randn(n, generator=gen)
-    init = torch.randn(n, generator=gen) * 0.1
-    active = torch.zeros(n, dtype=torch.bool)
-    active[::G] = True
-    kw = dict(lr=1e-2, momentum=0.9)
-    ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.SGD, F.FlashSGD, kw, flash_kw)
-    snap = {}
-
-    def on_step(t):
-        if t == 99:
-            snap["ref"], snap["fl"] = ref.detach().clone(), _master(f_opt, fl).clone()
-
-    _run(ref, fl, t_opt, f_opt, lambda t: torch.where(active | (t < 100), c, 0.0), steps, on_step)
-    d_ref = (ref.detach() - snap["ref"])[~active].abs().sum()
-    d_fl = (_master(f_opt, fl) - snap["fl"])[~active].abs().sum()
-    return {"idle_movement_ratio": float(d_fl / d_ref)}
+    return _idle_movement(torch.optim.SGD, F.FlashSGD, dict(lr=1e-2, momentum=0.9), steps, groups, seed, flash_kw)
 
 
 def lion_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
