@@ -94,15 +94,21 @@ def _movement_after(ref, fl, t_opt, f_opt, grad_of, steps, start=100, mask=None)
     return d_ref.abs().sum(), d_fl.abs().sum()
 
 
+def _idle_problem(groups, seed):
+    """(gradients c, initial weights, the active mask: element 0 of every group) of the idle probes."""
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randn(groups * G, generator=gen)
+    init = torch.randn(groups * G, generator=gen) * 0.1
+    active = torch.zeros(groups * G, dtype=torch.bool)
+    active[::G] = True
+    return c, init, active
+
+
 def _idle_movement(torch_cls, flash_cls, kw, steps, groups, seed, flash_kw) -> Dict[str, float]:
     """Element 0 of every group keeps its gradient, the others stop after step 100: the ratio of
     the stopped elements' movement from then on, Flash over torch."""
     n = groups * G
-    gen = torch.Generator().manual_seed(seed)
-    c = torch.randn(n, generator=gen)
-    init = torch.randn(n, generator=gen) * 0.1
-    active = torch.zeros(n, dtype=torch.bool)
-    active[::G] = True
+    c, init, active = _idle_problem(groups, seed)
     ref, fl, t_opt, f_opt = _pair(n, init, torch_cls, flash_cls, kw, flash_kw)
     d_ref, d_fl = _movement_after(ref, fl, t_opt, f_opt, lambda t: torch.where(active | (t < 100), c, 0.0), steps,
                                   mask=~active)
@@ -164,11 +170,7 @@ def sgd_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> Di
 
 def lion_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[str, float]:
     n = groups * G
-    gen = torch.Generator().manual_seed(seed)
-    c = torch.randn(n, generator=gen)
-    init = torch.randn(n, generator=gen) * 0.1
-    active = torch.zeros(n, dtype=torch.bool)
-    active[::G] = True
+    c, init, active = _idle_problem(groups, seed)
     fl = torch.nn.Parameter(init.clone().bfloat16())
     f_opt = F.FlashLion([fl], lr=1e-4, betas=(0.9, 0.99), **flash_kw)
     m_ref = torch.zeros(n)  # fp32 Lion momentum (torch has no Lion; the rule is two lines)
