@@ -168,7 +168,11 @@ def emulated_mpi_hosts(tmp_path: Path, slots: tuple[int, ...] = (2, 2)) -> dict:
     because both daemons share this machine: ``btl self,tcp`` (the shared-memory transport
     segfaults here between ranks of two daemons on one host; Open MPI 4.1.4 under gVisor) and
     ``PMIX_MCA_gds=hash`` (both daemons' shared-memory PMIx stores would otherwise collide:
-    "PMIX ERROR ... dstore_base.c").
+    "PMIX ERROR ... dstore_base.c"). ``rtc_hwloc_vmhole none`` keeps each daemon from writing
+    its hardware topology into a shared-memory segment placed at the "biggest hole" of its
+    address space: under gVisor that hole can lie in the stack's range and ``orted`` then
+    segfaults in ``hwloc_shmem_topology_write`` (seen on the CI machine 2026-12-03, exit 139;
+    the daemons only lose the shared copy of the topology, nothing the ranks use).
     """
     agent = tmp_path / "fake_ssh"
     agent.write_text(
@@ -183,6 +187,6 @@ def emulated_mpi_hosts(tmp_path: Path, slots: tuple[int, ...] = (2, 2)) -> dict:
     hosts.write_text("".join(f"node{chr(65 + i)} slots={n}\n" for i, n in enumerate(slots)))
     return {
         "HOSTFILE": str(hosts),
-        "MPIRUN_ARGS": f"--oversubscribe --mca plm_rsh_agent {agent} --mca btl self,tcp",
+        "MPIRUN_ARGS": f"--oversubscribe --mca plm_rsh_agent {agent} --mca btl self,tcp --mca rtc_hwloc_vmhole none",
         "PMIX_MCA_gds": "hash",
     }
