@@ -1,6 +1,6 @@
 """Partial groups made canonical: the one implementation behind every writer of Flash state.
 
-A quantization group that a shard boundary cuts (DESIGN.md §3, :mod:`flashoptim_dist.layout`)
+A quantization group that a shard boundary cuts (docs/design.md §3, :mod:`flashoptim_dist.layout`)
 has one scale per side at run time: each side quantizes its elements against the absmax of its
 own part. Whatever leaves the optimizer for another sharding — a
 :mod:`flashoptim_dist.checkpoint` directory, or ``FlashOptimizer.state_dict()`` over DTensor

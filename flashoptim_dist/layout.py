@@ -1,6 +1,6 @@
 """The canonical state layout: the one place that decides how optimizer state is laid out.
 
-Invariant (DESIGN.md §3): the representation of a parameter's optimizer state is a pure
+Invariant (docs/design.md §3): the representation of a parameter's optimizer state is a pure
 function of the parameter's *global* shape and the numeric config, never of the shard a rank
 holds.
 

@@ -1,4 +1,4 @@
-"""The reference numerics against the paper's bounds (DESIGN.md §2)."""
+"""The reference numerics against the paper's bounds (docs/design.md §2)."""
 
 import math
 

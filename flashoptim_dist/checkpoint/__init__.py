@@ -1,4 +1,4 @@
-"""Canonical, compressed, reshardable checkpoints for Flash optimizers (DESIGN.md §6).
+"""Canonical, compressed, reshardable checkpoints for Flash optimizers (docs/design.md §6).
 
 ::
 

@@ -12,7 +12,7 @@ A checkpoint is one directory::
 The directory is written as ``.<name>.tmp-<id>`` next to PATH and renamed to PATH only after
 every rank finished and COMPLETE was fsync'ed, so PATH is either absent or complete.
 
-DCP keys (every tensor in the *global* coordinates of its parameter; see DESIGN.md §3)::
+DCP keys (every tensor in the *global* coordinates of its parameter; see docs/design.md §3)::
 
     model.<fqn>                  parameter as stored (bf16/fp16/fp32), global shape
     model.<buffer fqn>           persistent buffer, as stored

@@ -3,7 +3,7 @@
 Every DTensor parameter — FSDP2 (``fully_shard``), HSDP, tensor parallelism
 (``parallelize_module``) and their combinations over 1-, 2- or 3-D meshes — is handed to the
 optimizer as :class:`~flashoptim_dist.layout.Segment` s of its flattened *global* parameter
-(DESIGN.md §3), so quantization groups, the stochastic-rounding keys and checkpoints never
+(docs/design.md §3), so quantization groups, the stochastic-rounding keys and checkpoints never
 depend on the mesh.
 
 Placements handled, per mesh dim:
