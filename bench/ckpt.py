@@ -216,12 +216,14 @@ def main(argv=None) -> int:
             "load_size_check_s": s.get("load_size_check_s"), "reshard_load_1rank_s": r["load_s"],
         })
     print(f"device: {saved['device']}; save on {saved['world']} ranks, reshard load on 1")
-    hdr = f"{'case':6s} {'params':>14s} {'GB':>8s} {'B/param':>8s} {'save s':>8s} {'load s':>8s} {'load(size) s':>12s} {f'{args.nproc}->1 s':>8s}"
+    hdr = (f"{'case':6s} {'params':>14s} {'GB':>8s} {'B/param':>8s} {'save s':>8s} {'load s':>8s} "
+           f"{'load(size) s':>12s} {f'{args.nproc}->1 s':>8s}")
     print(hdr)
     for row in rows:
         ls = row["load_size_check_s"]
         print(f"{row['case']:6s} {row['params']:>14,d} {row['bytes'] / 1e9:>8.2f} {row['bytes_per_param']:>8.3f} "
-              f"{row['save_s']:>8.2f} {row[f'load_{args.nproc}rank_s']:>8.2f} {(f'{ls:.2f}' if ls is not None else '-'):>12s} "
+              f"{row['save_s']:>8.2f} {row[f'load_{args.nproc}rank_s']:>8.2f} "
+              f"{(f'{ls:.2f}' if ls is not None else '-'):>12s} "
               f"{row['reshard_load_1rank_s']:>8.2f}")
     if args.json:
         with open(args.json, "w") as f:

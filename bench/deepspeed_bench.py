@@ -69,8 +69,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from bench.dist import GiB, gather_and_report, model_config, model_desc, sync  # same model, same table
-from flashoptim_dist.models.gpt import GPT
+from bench.dist import GiB, gather_and_report, model_config, model_desc, sync  # noqa: E402  (same model, same table)
+from flashoptim_dist.models.gpt import GPT  # noqa: E402
 
 CASES = ("ds_default", "ds_bf16", "flash")
 STAGES = (2, 3)

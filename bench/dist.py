@@ -279,7 +279,8 @@ def report(all_ranks: list, world: int, device, cfg_desc: str, title: str = "ben
             peak = f"{r['peak_bytes'] / GiB:9.3f}" if r["peak_bytes"] is not None else f"{'n/a':>9}"
             step = f"{r['step_ms']:9.2f}" if r["step_ms"] is not None else f"{'in bwd':>9}"
             host = f"{r['step_host_ms']:8.2f}" if r.get("step_host_ms") is not None else f"{'':>8}"
-            lines.append(f"{case:<14} {r['rank']:>4} {r['persistent_bytes'] / GiB:11.3f} {peak} {r['iter_ms']:9.2f} {step} {host}")
+            lines.append(f"{case:<14} {r['rank']:>4} {r['persistent_bytes'] / GiB:11.3f} {peak} "
+                         f"{r['iter_ms']:9.2f} {step} {host}")
         n = rows[0]["n_params"]
         bpp = sum(r["persistent_bytes"] for r in rows) / n
         tb = sum(r["tensor_bytes"] for r in rows) / n
@@ -291,7 +292,9 @@ def report(all_ranks: list, world: int, device, cfg_desc: str, title: str = "ben
                  peak_gib_max=None if peak is None else peak / GiB, ranks=rows)
         )
     lines.append("")
-    lines.append(f"{'case':<14} {'params':>12} {'bytes/param x world':>20} {'(params+state)':>15} {'iter ms':>9} {'step ms':>9}")
+    lines.append(
+        f"{'case':<14} {'params':>12} {'bytes/param x world':>20} {'(params+state)':>15} {'iter ms':>9} {'step ms':>9}"
+    )
     for s in summary:
         step = f"{s['step_ms']:9.2f}" if s["step_ms"] is not None else f"{'in bwd':>9}"
         lines.append(
@@ -340,7 +343,8 @@ def main(argv=None) -> int:
             + (", activation checkpointing per block" if args.ac else "")
             + (", embedding and head in their own FSDP units" if args.wrap_embeddings else "")
             + (f", head + loss in {args.loss_chunks} recomputed slices" if args.loss_chunks else "")
-            + (f", tensor parallel {args.tp} (dp {dist.get_world_size() // args.tp} x tp {args.tp})" if args.tp > 1 else ""))
+            + (f", tensor parallel {args.tp} (dp {dist.get_world_size() // args.tp} x tp {args.tp})"
+               if args.tp > 1 else ""))
     gather_and_report(results, device, desc, "bench/dist.py", args.json)
     dist.barrier()
     dist.destroy_process_group()

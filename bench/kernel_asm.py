@@ -39,7 +39,8 @@ def main():
                         m = re.match(r"(@%p\d+\s+)?([a-z]+[a-z0-9_.]*)\s", line)
                     if m:
                         ops[m.group(2).split(".")[0]] += 1
-                print(f"{kind}: {sum(ops.values())} instructions; n_regs={getattr(k, 'n_regs', '?')} n_spills={getattr(k, 'n_spills', '?')}")
+                print(f"{kind}: {sum(ops.values())} instructions; n_regs={getattr(k, 'n_regs', '?')} "
+                      f"n_spills={getattr(k, 'n_spills', '?')}")
                 print("  ", ops.most_common(40))
 
 

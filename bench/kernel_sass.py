@@ -45,9 +45,10 @@ def compile_kernel(groups: int, warps: int, maxnreg: int, family: str, rounding:
     signature = dict(blk_seg_ptr="*i32", blk_start_ptr="*i32", offs_ptr="*i64", hyper_ptr="*fp32",
                      p_base="*bf16", g_base="*bf16", r_base="*i8", s0_base="*bf16", c0_base="*i8",
                      s1_base="*bf16", c1_base="*u8")
-    constexprs = dict(FAMILY=fam, DECOUPLED=True, NARROW=1, HAS_RHO=True, RHO_N=127, RHO_DEC=fs._rho_constants(127, 7)[0],
-                      INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states, QUANT=True, EMIN=fs._NARROW[torch.bfloat16][1], MANT=7,
-                      RHO_ENC=fs._rho_constants(127, 7)[1], NCOLS=fs._NCOLS, NHYPER=fs.N_HYPER, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
+    constexprs = dict(FAMILY=fam, DECOUPLED=True, NARROW=1, HAS_RHO=True, RHO_N=127,
+                      RHO_DEC=fs._rho_constants(127, 7)[0], INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states,
+                      QUANT=True, EMIN=fs._NARROW[torch.bfloat16][1], MANT=7, RHO_ENC=fs._rho_constants(127, 7)[1],
+                      NCOLS=fs._NCOLS, NHYPER=fs.N_HYPER, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
                       EXACT=True, INTERPRET=False, MAXIMIZE=False, SR=rounding == "stochastic")
     names = list(signature)
     signature.update({k: "constexpr" for k in constexprs})
@@ -74,7 +75,8 @@ def main(argv=None) -> None:
         with open(cubin, "wb") as f:
             f.write(k.asm["cubin"])
         sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin],
+                             capture_output=True, text=True).stdout
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", res)
     lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
     ops = collections.Counter()

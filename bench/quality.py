@@ -70,8 +70,9 @@ def base_overrides(group: str, steps: int, tiny: bool) -> list[str]:
         return common + ["model.preset=125m", "model.vocab_size=256", "data.seq_len=1024", "data.micro_batch_size=32",
                          "data.global_batch_size=32", "data.eval_sequences=256", "train.eval_every=125",
                          "optim.lr=1e-3", "optim.warmup_steps=100", "optim.weight_decay=0.1"]
-    return common + ["model.preset=small", "data.seq_len=512", "data.micro_batch_size=16", "data.global_batch_size=16",
-                     "data.eval_sequences=128", "train.eval_every=125", "optim.warmup_steps=50", "optim.weight_decay=0.1"]
+    return common + ["model.preset=small", "data.seq_len=512", "data.micro_batch_size=16",
+                     "data.global_batch_size=16", "data.eval_sequences=128", "train.eval_every=125",
+                     "optim.warmup_steps=50", "optim.weight_decay=0.1"]
 
 
 def plan(args) -> list[tuple[str, list[str]]]:
@@ -145,13 +146,15 @@ def summarize(root: Path) -> str:
             mean = {s: sum(r[s] for r in ref if s in r) / max(1, sum(s in r for r in ref)) for s in steps}
             spread = {s: (max(r[s] for r in ref) - min(r[s] for r in ref)) if len(ref) > 1 else None for s in steps}
             if len(ref) > 1:
-                lines.append(f"| {base} seed spread (max − min) | " + " | ".join(f"{spread[s]:.4f}" for s in steps) + " |")
+                lines.append(f"| {base} seed spread (max − min) | "
+                             + " | ".join(f"{spread[s]:.4f}" for s in steps) + " |")
             for o in others:
                 got = [v for k, v in members.items() if k.split("_")[1] == o]
                 if not got:
                     continue
                 gmean = {s: sum(r[s] for r in got if s in r) / max(1, sum(s in r for r in got)) for s in steps}
-                lines.append(f"| {o} − {base} (means) | " + " | ".join(f"{gmean[s] - mean[s]:+.4f}" for s in steps) + " |")
+                lines.append(f"| {o} − {base} (means) | "
+                             + " | ".join(f"{gmean[s] - mean[s]:+.4f}" for s in steps) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
 

@@ -169,21 +169,23 @@ def main():
                     setattr(fused_step, k, v)
                 params, opt = make("FlashAdamW-24", shapes)
                 ms = time_step(opt, warmup=2, reps=5)
-                print(f"sweep round {rnd} " + " ".join(f"{k.lower()}={v}" for k, v in zip(knobs, cfg)) + f": {ms:.2f} ms",
-                      flush=True)
+                print(f"sweep round {rnd} " + " ".join(f"{k.lower()}={v}" for k, v in zip(knobs, cfg))
+                      + f": {ms:.2f} ms", flush=True)
                 del params, opt
                 torch.cuda.empty_cache()
         for k, v in zip(knobs, defaults):
             setattr(fused_step, k, v)
         fused_step.EXACT = False  # what bit-exactness costs (not a mode the optimizer offers)
         params, opt = make("FlashAdamW-24", shapes)
-        print(f"inexact (approx div/sqrt + FMA) at the defaults {defaults}: {time_step(opt, warmup=2, reps=5):.2f} ms", flush=True)
+        print(f"inexact (approx div/sqrt + FMA) at the defaults {defaults}: "
+              f"{time_step(opt, warmup=2, reps=5):.2f} ms", flush=True)
         del params, opt
         torch.cuda.empty_cache()
         fused_step.EXACT = True
     cases = [
         ("llama", llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336),
-         ["FlashAdamW-24", "FlashAdamW-24-nearest", "FlashAdamW-32", "FlashSGD-mom", "FlashLion", "torch-AdamW-fused-fp32"]),
+         ["FlashAdamW-24", "FlashAdamW-24-nearest", "FlashAdamW-32", "FlashSGD-mom", "FlashLion",
+          "torch-AdamW-fused-fp32"]),
         ("small", small_shapes(500 if args.tiny else 10_000),
          ["FlashAdamW-24", "torch-AdamW-fused-fp32", "torch-AdamW-foreach-fp32"]),
     ]

@@ -11,7 +11,7 @@ from .config import FlashConfig
 from .optim import FlashAdam, FlashAdamW, FlashLion, FlashOptimizer, FlashSGD, FlashSGDW
 from .release import GradientReleaseHandle, enable_gradient_release
 from .utils import cast_model
-from . import distributed  # registers the FSDP2/FSDP1 shard adapters and the release checks
+from . import distributed  # noqa: F401  (imported to register the FSDP2/FSDP1 shard adapters and release checks)
 
 __version__ = "0.1.0"
 

@@ -66,7 +66,8 @@ def _fixed_sqrt(values: torch.Tensor, scale: float) -> torch.Tensor:
     return q.clamp(0, nx.UNSIGNED_LEVELS).to(torch.uint8)
 
 
-def requantize(codes: torch.Tensor, kind: str, s_old: torch.Tensor, s_new: torch.Tensor, group_size: int, phase: int) -> torch.Tensor:
+def requantize(codes: torch.Tensor, kind: str, s_old: torch.Tensor, s_new: torch.Tensor, group_size: int,
+               phase: int) -> torch.Tensor:
     """Re-express the codes of (part of) one group quantized with scale ``s_old`` against the
     agreed scale ``s_new`` (>= s_old). Both scales are 1-element bf16 tensors; ``phase`` is the
     position of the first code inside its group. Returns CPU codes."""

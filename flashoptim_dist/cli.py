@@ -40,7 +40,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .checkpoint.cli import main as ckpt_main
 
         return int(ckpt_main(rest) or 0)
-    print(f"flashoptim-dist: unknown command {command!r}; expected train, compare or ckpt\nusage:\n{_USAGE}", file=sys.stderr)
+    print(f"flashoptim-dist: unknown command {command!r}; expected train, compare or ckpt\nusage:\n{_USAGE}",
+          file=sys.stderr)
     return 2
 
 

@@ -236,7 +236,8 @@ class BatchSampler:
         if global_batch_size % (micro_batch_size * world_size):
             raise ValueError(
                 f"data.global_batch_size={global_batch_size} is not a multiple of data.micro_batch_size="
-                f"{micro_batch_size} x {world_size} ranks; choose a global batch divisible by {micro_batch_size * world_size}"
+                f"{micro_batch_size} x {world_size} ranks; choose a global batch divisible by "
+                f"{micro_batch_size * world_size}"
             )
         if len(tokens) < seq_len + 2:
             raise ValueError(
@@ -277,7 +278,8 @@ class BatchSampler:
 class EvalSet:
     """The fixed validation windows, dealt over ranks (see the module docstring)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, eval_sequences: int, micro_batch_size: int, rank: int, world_size: int) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, eval_sequences: int, micro_batch_size: int, rank: int,
+                 world_size: int) -> None:
         if len(tokens) < seq_len + 1:
             raise ValueError(
                 f"the validation split has {len(tokens)} tokens, fewer than data.seq_len+1={seq_len + 1}; "
@@ -302,4 +304,5 @@ class EvalSet:
             starts = self.starts[sel]
             idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
             w = torch.from_numpy(self.tokens[idx].astype(np.int64))
-            yield w[:, :-1].contiguous(), w[:, 1:].contiguous(), torch.tensor(self.weights[lo : lo + self.micro_batch_size])
+            yield (w[:, :-1].contiguous(), w[:, 1:].contiguous(),
+                   torch.tensor(self.weights[lo : lo + self.micro_batch_size]))

@@ -125,7 +125,10 @@ UNSIGNED_LEVELS = 255
 # than dividing on the GPU; the kernel uses the same fp32 constants, so results stay identical).
 INV_SIGNED = float(torch.tensor(1.0 / SIGNED_LEVELS, dtype=torch.float32))
 INV_UNSIGNED = float(torch.tensor(1.0 / UNSIGNED_LEVELS, dtype=torch.float32))
-INV_RHO = {127: float(torch.tensor(1.0 / 127, dtype=torch.float32)), 32767: float(torch.tensor(1.0 / 32767, dtype=torch.float32))}
+INV_RHO = {
+    127: float(torch.tensor(1.0 / 127, dtype=torch.float32)),
+    32767: float(torch.tensor(1.0 / 32767, dtype=torch.float32)),
+}
 
 # (smallest normal exponent, explicit mantissa bits) of each narrow parameter format.
 _NARROW_FORMATS = {torch.bfloat16: (-126, 7), torch.float16: (-14, 10)}

@@ -43,7 +43,8 @@ def _parse_size(s: Union[int, str]) -> int:
     if not m:
         raise ValueError(f"max_shard_size must be bytes or like '5GB', got {s!r}")
     unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
     return int(float(m.group(1)) * mult)
 
 
@@ -127,7 +128,8 @@ def export_checkpoint(
     size = 0
     for e in entries:
         d = src.params[e[1]] if e[2] == "param" else src.buffers[e[1]]
-        dt = dtype if e[2] == "param" or F.dtype_from_name(d["dtype"]).is_floating_point else F.dtype_from_name(d["dtype"])
+        dt = (dtype if e[2] == "param" or F.dtype_from_name(d["dtype"]).is_floating_point
+              else F.dtype_from_name(d["dtype"]))
         nbytes = math.prod(d["shape"]) * torch.empty((), dtype=dt).element_size()
         if shards[-1] and size + nbytes > limit:
             shards.append([])
@@ -136,7 +138,8 @@ def export_checkpoint(
         size += nbytes
     n = len(shards)
     fnames = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    rho_dt = {24: torch.int8, 32: torch.int16}.get(((src.optimizer or {}).get("config") or {}).get("master_weight_bits"))
+    rho_dt = {24: torch.int8, 32: torch.int16}.get(
+        ((src.optimizer or {}).get("config") or {}).get("master_weight_bits"))
 
     def write_mine():
         if rank == 0:
@@ -152,7 +155,8 @@ def export_checkpoint(
                 d = src.params[fqn] if kind == "param" else src.buffers[fqn]
                 sdt = F.dtype_from_name(d["dtype"])
                 want = {d["key"]: (tuple(d["shape"]), sdt)}
-                has_rho = kind == "param" and rho_dt is not None and sdt != torch.float32 and F.rho_key(fqn) in src.dcp_md.state_dict_metadata
+                has_rho = (kind == "param" and rho_dt is not None and sdt != torch.float32
+                           and F.rho_key(fqn) in src.dcp_md.state_dict_metadata)
                 if has_rho:
                     want[F.rho_key(fqn)] = (tuple(d["shape"]), rho_dt)
                 got = _read_full(ckpt_path, src.dcp_md, want)
@@ -267,7 +271,8 @@ class _SafetensorsSource:
         return torch.cat(parts).float() if parts else torch.empty(0)
 
 
-def load_weights(source, model, optimizer=None, *, name_map: Optional[Callable[[str], str]] = None, strict: bool = True) -> dict:
+def load_weights(source, model, optimizer=None, *, name_map: Optional[Callable[[str], str]] = None,
+                 strict: bool = True) -> dict:
     """Load plain fp32/bf16 weights into ``model`` (each rank reads only its runs) and, for a Flash
     ``optimizer``, set ρ so the master equals the given fp32 values as closely as the master width
     allows (``split_master``); moments start at zero. ``source``: safetensors file or directory
@@ -301,7 +306,8 @@ def load_weights(source, model, optimizer=None, *, name_map: Optional[Callable[[
                         continue
                     ls, L = si.seg.local_start, si.seg.length
                     pi = view.params[si.fqn]
-                    master = src.read_run(name_map(si.fqn) if name_map else si.fqn, pi.global_shape, si.seg.global_start, L).to(dev)
+                    master = src.read_run(name_map(si.fqn) if name_map else si.fqn, pi.global_shape,
+                                          si.seg.global_start, L).to(dev)
                     if ti.layout.rho_dtype is not None and ti.local.dtype != torch.float32:
                         p, rho = nx.split_master(master, ti.local.dtype, ti.layout.rho_dtype)
                         new["rho"][ls : ls + L] = rho
@@ -314,5 +320,6 @@ def load_weights(source, model, optimizer=None, *, name_map: Optional[Callable[[
             if id(pi.param) in done or fqn in missing:
                 continue
             for gs, run in pi.runs:
-                run.copy_(src.read_run(name_map(fqn) if name_map else fqn, pi.global_shape, gs, run.numel()).to(run.dtype))
+                run.copy_(src.read_run(name_map(fqn) if name_map else fqn, pi.global_shape, gs,
+                                       run.numel()).to(run.dtype))
     return {"loaded": len(view.params) - len(missing), "missing": missing}

@@ -227,7 +227,8 @@ def manifest_body_crc(files: Dict[str, dict]) -> str:
 
 
 def make_manifest(files: Dict[str, dict], extra: Optional[dict] = None) -> dict:
-    m = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": files, "files_crc32": manifest_body_crc(files)}
+    m = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "files": files,
+         "files_crc32": manifest_body_crc(files)}
     if extra:
         m.update(extra)
     return m
@@ -251,11 +252,15 @@ def read_manifest(path: str) -> dict:
         with open(mpath) as f:
             m = json.load(f)
     except (OSError, ValueError) as e:
-        raise CorruptCheckpointError(f"{mpath}: the completion manifest is unreadable ({e}); the checkpoint is damaged") from None
+        raise CorruptCheckpointError(
+            f"{mpath}: the completion manifest is unreadable ({e}); the checkpoint is damaged"
+        ) from None
     if not isinstance(m, dict) or m.get("format") != FORMAT_NAME or not isinstance(m.get("files"), dict):
         raise CorruptCheckpointError(f"{mpath}: not a flashoptim_dist completion manifest")
     if manifest_body_crc(m["files"]) != m.get("files_crc32"):
-        raise CorruptCheckpointError(f"{mpath}: the manifest's own checksum does not match; the file was altered or damaged")
+        raise CorruptCheckpointError(
+            f"{mpath}: the manifest's own checksum does not match; the file was altered or damaged"
+        )
     return m
 
 

@@ -53,7 +53,8 @@ def inspect_checkpoint(path, *, verify: bool = False) -> dict:
             out["errors"] = errs
     else:
         out["kind"] = "torch"
-        out["bytes"] = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path) if os.path.isfile(os.path.join(path, n)))
+        out["bytes"] = sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path)
+                           if os.path.isfile(os.path.join(path, n)))
     md = dcp.FileSystemReader(path).read_metadata()
     if out["kind"] == "torch":
         flash = flash_state_in_dcp(md)

@@ -56,7 +56,8 @@ def _zeros(n: int, dtype, device) -> torch.Tensor:
     return torch.zeros(n, dtype=dtype, device=device)
 
 
-def _build_state_dict(view: View, agreed, opt_fqns: set, lr_scheduler, extra, save_rng: bool, rank: int) -> Dict[str, Any]:
+def _build_state_dict(view: View, agreed, opt_fqns: set, lr_scheduler, extra, save_rng: bool,
+                      rank: int) -> Dict[str, Any]:
     sd: Dict[str, Any] = {}
 
     def chunked(key, shape, dtype) -> Chunked:
@@ -102,7 +103,8 @@ def _build_state_dict(view: View, agreed, opt_fqns: set, lr_scheduler, extra, sa
                     g0 = gs // G
                     ga, gb = -(-gs // G), -(-(gs + L) // G)
                     if gb > ga:
-                        chunked(F.scales_key(si.fqn, name), F.scales_shape(pi.global_shape, G), torch.bfloat16).add_run(ga, sc[ga - g0 : gb - g0])
+                        chunked(F.scales_key(si.fqn, name), F.scales_shape(pi.global_shape, G),
+                                torch.bfloat16).add_run(ga, sc[ga - g0 : gb - g0])
 
     for fqn, pi in view.params.items():
         if fqn in opt_fqns or pi.numel == 0:
@@ -233,7 +235,8 @@ def _meta(view: View, merged: dict, world: int, step, lr_scheduler, extra, save_
             "numel": total,
         },
         "optimizer": None,
-        "contents": {"lr_scheduler": lr_scheduler is not None, "extra": extra is not None, "rng_ranks": world if save_rng else 0},
+        "contents": {"lr_scheduler": lr_scheduler is not None, "extra": extra is not None,
+                     "rng_ranks": world if save_rng else 0},
     }
     if view.flash:
         c = view.client
@@ -343,12 +346,14 @@ def save(
     view: View = holder["view"]
     merged = _merge_summaries(view, summaries, group)
 
-    tmp = _comm.run_everywhere(lambda: _prepare_dirs(path, overwrite) if rank == 0 else None, "creating the directory", group)[0]
+    tmp = _comm.run_everywhere(lambda: _prepare_dirs(path, overwrite) if rank == 0 else None,
+                               "creating the directory", group)[0]
 
     sd_holder = {}
 
     def build():
-        sd_holder["sd"] = _build_state_dict(view, merged["agreed"], merged["opt_fqns"], lr_scheduler, extra, save_rng, rank)
+        sd_holder["sd"] = _build_state_dict(view, merged["agreed"], merged["opt_fqns"], lr_scheduler, extra,
+                                            save_rng, rank)
 
     _comm.run_everywhere(build, "collecting tensors", group)
     writer = dcp.FileSystemWriter(tmp, sync_files=True, thread_count=thread_count)
@@ -367,7 +372,8 @@ def save(
 
     def write_meta():
         if rank == 0:
-            F.write_json_durable(os.path.join(tmp, F.META_FILE), _meta(view, merged, world, step, lr_scheduler, extra, save_rng))
+            F.write_json_durable(os.path.join(tmp, F.META_FILE),
+                                 _meta(view, merged, world, step, lr_scheduler, extra, save_rng))
             return sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
         return None
 
@@ -401,7 +407,8 @@ def save(
     }
 
 
-def save_offline(path, views: List[View], *, overwrite: bool, stage: int, world: int, step=None, lr_scheduler_state=None) -> dict:
+def save_offline(path, views: List[View], *, overwrite: bool, stage: int, world: int, step=None,
+                 lr_scheduler_state=None) -> dict:
     """Write the canonical checkpoint of several ranks' views from one process (used by the
     DeepSpeed converter, which reads every rank's files)."""
     t0 = time.perf_counter()
@@ -429,17 +436,21 @@ def save_offline(path, views: List[View], *, overwrite: bool, stage: int, world:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), planner=FlashSavePlanner(), no_dist=True)
+            dcp.save(sd, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), planner=FlashSavePlanner(),
+                     no_dist=True)
     except CheckpointException as e:
-        raise F.CheckpointError(f"writing {path} failed ({_comm.describe_dcp_failure(e)}); nothing was written at {path}") from None
+        raise F.CheckpointError(
+            f"writing {path} failed ({_comm.describe_dcp_failure(e)}); nothing was written at {path}"
+        ) from None
     meta = _meta(views[0], merged, world, step, sched, None, False)
     meta["engine"] = f"zero{stage} (converted from a DeepSpeed checkpoint)"
     F.write_json_durable(os.path.join(tmp, F.META_FILE), meta)
     files = sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n)))
-    allf = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "crc32": F.file_crc32(os.path.join(tmp, n))} for n in files}
+    allf = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "crc32": F.file_crc32(os.path.join(tmp, n))}
+            for n in files}
     F.write_json_durable(os.path.join(tmp, F.COMPLETE_FILE), F.make_manifest(allf, {"world_size": world}))
     _commit(tmp, path)
     nbytes = sum(v["size"] for v in allf.values())
     numel = sum(pi.numel for pi in views[0].params.values())
-    return {"path": path, "bytes": nbytes, "numel": numel, "bytes_per_param": nbytes / max(numel, 1), "world_size": world,
-            "stage": stage, "seconds": time.perf_counter() - t0}
+    return {"path": path, "bytes": nbytes, "numel": numel, "bytes_per_param": nbytes / max(numel, 1),
+            "world_size": world, "stage": stage, "seconds": time.perf_counter() - t0}

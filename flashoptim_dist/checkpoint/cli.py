@@ -47,15 +47,18 @@ def cmd_inspect(args) -> int:
         print(f"flash state: {fl['params']} parameters, family {fl['family']}, states {fl['state_names']}, "
               f"rho {fl['rho_dtype']}, scales layout {fl['scales_layout']}")
     elif info["kind"] == "torch":
-        print("kind: plain DCP checkpoint (torch.optim); load it with flashoptim_dist.checkpoint.load(..., convert=True)")
+        print("kind: plain DCP checkpoint (torch.optim); load it with "
+              "flashoptim_dist.checkpoint.load(..., convert=True)")
     else:
-        print(f"format version: {info['format_version']}  (flashoptim_dist {info.get('flashoptim_dist_version')}, torch {info.get('torch_version')})")
+        print(f"format version: {info['format_version']}  (flashoptim_dist {info.get('flashoptim_dist_version')}, "
+              f"torch {info.get('torch_version')})")
         print(f"written by: world size: {info['world_size']}, engine: {info['engine']}, step: {info['step']}")
         opt = info.get("optimizer")
         if opt:
             cfg = opt["config"]
             print(f"optimizer: {opt['class']} (family {opt['family']}), states {opt['state_names']}")
-            print("numeric config: " + ", ".join(f"{k}={cfg[k]}" for k in ("group_size", "quantize", "master_weight_bits")))
+            print("numeric config: "
+                  + ", ".join(f"{k}={cfg[k]}" for k in ("group_size", "quantize", "master_weight_bits")))
             for i, g in enumerate(opt["param_groups"]):
                 print(f"  param group {i}: " + ", ".join(f"{k}={v}" for k, v in g.items() if not k.startswith("_")))
         else:

@@ -150,11 +150,12 @@ def initialize(
     training_dataloader, lr_scheduler``). The config (dict, path, or ``args.deepspeed_config``)
     names one of FlashAdamW, FlashAdam, FlashSGD, FlashSGDW, FlashLion with its constructor
     arguments in ``"params"``; alternatively pass a Flash optimizer (or a callable returning one)
-    as ``optimizer``. A non-Flash optimizer instance goes to ``deepspeed.initialize`` unchanged. With ``bf16`` enabled and DeepSpeed >= 0.18.3 the ZeRO flat partitions are
-    bf16 and the optimizer's ρ is the master; DeepSpeed's duplicate copy of the partition is
-    dropped. Rejected with a :class:`FlashDeepSpeedConfigError` naming the key: optimizer
-    CPU/NVMe offload, ``elastic_checkpoint``, ``checkpoint.load_universal``, and the ZeRO-1
-    config that makes DeepSpeed pick its fp32 ``BF16_Optimizer``.
+    as ``optimizer``. A non-Flash optimizer instance goes to ``deepspeed.initialize`` unchanged.
+    With ``bf16`` enabled and DeepSpeed >= 0.18.3 the ZeRO flat partitions are bf16 and the
+    optimizer's ρ is the master; DeepSpeed's duplicate copy of the partition is dropped. Rejected
+    with a :class:`FlashDeepSpeedConfigError` naming the key: optimizer CPU/NVMe offload,
+    ``elastic_checkpoint``, ``checkpoint.load_universal``, and the ZeRO-1 config that makes
+    DeepSpeed pick its fp32 ``BF16_Optimizer``.
     """
     return _initialize_impl(
         _original_initialize(),

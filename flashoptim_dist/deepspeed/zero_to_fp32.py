@@ -26,7 +26,11 @@ import torch
 
 from flashoptim_dist.numerics import merge_master
 
-__all__ = ["get_fp32_state_dict_from_zero_checkpoint", "convert_zero_checkpoint_to_fp32_state_dict", "merged_flat_groups"]
+__all__ = [
+    "get_fp32_state_dict_from_zero_checkpoint",
+    "convert_zero_checkpoint_to_fp32_state_dict",
+    "merged_flat_groups",
+]
 
 
 def _ds_z2f():
@@ -149,7 +153,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tag", default=None)
     ap.add_argument("--exclude_frozen_parameters", action="store_true")
     a = ap.parse_args(argv)
-    out = convert_zero_checkpoint_to_fp32_state_dict(a.checkpoint_dir, a.output_file, a.tag, a.exclude_frozen_parameters)
+    out = convert_zero_checkpoint_to_fp32_state_dict(a.checkpoint_dir, a.output_file, a.tag,
+                                                     a.exclude_frozen_parameters)
     print(f"wrote {out}")
 
 

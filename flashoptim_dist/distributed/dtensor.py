@@ -108,7 +108,8 @@ def _what(fqn, gshape) -> str:
     finds it (only called when an error is raised: the lookup may scan the model), or None."""
     if callable(fqn):
         fqn = fqn()
-    return f"parameter {fqn!r} of global shape {tuple(gshape)}" if fqn else f"a parameter of global shape {tuple(gshape)}"
+    return (f"parameter {fqn!r} of global shape {tuple(gshape)}" if fqn
+            else f"a parameter of global shape {tuple(gshape)}")
 
 
 def check_placements(gshape: Sequence[int], placements, fqn=None) -> None:
@@ -118,7 +119,9 @@ def check_placements(gshape: Sequence[int], placements, fqn=None) -> None:
     ndim = len(gshape)
     for md, pl in enumerate(placements):
         kind, dim = placement_kind(pl)
-        if kind == "replicate" or (kind in ("shard", "strided") and (dim == 0 or (kind == "shard" and dim == 1 and ndim >= 2))):
+        if kind == "replicate" or (
+            kind in ("shard", "strided") and (dim == 0 or (kind == "shard" and dim == 1 and ndim >= 2))
+        ):
             continue
         where = f"{_what(fqn, gshape)} has placements {tuple(placements)}"
         if kind == "partial":
@@ -149,7 +152,8 @@ def check_placements(gshape: Sequence[int], placements, fqn=None) -> None:
             )
 
 
-def held_indices(gshape: Sequence[int], mesh_shape: Sequence[int], coord: Sequence[int], placements) -> Dict[int, torch.Tensor]:
+def held_indices(gshape: Sequence[int], mesh_shape: Sequence[int], coord: Sequence[int],
+                 placements) -> Dict[int, torch.Tensor]:
     """Per sharded tensor dim, the global indices held at mesh coordinate ``coord``, in local
     order (int64): torch's ``_split_tensor`` of each placement applied, left to right, to the
     indices (see the module docstring). Dims absent from the result are held whole."""
@@ -162,7 +166,8 @@ def held_indices(gshape: Sequence[int], mesh_shape: Sequence[int], coord: Sequen
         if cur is None:
             cur = torch.arange(int(gshape[dim]), dtype=torch.int64)
         # the placement splits its own tensor dim: give the index vector that many leading dims
-        pieces, _ = pl._split_tensor(cur.view([1] * dim + [-1]), int(mesh_shape[md]), with_padding=False, contiguous=True)
+        pieces, _ = pl._split_tensor(cur.view([1] * dim + [-1]), int(mesh_shape[md]), with_padding=False,
+                                     contiguous=True)
         idx[dim] = pieces[int(coord[md])].reshape(-1)
     return idx
 
@@ -177,7 +182,8 @@ def _runs(rows: torch.Tensor) -> tuple:
     return tuple((int(rows[s]), int(e - s)) for s, e in zip(starts.tolist(), ends.tolist()))
 
 
-def block_at(gshape: Sequence[int], mesh_shape: Sequence[int], coord: Optional[Sequence[int]], placements) -> lay.RowBlock:
+def block_at(gshape: Sequence[int], mesh_shape: Sequence[int], coord: Optional[Sequence[int]],
+             placements) -> lay.RowBlock:
     """The :class:`~flashoptim_dist.layout.RowBlock` held at mesh coordinate ``coord`` (None:
     not in the mesh → nothing) by a DTensor of global shape ``gshape`` with ``placements``
     (already accepted by :func:`check_placements`). Depends on shapes and placements only, so
@@ -199,7 +205,8 @@ def block_at(gshape: Sequence[int], mesh_shape: Sequence[int], coord: Optional[S
             c0 = int(cols[0])
             if not torch.equal(cols, torch.arange(c0, c0 + cols.numel(), dtype=torch.int64)):
                 raise ValueError(
-                    f"placements {tuple(placements)} give a DTensor of shape {gshape} the columns {cols.tolist()[:8]}... "
+                    f"placements {tuple(placements)} give a DTensor of shape {gshape} the columns "
+                    f"{cols.tolist()[:8]}... "
                     "which are not one contiguous range; Flash optimizers need each local row to be one run of the "
                     "flattened parameter"
                 )

@@ -84,8 +84,12 @@ def _check_flat_param(fp) -> None:
         if not hasattr(fp, attr):
             raise _missing_metadata_error(f"FlatParameter.{attr}")
     infos = fp._shard_param_infos
-    if infos and not all(hasattr(infos[0], f) for f in ("in_shard", "offset_in_shard", "numel_in_shard", "intra_param_start_idx")):
-        raise _missing_metadata_error("_ShardParamInfo(in_shard, offset_in_shard, numel_in_shard, intra_param_start_idx)")
+    if infos and not all(
+        hasattr(infos[0], f) for f in ("in_shard", "offset_in_shard", "numel_in_shard", "intra_param_start_idx")
+    ):
+        raise _missing_metadata_error(
+            "_ShardParamInfo(in_shard, offset_in_shard, numel_in_shard, intra_param_start_idx)"
+        )
     if len(infos) != len(fp._fqns):
         raise _missing_metadata_error("(one _shard_param_infos entry per parameter)")
 
@@ -161,7 +165,9 @@ def prepare_fsdp1(model: torch.nn.Module) -> int:
                     f"shard metadata says {seg.length}. prepare_fsdp1 must run while the model is "
                     "in its sharded state (not inside forward/backward or summon_full_params)."
                 )
-            lay.set_shard_spec(p, lay.ShardSpec(global_shape=gshape, segments=(seg,), state_dict_form=lay.FORM_ELEMENTWISE))
+            lay.set_shard_spec(
+                p, lay.ShardSpec(global_shape=gshape, segments=(seg,), state_dict_form=lay.FORM_ELEMENTWISE)
+            )
             count += 1
     return count
 
@@ -182,7 +188,8 @@ def _flat_spec(fp, prefix: str = "") -> lay.ShardSpec:
     runs = []
     for info, fqn, numel in zip(fp._shard_param_infos, fp._fqns, fp._numels):
         if info.in_shard and info.numel_in_shard:
-            runs.append((int(info.offset_in_shard), int(info.numel_in_shard), int(info.intra_param_start_idx), _clean(prefix + fqn), int(numel)))
+            runs.append((int(info.offset_in_shard), int(info.numel_in_shard), int(info.intra_param_start_idx),
+                         _clean(prefix + fqn), int(numel)))
     runs.sort()
     segs, pos = [], 0
     for off, length, gstart, fqn, numel in runs:

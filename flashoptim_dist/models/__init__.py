@@ -48,7 +48,8 @@ def gpt_config_for(model_cfg, vocab_size: int, seq_len: int) -> GPTConfig:
     return cfg
 
 
-def build_model(model_cfg, vocab_size: int, seq_len: int, meta: bool = False, dtype: Optional[torch.dtype] = None) -> nn.Module:
+def build_model(model_cfg, vocab_size: int, seq_len: int, meta: bool = False,
+                dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Build the model a ModelConfig describes.
 
     ``vocab_size``: the tokenizer's vocabulary (the model's must be at least as large).

@@ -84,7 +84,9 @@ class GPTConfig:
         if self.n_heads % kv:
             problems.append(f"n_kv_heads={kv} must divide n_heads={self.n_heads}")
         if self.pos_embedding == "rope" and (self.d_model // self.n_heads) % 2:
-            problems.append(f"rotary positions need an even head size, got d_model/n_heads={self.d_model // self.n_heads}")
+            problems.append(
+                f"rotary positions need an even head size, got d_model/n_heads={self.d_model // self.n_heads}"
+            )
         if self.norm not in ("rmsnorm", "layernorm"):
             problems.append(f"norm={self.norm!r}: allowed 'rmsnorm', 'layernorm'")
         if self.pos_embedding not in ("rope", "learned"):
@@ -417,8 +419,8 @@ class GPT(nn.Module):
         if group_size and not out:
             for what, cols in (("attn.wo", cfg.n_heads * cfg.head_dim), ("mlp.w2", cfg.ff_dim)):
                 if (cols // tp) % group_size:
-                    out.append(f"blocks.*.{what} ({cols} columns) splits into {cols // tp} columns per rank, not a multiple "
-                               f"of the Flash optimizer's group size {group_size}")
+                    out.append(f"blocks.*.{what} ({cols} columns) splits into {cols // tp} columns per rank, "
+                               f"not a multiple of the Flash optimizer's group size {group_size}")
         return out
 
     def fsdp_embedding_units(self) -> list[nn.Module]:
@@ -442,7 +444,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(h)
         if targets.shape != idx.shape:
-            raise ValueError(f"targets must have the shape of the input ids {tuple(idx.shape)}, got {tuple(targets.shape)}")
+            raise ValueError(
+                f"targets must have the shape of the input ids {tuple(idx.shape)}, got {tuple(targets.shape)}"
+            )
         if not isinstance(loss_chunks, int) or loss_chunks < 1:
             raise ValueError(f"loss_chunks must be a positive int, got {loss_chunks!r}")
         return self.head(h, targets, loss_chunks) / targets.numel()

@@ -47,8 +47,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         epilog="Overrides: section.key=value, e.g. optim.lr=3e-4 train.steps=50 engine.name=ddp. "
         "See --help-config for every key.",
     )
-    p.add_argument("--config", "-c", help="YAML or JSON config file (e.g. configs/cpu_demo.yaml); default: the CPU demo")
-    p.add_argument("--help-config", action="store_true", help="list every config key with its type, default and meaning")
+    p.add_argument("--config", "-c",
+                   help="YAML or JSON config file (e.g. configs/cpu_demo.yaml); default: the CPU demo")
+    p.add_argument("--help-config", action="store_true",
+                   help="list every config key with its type, default and meaning")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return p

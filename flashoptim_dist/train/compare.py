@@ -54,7 +54,8 @@ def compare_table(results: list[dict]) -> str:
         peaks = ", ".join(f"{x['peak_bytes'] / 2**20:.0f}" for x in rows)
         val = "n/a" if r["final_val_loss"] is None else f"{r['final_val_loss']:.4f}"
         lines.append(
-            f"| {r['optimizer']} | {r['final_step']} | {r['final_loss']:.4f} | {val} | {r['tokens_per_s']:,.0f} | {bpp:.2f} | {peaks} |"
+            f"| {r['optimizer']} | {r['final_step']} | {r['final_loss']:.4f} | {val} | {r['tokens_per_s']:,.0f} | "
+            f"{bpp:.2f} | {peaks} |"
         )
     if len(results) == 2 and all(r["final_val_loss"] is not None for r in results):
         a, b = results[0]["final_val_loss"], results[1]["final_val_loss"]

@@ -127,7 +127,8 @@ def format_table(rows: list[dict], optimizer: str, baseline: str, engine: str = 
     (replicated over tp), and the "params held" column adds up to more than the model's size."""
     base = BASELINE_BYTES.get(baseline, (4, 4, 8))
     lines = [
-        "| rank | params held | param B/p | grad B/p | optim B/p | total B/p | param MiB | grad MiB | optim MiB | peak MiB |",
+        "| rank | params held | param B/p | grad B/p | optim B/p | total B/p "
+        "| param MiB | grad MiB | optim MiB | peak MiB |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -152,9 +153,9 @@ def format_table(rows: list[dict], optimizer: str, baseline: str, engine: str = 
     )
     if tp_size > 1:
         lines.append(
-            f"Tensor parallel (engine.tp_size={tp_size}): each rank holds 1/(dp x tp) of every split weight and 1/dp of "
-            "the norms, which the tp ranks of a dp group each keep (with their optimizer state): 'params held' counts "
-            "what a rank stores, so the ranks' counts add up to more than the model's parameters."
+            f"Tensor parallel (engine.tp_size={tp_size}): each rank holds 1/(dp x tp) of every split weight "
+            "and 1/dp of the norms, which the tp ranks of a dp group each keep (with their optimizer state): "
+            "'params held' counts what a rank stores, so the ranks' counts add up to more than the model's parameters."
         )
     if engine.startswith("zero"):
         lines.append(

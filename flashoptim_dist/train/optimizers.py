@@ -21,7 +21,10 @@ from torch import nn
 
 from .config import BASELINE_OF, FLASH_OPTIMIZERS, OptimConfig
 
-__all__ = ["OPTIMIZER_CLASSES", "optimizer_class", "optimizer_kwargs", "param_groups", "build_optimizer", "SGDW", "Lion", "baseline_of", "is_flash"]
+__all__ = [
+    "OPTIMIZER_CLASSES", "optimizer_class", "optimizer_kwargs", "param_groups", "build_optimizer", "SGDW", "Lion",
+    "baseline_of", "is_flash",
+]
 
 #: name -> (module, attribute). The single lookup table for optimizer classes.
 OPTIMIZER_CLASSES = {
