@@ -63,7 +63,8 @@ def batch(step: int, n: int = 4, t: int = 8):
 
 
 def clean(name: str) -> str:
-    return ".".join(p for p in name.split(".") if p not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"))
+    return ".".join(p for p in name.split(".")
+                    if p not in ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"))
 
 
 # ------------------------------------------------------------------------------------ engines
@@ -228,7 +229,8 @@ def check_local_state_equals(canon: dict, module, opt, G: int = 32) -> int:
                 pairs.append((st[name][sl], canon[f"flash.{si.fqn}.{name}"].reshape(-1)[gs : gs + L], name))
                 ng = si.seg.n_groups(G)
                 pairs.append((st[name + "_scales"][si.soff : si.soff + ng],
-                              canon[f"flash.{si.fqn}.{name}.scales"].reshape(-1)[gs // G : gs // G + ng], name + " scales"))
+                              canon[f"flash.{si.fqn}.{name}.scales"].reshape(-1)[gs // G : gs // G + ng],
+                              name + " scales"))
             for got, want, what in pairs:
                 if not torch.equal(bits(got), bits(want)):
                     raise AssertionError(f"{si.fqn} {what} [{gs}, {gs + L}) differs from the checkpoint")

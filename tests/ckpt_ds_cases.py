@@ -66,7 +66,9 @@ def synthetic_step(engine, step):
         g = torch.zeros(ti.local.numel(), dtype=ti.local.dtype)
         for si in ti.segs:
             full = C.full_grad(si.fqn, view.params[si.fqn].global_shape, step).reshape(-1)
-            g[si.seg.local_start : si.seg.local_start + si.seg.length] = full[si.seg.global_start : si.seg.global_start + si.seg.length]
+            g[si.seg.local_start : si.seg.local_start + si.seg.length] = full[
+                si.seg.global_start : si.seg.global_start + si.seg.length
+            ]
         ti.tensor.grad = g
     if stage == 3:
         for ti in view.tensors:

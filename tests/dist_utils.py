@@ -36,8 +36,8 @@ multiprocessing.set_forkserver_preload(
 )
 
 __all__ = [
-    "run_distributed", "local_records", "assemble", "compare_to_reference", "bits", "E2E_STEPS", "E2E_LR", "tiny_gpt_config",
-    "build_tiny_gpt", "e2e_batches", "lm_loss", "rank_slice", "reference_losses",
+    "run_distributed", "local_records", "assemble", "compare_to_reference", "bits", "E2E_STEPS", "E2E_LR",
+    "tiny_gpt_config", "build_tiny_gpt", "e2e_batches", "lm_loss", "rank_slice", "reference_losses",
 ]
 
 
@@ -128,7 +128,8 @@ def local_records(opt, named_params, group_size=32):
             ng = seg.n_groups(G)
             sl = slice(seg.local_start, seg.local_start + seg.length)
             elem = {k: v[sl].clone() for k, v in st.items() if torch.is_tensor(v) and not k.endswith("_scales")}
-            scales = {k: v[soff : soff + ng].clone() for k, v in st.items() if torch.is_tensor(v) and k.endswith("_scales")}
+            scales = {k: v[soff : soff + ng].clone() for k, v in st.items()
+                      if torch.is_tensor(v) and k.endswith("_scales")}
             rec["pieces"].append((seg.global_start, seg.length, local[sl].clone(), elem, scales))
             soff += ng
     return out
@@ -194,7 +195,9 @@ def compare_to_reference(got, ref, *, lr, steps, max_partial_per_rank=2, aligned
             assert bool((cov == 1).all()), f"{w}: {k} not covered exactly once by the shards"
         if key in aligned:
             assert not g["cut"], f"{w}: the shards cut groups {sorted(g['cut'])} of an aligned parameter"
-        assert max(g["partial_per_rank"]) <= max_partial_per_rank, f"{w}: partial groups per rank {g['partial_per_rank']}"
+        assert max(g["partial_per_rank"]) <= max_partial_per_rank, (
+            f"{w}: partial groups per rank {g['partial_per_rank']}"
+        )
         total_cut += len(g["cut"])
         gidx = torch.arange(numel) // G
         cut_mask = torch.zeros(numel, dtype=torch.bool)

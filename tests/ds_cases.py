@@ -369,7 +369,9 @@ def universal_round_trip(engine, opt, stage, ckdir, exported, workdir):
             full = _universal_tensor(os.path.join(base, "fp32.pt")).reshape(-1)
             fp32_wrong += int(not torch.equal(full, exported[s.key].reshape(-1)))
             for name in ("exp_avg", "exp_avg_sq"):
-                got = _universal_tensor(os.path.join(base, f"{name}.pt")).reshape(-1)[s.global_start: s.global_start + s.length]
+                got = _universal_tensor(os.path.join(base, f"{name}.pt")).reshape(-1)[
+                    s.global_start: s.global_start + s.length
+                ]
                 moment_wrong += int(not torch.equal(got, dq[name].reshape(-1)[sl]))
             checked += 1
     # DeepSpeed itself loads it into torch AdamW with fp32 masters (its default bf16 mode)

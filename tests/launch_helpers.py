@@ -54,7 +54,8 @@ def clean_env(**extra) -> dict:
     return env
 
 
-def run(cmd: list[str], cwd: Path, env: Optional[dict] = None, timeout: float = 240, check: bool = True) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path, env: Optional[dict] = None, timeout: float = 240,
+        check: bool = True) -> subprocess.CompletedProcess:
     """Run ``cmd``; on failure (or timeout) raise with the tail of its output."""
     try:
         proc = subprocess.run(cmd, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
@@ -70,7 +71,7 @@ def run(cmd: list[str], cwd: Path, env: Optional[dict] = None, timeout: float = 
 
 def read_metrics(out_dir: Path) -> list[dict]:
     """Records of ``metrics.jsonl``."""
-    return [json.loads(l) for l in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def train_losses(out_dir: Path) -> dict[int, float]:

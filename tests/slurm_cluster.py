@@ -1,10 +1,10 @@
 """A real SLURM cluster on this machine for tests: munged + slurmctld + one slurmd per node, in a
 scratch directory.
 
-Follows ../shared/notes/slurm-local.md (Debian's slurm-wlm and munge, run as root). Everything
-the daemons write (state, spool, logs, the munge socket) stays under the scratch directory, the
-ports are picked free, and the daemons are stopped by their pids, never by name, so a test
-session leaves nothing running.
+Described in docs/test-machines.md, "A local SLURM cluster" (Debian's slurm-wlm and munge, run
+as root). Everything the daemons write (state, spool, logs, the munge socket) stays under the
+scratch directory, the ports are picked free, and the daemons are stopped by their pids, never
+by name, so a test session leaves nothing running.
 
 Several nodes: Debian's Slurm 22.05 runs several slurmd on one machine (``slurmd -N name``, one
 ``NodeName`` line each with its own ``Port``, spool/pid/log paths per node through ``%n``). The
@@ -212,7 +212,8 @@ class SlurmCluster:
                            env=self.env(), capture_output=True, timeout=30)
             deadline = time.time() + 20
             while time.time() < deadline:  # until every node is idle again: the job's processes ended
-                q = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env(), capture_output=True, text=True, timeout=30)
+                q = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=self.env(), capture_output=True, text=True,
+                                   timeout=30)
                 if q.returncode != 0 or set(q.stdout.split()) <= {"idle"}:
                     break
                 time.sleep(0.5)

@@ -137,7 +137,8 @@ def test_format_version_1_with_flat_scales_still_loads(tmp_path, monkeypatch):
             if not conv:
                 for p, q in zip(model.parameters(), m2.parameters()):
                     for k, v in opt.state[p].items():
-                        assert (torch.equal(C.bits(v), C.bits(o2.state[q][k])) if torch.is_tensor(v) else v == o2.state[q][k]), k
+                        assert (torch.equal(C.bits(v), C.bits(o2.state[q][k])) if torch.is_tensor(v)
+                                else v == o2.state[q][k]), k
         for x, y in zip(*loaded):
             assert (torch.equal(C.bits(x), C.bits(y)) if torch.is_tensor(x) else x == y), conv
 
@@ -250,7 +251,8 @@ def test_different_model_is_detected(tmp_path):
     other.head = torch.nn.Linear(C.D, C.VOCAB + 1, bias=False).to(torch.bfloat16)
     oopt = C.make_opt(other)
     before = _snapshot(other, oopt)
-    with pytest.raises(ck.ModelMismatchError, match=r"head.weight: checkpoint shape \[48, 64\], model shape \[49, 64\]"):
+    with pytest.raises(ck.ModelMismatchError,
+                       match=r"head.weight: checkpoint shape \[48, 64\], model shape \[49, 64\]"):
         ck.load(tmp_path / "a", other, oopt)
     _same(before, _snapshot(other, oopt))
 
@@ -264,7 +266,8 @@ def test_other_numeric_config_needs_convert(tmp_path):
     m32 = C.make_net(3)
     o32 = C.make_opt(m32, master_weight_bits=32)
     before = _snapshot(m32, o32)
-    with pytest.raises(ck.NumericConfigMismatchError, match="master_weight_bits=24 in the checkpoint, 32 in the optimizer.*convert=True"):
+    with pytest.raises(ck.NumericConfigMismatchError,
+                       match="master_weight_bits=24 in the checkpoint, 32 in the optimizer.*convert=True"):
         ck.load(tmp_path / "a", m32, o32)
     _same(before, _snapshot(m32, o32))
     info = ck.load(tmp_path / "a", m32, o32, convert=True)
@@ -305,7 +308,8 @@ def test_load_into_plain_torch_adamw_and_import_from_it(tmp_path):
     for (n, p), q in zip(model.named_parameters(), fp32.parameters()):
         assert torch.equal(q.detach().reshape(-1), nx.merge_master(p.reshape(-1), opt.state[p]["rho"])), n
         dq = opt.dequantized_state(p)
-        assert torch.equal(topt.state[q]["exp_avg"], dq["exp_avg"]) and torch.equal(topt.state[q]["exp_avg_sq"], dq["exp_avg_sq"])
+        assert (torch.equal(topt.state[q]["exp_avg"], dq["exp_avg"])
+                and torch.equal(topt.state[q]["exp_avg_sq"], dq["exp_avg_sq"]))
         assert float(topt.state[q]["step"]) == K
     assert topt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
     x, y = C.batch(0)
@@ -368,7 +372,8 @@ def test_bytes_per_param_on_disk(tmp_path):
     assert flash_bpp <= 5.2
     assert 12 <= plain_bpp <= 16
     insp = ck.inspect_checkpoint(tmp_path / "flash")
-    assert insp["tensor_bytes"] == {"param": 2 * n, "rho": n, "states": 2 * n, "scales": 2 * 2 * sum(-(-p.numel() // 32) for p in flash.parameters())}
+    assert insp["tensor_bytes"] == {"param": 2 * n, "rho": n, "states": 2 * n,
+                                    "scales": 2 * 2 * sum(-(-p.numel() // 32) for p in flash.parameters())}
 
 
 # ------------------------------------------------------------------------------ export / import
@@ -434,7 +439,8 @@ def test_cli_inspect_and_export(tmp_path, capsys):
     ck.save(tmp_path / "a", model, opt, step=K)
     assert cli.main(["inspect", str(tmp_path / "a"), "--verify", "--tensors"]) == 0
     out = capsys.readouterr().out
-    for want in ("FlashAdamW", "world size: 1", "bytes/param", "master_weight_bits", "verified: ok", "flash.head.weight.exp_avg.scales"):
+    for want in ("FlashAdamW", "world size: 1", "bytes/param", "master_weight_bits", "verified: ok",
+                 "flash.head.weight.exp_avg.scales"):
         assert want in out, want
     assert cli.main(["export", str(tmp_path / "a"), str(tmp_path / "out"), "--dtype", "bf16"]) == 0
     assert os.path.isfile(tmp_path / "out" / "model.safetensors")

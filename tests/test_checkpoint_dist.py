@@ -51,7 +51,8 @@ def _load_continue(rank, world, engine, root, tag):
     C.train_steps(module, opt, sched, [K + 1])
     ck.save(os.path.join(root, f"k1_{tag}"), wrapped, opt, lr_scheduler=sched, step=K + 1)
     loss = C.real_step(wrapped, opt, 0)
-    return {"n": n, "extra": res["extra"], "lr": lr, "loss": loss, "saved_world": res["saved_world_size"], "step": res["step"]}
+    return {"n": n, "extra": res["extra"], "lr": lr, "loss": loss, "saved_world": res["saved_world_size"],
+            "step": res["step"]}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def test_fsdp2_4_ranks_reshards(fsdp2_4rank, engine, world):
         assert r["lr"] == pytest.approx(1e-2 / (1 + K)), "param-group lr not restored from the checkpoint"
         assert torch.isfinite(torch.tensor(r["loss"]))
     assert sum(r["n"] for r in res) > 0
-    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")), C.canonical_tensors(os.path.join(root, f"k1_{tag}")))
+    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")),
+                           C.canonical_tensors(os.path.join(root, f"k1_{tag}")))
     assert not bad, f"next step after loading on {world} {engine} rank(s) differs from the uninterrupted run: {bad[:6]}"
 
 
@@ -86,10 +88,12 @@ def test_fsdp2_4_ranks_loads_in_one_plain_process(fsdp2_4rank):
     ck.load(os.path.join(root, "k"), model, opt, lr_scheduler=sched)
     canon = C.canonical_tensors(os.path.join(root, "k"))
     # every element of param, ρ and both codes, and every scale of both states
-    assert C.check_local_state_equals(canon, model, opt) == sum(4 * p.numel() + 2 * -(-p.numel() // 32) for p in model.parameters())
+    assert C.check_local_state_equals(canon, model, opt) == sum(4 * p.numel() + 2 * -(-p.numel() // 32)
+                                                                for p in model.parameters())
     C.train_steps(model, opt, sched, [K + 1])
     ck.save(os.path.join(root, "k1_plain"), model, opt, lr_scheduler=sched, step=K + 1)
-    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")), C.canonical_tensors(os.path.join(root, "k1_plain")))
+    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")),
+                           C.canonical_tensors(os.path.join(root, "k1_plain")))
     assert not bad, bad[:6]
 
 
@@ -109,7 +113,8 @@ def test_ddp_round_trip(ddp_2rank, engine, world):
     tag = f"{engine}{world}"
     res = run_distributed(_load_continue, world, engine, root, tag)
     assert all(r["saved_world"] == 2 and r["extra"] == {"data_pos": 1234} for r in res)
-    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")), C.canonical_tensors(os.path.join(root, f"k1_{tag}")))
+    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")),
+                           C.canonical_tensors(os.path.join(root, f"k1_{tag}")))
     assert not bad, bad[:6]
 
 
@@ -157,7 +162,8 @@ def _cut_train_save(rank, world, root):
     for name, p in m.named_parameters():
         spec = __import__("flashoptim_dist").layout.resolve_shard(p)
         s = spec.segments[0]
-        rec[name] = {"gs": s.global_start, "L": s.length, **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}}
+        rec[name] = {"gs": s.global_start, "L": s.length,
+                     **{k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v)}}
     ck.save(os.path.join(root, "cut"), m, opt, lr_scheduler=sched, step=3)
     return rec
 
@@ -294,7 +300,8 @@ def test_fsdp2_save_after_eval_forward_is_complete(tmp_path):
         f"{r0['unsharded_after_eval']}")
     msg = r0["refused"]
     assert msg is not None and "emb.weight" in msg and "m.reshard()" in msg, msg
-    assert not os.path.exists(os.path.join(root, "refused")) and not [n for n in os.listdir(root) if n.startswith(".refused")]
+    assert not os.path.exists(os.path.join(root, "refused")) and not [n for n in os.listdir(root)
+                                                                      if n.startswith(".refused")]
     assert all(r["unsharded_after_save"] == [] for r in res)
     before = C.canonical_tensors(os.path.join(root, "before_eval"))
     assert {"flash.emb.weight.exp_avg", "flash.head.weight.rho", "flash.bias2.exp_avg_sq.scales"} <= set(before)
@@ -425,7 +432,8 @@ def test_fsdp2_4_ranks_loads_under_zero(ds_results, stage):
     assert rec["n"] > 0 and rec["saved_world"] == 4 and rec["step"] == K and rec["extra"] == {"data_pos": 1234}
     assert rec["lr"] == pytest.approx(1e-2 / (1 + K))
     assert torch.isfinite(torch.tensor(rec["loss"]))
-    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")), C.canonical_tensors(os.path.join(root, f"k1_zero{stage}")))
+    bad = C.diff_canonical(C.canonical_tensors(os.path.join(root, "k1_ref")),
+                           C.canonical_tensors(os.path.join(root, f"k1_zero{stage}")))
     assert not bad, f"next step after loading under ZeRO-{stage} differs from the uninterrupted FSDP2 run: {bad[:6]}"
 
 
@@ -501,6 +509,7 @@ def test_convert_native_deepspeed_checkpoint(ds_results, stage, capsys):
                 gs = 0 if r == 0 else canon["model." + name].numel() - L
                 for g0 in range(-(-gs // 32) * 32, gs + L - 31, 32):
                     a = g0 - gs
-                    assert torch.equal(st["exp_avg"][s + a : s + a + 32], canon[f"flash.{name}.exp_avg"].reshape(-1)[g0 : g0 + 32]), name
+                    assert torch.equal(st["exp_avg"][s + a : s + a + 32],
+                                       canon[f"flash.{name}.exp_avg"].reshape(-1)[g0 : g0 + 32]), name
                     checked += 1
     assert stage == 3 or checked > 50

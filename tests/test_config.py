@@ -132,7 +132,8 @@ def test_files_extends_json_and_relative_input_paths(tmp_path):
 
 
 def test_every_field_has_a_docstring():
-    for cls in (C.ModelConfig, C.DataConfig, C.OptimConfig, C.EngineConfig, C.TrainConfig, C.DistConfig, C.CompareConfig, C.Config):
+    for cls in (C.ModelConfig, C.DataConfig, C.OptimConfig, C.EngineConfig, C.TrainConfig, C.DistConfig,
+                C.CompareConfig, C.Config):
         docs = C.field_docs(cls)
         missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
         assert not missing, f"{cls.__name__} fields without a docstring: {missing}"

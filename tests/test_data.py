@@ -41,7 +41,10 @@ def test_split_is_by_file(tmp_path):
         (tmp_path / f"doc{i:03d}.txt").write_text(f"<doc {i:03d}>" + "x" * 50 + "\n")
     c = build_corpus(str(tmp_path), val_fraction=0.2)
     train, val = bytes(c.train), bytes(c.val)
-    ids = lambda b: {b[i + 5 : i + 8] for i in range(len(b)) if b[i : i + 5] == b"<doc "}
+
+    def ids(b):
+        return {b[i + 5 : i + 8] for i in range(len(b)) if b[i : i + 5] == b"<doc "}
+
     assert ids(train) and ids(val) and not ids(train) & ids(val)
     assert len(ids(train)) + len(ids(val)) == MIN_FILES_FOR_FILE_SPLIT * 5
 
@@ -88,7 +91,8 @@ def test_ranks_get_disjoint_windows(corpus):
 
 
 def test_batch_size_errors_name_the_keys(corpus):
-    with pytest.raises(ValueError, match=r"data.global_batch_size=10 is not a multiple of data.micro_batch_size=4 x 2 ranks"):
+    with pytest.raises(ValueError,
+                       match=r"data.global_batch_size=10 is not a multiple of data.micro_batch_size=4 x 2 ranks"):
         BatchSampler(corpus.train, 16, 10, 4, 0, 2)
     with pytest.raises(ValueError, match="data.seq_len"):
         BatchSampler(np.zeros(10, dtype=np.uint8), 16, 2, 1, 0, 1)
@@ -100,5 +104,6 @@ def test_eval_set_same_forward_count_per_rank_and_weights(corpus):
     assert len({len(b) for b in batches}) == 1
     assert sum(float(w.sum()) for b in batches for _, _, w in b) == 7
     seqs = sorted(tuple(x[i].tolist()) for b in batches for x, _, w in b for i in range(len(w)) if w[i] > 0)
-    one = sorted(tuple(x[i].tolist()) for x, _, w in EvalSet(corpus.val, 32, 7, 4, 0, 1).batches() for i in range(len(w)))
+    one = sorted(tuple(x[i].tolist()) for x, _, w in EvalSet(corpus.val, 32, 7, 4, 0, 1).batches()
+                 for i in range(len(w)))
     assert seqs == one

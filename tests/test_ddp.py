@@ -69,7 +69,8 @@ def test_ddp_and_replicated_training_match_one_device():
         assert max(abs(a - b) for a, b in zip(r[mode], r["ref_accum_world"])) <= EXACT_TOL, mode
     m = r["release"]
     assert m is not None, "gradient release under DDP must be refused"
-    for part in ("gradient release does not work under DistributedDataParallel", "before DDP's bucketed all-reduce", "optimizer.step()", "fully_shard"):
+    for part in ("gradient release does not work under DistributedDataParallel", "before DDP's bucketed all-reduce",
+                 "optimizer.step()", "fully_shard"):
         assert part in m, m
 
 

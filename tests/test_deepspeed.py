@@ -427,4 +427,4 @@ def test_register_under_hf_trainer(tmp_path):
     assert r["basic_optimizer"] == "FlashAdamW"  # built from the config entry, "auto" values filled by HF
     assert r["flat_dtypes"] == ["torch.bfloat16"] and r["specs"] and r["has_rho"] and r["bf16_master"]
     losses = r["losses"]
-    assert len(losses) == 6 and all(l == l for l in losses) and losses[-1] < losses[0]
+    assert len(losses) == 6 and all(v == v for v in losses) and losses[-1] < losses[0]

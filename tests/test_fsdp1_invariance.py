@@ -94,7 +94,8 @@ def _fsdp1_invariance_worker(rank, world, use_orig_params):
     if rank != 0:
         return None
     got = assemble(gathered)
-    cut = compare_to_reference(got, _reference(), lr=LR, steps=STEPS, where=f"fsdp1 uop={use_orig_params} world={world}")
+    cut = compare_to_reference(got, _reference(), lr=LR, steps=STEPS,
+                               where=f"fsdp1 uop={use_orig_params} world={world}")
     # the ≤ 2 bound is per rank per FlatParameter (summed over the parameters it holds)
     per_rank = [sum(got[k]["partial_per_rank"][r] for k in SHAPES) for r in range(world)]
     return cut, per_rank

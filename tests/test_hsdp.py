@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from dist_utils import E2E_LR, E2E_STEPS, build_tiny_gpt, e2e_batches, lm_loss, rank_slice, reference_losses, run_distributed
+from dist_utils import (E2E_LR, E2E_STEPS, build_tiny_gpt, e2e_batches, lm_loss, rank_slice, reference_losses,
+                        run_distributed)
 from test_fsdp2_invariance import _invariance_worker
 
 from tolerances import TOLERANCES as TOL  # noqa: E402
@@ -33,7 +34,8 @@ def _hsdp_worker(rank, world):
         for block in model.blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp)
         fully_shard(model, mesh=mesh, mp_policy=mp)
-        assert all(tuple(p.placements) == (torch.distributed.tensor.Replicate(), torch.distributed.tensor.Shard(0)) for p in model.parameters())
+        assert all(tuple(p.placements) == (torch.distributed.tensor.Replicate(), torch.distributed.tensor.Shard(0))
+                   for p in model.parameters())
         opt = fo.FlashAdamW(model.parameters(), lr=E2E_LR, weight_decay=0.01)
         if release:
             fo.enable_gradient_release(model, opt)

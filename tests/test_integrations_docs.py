@@ -29,7 +29,8 @@ from optional_deps import require_module
 
 pytestmark = pytest.mark.slow
 
-EXPECTED = {"torchtitan-command", "torchtitan-config", "accelerate", "hf-trainer", "lightning", "deepspeed", "own-trainer"}
+EXPECTED = {"torchtitan-command", "torchtitan-config", "accelerate", "hf-trainer", "lightning", "deepspeed",
+            "own-trainer"}
 
 
 def test_every_framework_has_an_example_and_the_readme_links_it():

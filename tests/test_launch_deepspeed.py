@@ -17,7 +17,8 @@ from launch_helpers import CONFIGS, LAUNCH, REPO, TINY, checkpoint_steps, clean_
 
 def _deepspeed_skip_reason():
     if shutil.which("deepspeed") is None:
-        return "DeepSpeed is not installed (no `deepspeed` launcher); install it with `DS_BUILD_OPS=0 pip install deepspeed`"
+        return ("DeepSpeed is not installed (no `deepspeed` launcher); install it with "
+                "`DS_BUILD_OPS=0 pip install deepspeed`")
     try:
         if not callable(importlib.import_module("flashoptim_dist.deepspeed").initialize):
             return "flashoptim_dist.deepspeed.initialize is not callable"
@@ -35,7 +36,8 @@ TIMEOUT = 420
 def test_deepspeed_launcher_maps_ranks(tmp_path):
     proc = run(["deepspeed", "--num_gpus", "2", "--master_port", "29741", "--no_local_rank", "--module",
                 "flashoptim_dist.launch_env"], cwd=REPO, env=clean_env(DS_ACCELERATOR="cpu"), timeout=120)
-    envs = sorted((json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")), key=lambda d: d["rank"])
+    envs = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                  key=lambda d: d["rank"])
     assert [(e["launcher"], e["rank"], e["world_size"], e["local_rank"]) for e in envs] == [
         ("deepspeed", 0, 2, 0), ("deepspeed", 1, 2, 1)
     ]

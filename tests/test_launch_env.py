@@ -24,7 +24,8 @@ def with_mpi4py(monkeypatch):
 def test_torchrun():
     le = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
                  "MASTER_ADDR": "node1", "MASTER_PORT": "29400", "TORCHELASTIC_RUN_ID": "x"})
-    assert (le.launcher, le.rank, le.world_size, le.local_rank, le.local_world_size, le.node_rank) == ("torchrun", 3, 8, 1, 2, 1)
+    assert (le.launcher, le.rank, le.world_size, le.local_rank, le.local_world_size, le.node_rank) == (
+        "torchrun", 3, 8, 1, 2, 1)
     assert (le.master_addr, le.master_port) == ("node1", 29400)
 
 
@@ -38,7 +39,8 @@ def test_open_mpi_single_node_defaults_to_loopback(no_mpi4py):
     env = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     le = detect(env)
-    assert (le.launcher, le.rank, le.world_size, le.local_rank, le.master_addr, le.master_port) == ("openmpi", 1, 2, 1, "127.0.0.1", 29500)
+    assert (le.launcher, le.rank, le.world_size, le.local_rank, le.master_addr, le.master_port) == (
+        "openmpi", 1, 2, 1, "127.0.0.1", 29500)
     le = detect({**env, "MASTER_ADDR": "10.1.2.3", "MASTER_PORT": "4000"})
     assert (le.master_addr, le.master_port) == ("10.1.2.3", 4000)
 
@@ -46,8 +48,9 @@ def test_open_mpi_single_node_defaults_to_loopback(no_mpi4py):
 def test_open_mpi_multi_node_without_mpi4py_requires_master_addr(no_mpi4py):
     env = {"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_SIZE": "16", "OMPI_COMM_WORLD_LOCAL_RANK": "5",
            "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}
-    with pytest.raises(LaunchEnvError, match=r"MASTER_ADDR is not set; pass it explicitly, e.g. `mpirun -x MASTER_ADDR=.*"
-                                             r"or `pip install mpi4py` and let rank 0 broadcast them"):
+    with pytest.raises(LaunchEnvError,
+                       match=r"MASTER_ADDR is not set; pass it explicitly, e.g. `mpirun -x MASTER_ADDR=.*"
+                             r"or `pip install mpi4py` and let rank 0 broadcast them"):
         detect(env)
     assert detect({**env, "MASTER_ADDR": "node1"}).node_rank == 0
 
@@ -85,7 +88,8 @@ def test_slurm_step():
            "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
            "SLURM_STEP_NODELIST": "gpu[007-010]", "SLURM_JOB_ID": "123456"}
     le = detect(env)
-    assert (le.launcher, le.rank, le.world_size, le.local_rank, le.local_world_size, le.node_rank) == ("slurm", 5, 8, 1, 2, 2)
+    assert (le.launcher, le.rank, le.world_size, le.local_rank, le.local_world_size, le.node_rank) == (
+        "slurm", 5, 8, 1, 2, 2)
     assert le.master_addr == "gpu007" and le.master_port == 12000 + 123456 % 20000
     assert detect({**env, "MASTER_ADDR": "x", "MASTER_PORT": "1234"}).master_port == 1234
 
@@ -136,7 +140,8 @@ def test_apply_to_environ_exports_env_vars_and_remembers_the_launcher(no_mpi4py)
            "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
     env = dict(src)
     apply_to_environ(detect(env), env)
-    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == ("1", "2", "1", "127.0.0.1", "29500")
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"], env["MASTER_PORT"]) == (
+        "1", "2", "1", "127.0.0.1", "29500")
     assert detect(env).launcher == "openmpi"
     single = {}
     le = apply_to_environ(detect(single), single)
@@ -177,7 +182,8 @@ def test_master_ifname_override():
     mine = [("lo", "127.0.0.1"), ("eth0", "10.1.0.5"), ("ib0", "10.2.0.5")]
     route = _route_table({"10.1.0.6": "10.1.0.5"})
     assert choose_master_addr([["10.1.0.6"]], mine, ifnames="ib1,ib0", route=route)[0] == "10.2.0.5"
-    with pytest.raises(LaunchEnvError, match=r"FLASHOPTIM_MASTER_IFNAME='hsn0'.*it has: lo=127.0.0.1, eth0=10.1.0.5, ib0=10.2.0.5"):
+    with pytest.raises(LaunchEnvError,
+                       match=r"FLASHOPTIM_MASTER_IFNAME='hsn0'.*it has: lo=127.0.0.1, eth0=10.1.0.5, ib0=10.2.0.5"):
         choose_master_addr([["10.1.0.6"]], mine, ifnames="hsn0", route=route)
 
 
@@ -186,8 +192,9 @@ def test_hsdp_mesh_shape_from_nodes():
     assert hsdp_mesh_shape("nodes", [0, 1]) == (2, 1)
     assert hsdp_mesh_shape("nodes", [0, 0, 0]) == (1, 3)
     assert hsdp_mesh_shape(2, [0, 0, 0, 1, 1, 1]) == (2, 3)
-    with pytest.raises(LaunchEnvError, match=r"the 2 nodes run \[2, 1\] ranks: 2 nodes do not divide the 3 ranks evenly.*"
-                                             r"NPROC_PER_NODE.*--ntasks-per-node.*engine.replicas to a divisor of 3 \(1, 3\)"):
+    with pytest.raises(LaunchEnvError,
+                       match=r"the 2 nodes run \[2, 1\] ranks: 2 nodes do not divide the 3 ranks evenly.*"
+                             r"NPROC_PER_NODE.*--ntasks-per-node.*engine.replicas to a divisor of 3 \(1, 3\)"):
         hsdp_mesh_shape("nodes", [0, 0, 1])
     with pytest.raises(LaunchEnvError, match=r"consecutive, but rank 1 runs on node 1.*--distribution=block"):
         hsdp_mesh_shape("nodes", [0, 1, 0, 1])

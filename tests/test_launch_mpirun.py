@@ -19,7 +19,8 @@ from launch_helpers import (  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mpirun") is None,
-    reason="Open MPI is not installed (mpirun missing); install it with `bash .ci/setup_system.sh` (apt-get install openmpi-bin libopenmpi-dev)",
+    reason=("Open MPI is not installed (mpirun missing); install it with `bash .ci/setup_system.sh` "
+            "(apt-get install openmpi-bin libopenmpi-dev)"),
 )
 
 
@@ -59,9 +60,11 @@ def test_mpirun_two_nodes_hsdp_then_resume_on_one_node(tmp_path):
     common = [*TINY, "data.micro_batch_size=2", "train.steps=3", "train.ckpt_every=2", "train.eval_every=0"]
     proc = run(["bash", str(LAUNCH / "mpirun.sh"), *common, f"train.out_dir={out}", "engine.replicas=nodes"],
                cwd=tmp_path, env=clean_env(**emulated_mpi_hosts(tmp_path, (2, 2))))
-    assert "engine fsdp2 x 4 ranks (openmpi)" in proc.stdout and "HSDP 2 replicas x 2 shards" in proc.stdout, proc.stdout[-3000:]
+    assert ("engine fsdp2 x 4 ranks (openmpi)" in proc.stdout
+            and "HSDP 2 replicas x 2 shards" in proc.stdout), proc.stdout[-3000:]
     assert "MASTER_ADDR" not in proc.stderr and "-np" not in proc.stderr.split()  # every slot of the hostfile
-    rdzv = re.search(r"rendezvous (\S+):(\d+) \(mpi4py: interface \S+ of rank 0's host, which routes to 1 of the 1 other nodes\)",
+    rdzv = re.search(r"rendezvous (\S+):(\d+) \(mpi4py: interface \S+ of rank 0's host, "
+                     r"which routes to 1 of the 1 other nodes\)",
                      proc.stdout)
     assert rdzv and not rdzv.group(1).startswith("127.") and int(rdzv.group(2)) != 29500, proc.stdout[-3000:]
     s = summary(out)
@@ -70,6 +73,7 @@ def test_mpirun_two_nodes_hsdp_then_resume_on_one_node(tmp_path):
     one = tmp_path / "one_node"
     copy_checkpoint(out, 2, one)
     proc = run(["bash", str(LAUNCH / "mpirun.sh"), *common, f"train.out_dir={one}"], cwd=tmp_path, env=clean_env(NP=2))
-    assert "resumed from step 2" in proc.stdout and "engine fsdp2 x 2 ranks (openmpi)" in proc.stdout, proc.stdout[-3000:]
+    assert ("resumed from step 2" in proc.stdout
+            and "engine fsdp2 x 2 ranks (openmpi)" in proc.stdout), proc.stdout[-3000:]
     a, b = train_losses(out), train_losses(one)
     assert sorted(b) == [3] and b[3] == pytest.approx(a[3], abs=5e-3), (a, b)  # see the torchrun HSDP test

@@ -36,7 +36,9 @@ def _finish(proc: subprocess.Popen, timeout: float = 90) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()
-        raise AssertionError(f"still running after {timeout} s (hung instead of failing):\n{out[-3000:]}\n{err[-3000:]}")
+        raise AssertionError(
+            f"still running after {timeout} s (hung instead of failing):\n{out[-3000:]}\n{err[-3000:]}"
+        ) from None
     return proc.returncode, out + err
 
 
@@ -47,8 +49,10 @@ def test_unreachable_rendezvous_names_address_and_fix():
     rc, text = _finish(_start([sys.executable, "-m", "flashoptim_dist.train", *TINY, "train.steps=1"],
                               _rank_env(1, 2, port)))
     assert rc != 0 and time.monotonic() - t0 < 60, text[-3000:]
-    assert f"error: rank 1 of 2 (env, host {socket.gethostname()}) could not reach the rendezvous at 127.0.0.1:{port}" in text, text[-3000:]
-    assert "within 2 s" in text and "set MASTER_ADDR to an address of rank 0's node" in text and "FLASHOPTIM_RDZV_TIMEOUT" in text
+    assert (f"error: rank 1 of 2 (env, host {socket.gethostname()}) could not reach the rendezvous at "
+            f"127.0.0.1:{port}" in text), text[-3000:]
+    assert ("within 2 s" in text and "set MASTER_ADDR to an address of rank 0's node" in text
+            and "FLASHOPTIM_RDZV_TIMEOUT" in text)
     assert "Traceback" not in text  # a launch problem, not a crash
 
 
@@ -67,7 +71,8 @@ def test_ranks_that_disagree_on_world_size_both_fail():
 def test_a_rank_that_never_arrives_is_named():
     port = free_port()
     rc, text = _finish(_start(CHECK, _rank_env(0, 3, port)))  # ranks 1 and 2 are never started
-    assert rc == 2 and "only 1 of 3 ranks reached the rendezvous" in text and "missing ranks: 1, 2" in text, text[-2000:]
+    assert (rc == 2 and "only 1 of 3 ranks reached the rendezvous" in text
+            and "missing ranks: 1, 2" in text), text[-2000:]
 
 
 def test_port_taken_by_another_job():
@@ -76,7 +81,8 @@ def test_port_taken_by_another_job():
         busy.listen(1)
         port = busy.getsockname()[1]
         rc, text = _finish(_start(CHECK, _rank_env(0, 2, port)))
-    assert rc == 2 and f"cannot listen on port {port}: it is in use" in text and "another MASTER_PORT" in text, text[-2000:]
+    assert (rc == 2 and f"cannot listen on port {port}: it is in use" in text
+            and "another MASTER_PORT" in text), text[-2000:]
 
 
 def test_mpi4py_that_disagrees_with_the_launcher():

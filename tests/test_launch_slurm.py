@@ -14,7 +14,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from launch_helpers import (  # noqa: E402
     EXPECTED_BYTES_PER_PARAM, LAUNCH, REPO, TINY, bytes_per_param, checkpoint_steps, clean_env, summary, train_losses,
 )
-from slurm_cluster import slurm_cluster  # noqa: E402,F401  (fixture)
+# the `slurm_cluster` fixture, registered as a plugin (an imported fixture would be shadowed by
+# every test's argument of the same name, which linters report as a redefinition)
+pytest_plugins = ["slurm_cluster"]
 
 SBATCH = str(LAUNCH / "slurm.sbatch")
 
@@ -31,7 +33,9 @@ def _sbatch(cluster, tmp_path: Path, name: str, sbatch_args: list[str], override
     cmd = ["sbatch", "--wait", "--job-name", name, "--output", str(log), *sbatch_args, SBATCH, *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(cluster, **extra), capture_output=True, text=True, timeout=300)
     text = log.read_text() if log.exists() else ""
-    assert proc.returncode == 0, f"sbatch exited {proc.returncode}: {proc.stderr}\n--- job log\n{text[-6000:]}\n{cluster.logs()}"
+    assert proc.returncode == 0, (
+        f"sbatch exited {proc.returncode}: {proc.stderr}\n--- job log\n{text[-6000:]}\n{cluster.logs()}"
+    )
     return text
 
 
@@ -53,9 +57,11 @@ def test_srun_maps_slurm_variables(slurm_cluster):
         cwd=REPO, env=_env(slurm_cluster), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    envs = sorted((json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")), key=lambda d: d["rank"])
+    envs = sorted((json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")),
+                  key=lambda d: d["rank"])
     assert [(e["launcher"], e["rank"], e["world_size"], e["local_rank"], e["local_world_size"], e["node_rank"])
-            for e in envs] == [("slurm", 0, 4, 0, 2, 0), ("slurm", 1, 4, 1, 2, 0), ("slurm", 2, 4, 0, 2, 1), ("slurm", 3, 4, 1, 2, 1)]
+            for e in envs] == [("slurm", 0, 4, 0, 2, 0), ("slurm", 1, 4, 1, 2, 0), ("slurm", 2, 4, 0, 2, 1),
+                               ("slurm", 3, 4, 1, 2, 1)]
     # bare srun: the first host of the step's node list "node[1-2]", expanded without scontrol
     assert {(e["master_addr"], e["master_port"]) for e in envs} == {("node1", envs[0]["master_port"])}
 
@@ -93,11 +99,13 @@ def test_two_nodes_torchrun_fsdp2_then_hsdp_then_one_node(slurm_cluster, tmp_pat
     log = _salloc(slurm_cluster, tmp_path, "two_tr", ["--nodes=2"], [*common, "train.steps=2", "train.ckpt_every=2"],
                   MODE="torchrun", NPROC_PER_NODE=1)
     # the rendezvous is node1's NodeAddr (node1 itself does not resolve)
-    assert "mode=torchrun nodes=2 rendezvous=127.0.0.1:" in log and "engine fsdp2 x 2 ranks (torchrun)" in log, log[-3000:]
+    assert ("mode=torchrun nodes=2 rendezvous=127.0.0.1:" in log
+            and "engine fsdp2 x 2 ranks (torchrun)" in log), log[-3000:]
     assert summary(out)["world_size"] == 2 and checkpoint_steps(out) == [2]
     log = _salloc(slurm_cluster, tmp_path, "two_tasks", ["--nodes=2", "--ntasks-per-node=1"],
                   [*common, "train.steps=3", "train.ckpt_every=3", "engine.replicas=nodes"], MODE="tasks")
-    assert "mode=tasks nodes=2" in log and "engine fsdp2 x 2 ranks (slurm)" in log and "HSDP 2 replicas x 1 shards" in log, log[-3000:]
+    assert ("mode=tasks nodes=2" in log and "engine fsdp2 x 2 ranks (slurm)" in log
+            and "HSDP 2 replicas x 1 shards" in log), log[-3000:]
     assert "resumed from step 2" in log and checkpoint_steps(out) == [2, 3]
     s = summary(out)
     assert [r["local_params"] for r in s["rows"]] == [s["n_params"]] * 2  # a whole replica on each node

@@ -12,8 +12,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch_helpers import (  # noqa: E402
-    EXPECTED_BYTES_PER_PARAM, LAUNCH, OPTIMIZER, TINY, bytes_per_param, checkpoint_steps, clean_env, copy_checkpoint, free_port,
-    preserved_environ,
+    EXPECTED_BYTES_PER_PARAM, LAUNCH, OPTIMIZER, TINY, bytes_per_param, checkpoint_steps, clean_env, copy_checkpoint,
+    free_port, preserved_environ,
     descendants, kill_tree, read_metrics, run, summary, train_losses,
 )
 
@@ -107,7 +107,8 @@ def test_kill_mid_run_and_resume(tmp_path):
         kill_tree(proc.pid)  # torchrun and its workers at once, like a node failure
         proc.wait(timeout=60)
         time.sleep(0.5)
-        assert not [p for p in workers if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)], "workers survived"
+        assert not [p for p in workers
+                    if os.path.exists(f"/proc/{p}") and "zombie" not in _state(p)], "workers survived"
         log.close()
     saved = checkpoint_steps(out)
     assert saved and saved[-1] >= 4
@@ -123,10 +124,12 @@ def test_kill_mid_run_and_resume(tmp_path):
 
 # ---- two nodes on one machine: two torchrun agents (NNODES=2) meeting at a c10d rendezvous
 
-def _two_agents(out: Path, nproc: tuple[int, int], *overrides: str, cwd: Path, check: bool = True) -> list[tuple[int, str]]:
+def _two_agents(out: Path, nproc: tuple[int, int], *overrides: str, cwd: Path,
+                check: bool = True) -> list[tuple[int, str]]:
     """Run launch/torchrun.sh twice at once, as the two nodes of one job; (exit code, output) of each."""
     port = free_port()
-    env = dict(NNODES=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID=f"two-nodes-{port}", FLASHOPTIM_RDZV_TIMEOUT=120)
+    env = dict(NNODES=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RDZV_ID=f"two-nodes-{port}",
+               FLASHOPTIM_RDZV_TIMEOUT=120)
     agents = [subprocess.Popen([*TORCHRUN, *TINY, f"train.out_dir={out}", *overrides], cwd=cwd,
                                env=clean_env(NPROC_PER_NODE=n, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True) for n in nproc]
@@ -166,7 +169,8 @@ def test_two_nodes_fsdp2_and_hsdp_each_resumed_on_one_node(tmp_path):
     a, b = train_losses(out), train_losses(tmp_path / "one_node")
     assert sorted(b) == [3] and b[3] == pytest.approx(a[3], abs=2e-5), (a, b)  # the same 2-rank mesh, bit for bit
 
-    results = _two_agents(out, (2, 2), *common, "train.steps=4", "train.ckpt_every=4", "engine.replicas=nodes", cwd=tmp_path)
+    results = _two_agents(out, (2, 2), *common, "train.steps=4", "train.ckpt_every=4", "engine.replicas=nodes",
+                          cwd=tmp_path)
     text = "".join(t for _, t in results)
     assert "engine fsdp2 x 4 ranks (torchrun)" in text and "HSDP 2 replicas x 2 shards" in text, text[-3000:]
     assert "resumed from step 3" in text and checkpoint_steps(out)[-1] == 4
@@ -183,5 +187,6 @@ def test_two_nodes_with_uneven_ranks_cannot_have_one_replica_per_node(tmp_path):
                           "data.global_batch_size=6", "engine.replicas=nodes", cwd=tmp_path, check=False)
     text = "".join(t for _, t in results)
     assert all(rc != 0 for rc, _ in results), text[-3000:]
-    assert "error: engine.replicas=nodes needs the same number of ranks on every node, but the 2 nodes run" in text, text[-3000:]
+    assert ("error: engine.replicas=nodes needs the same number of ranks on every node, but the 2 nodes run"
+            in text), text[-3000:]
     assert "2 nodes do not divide the 3 ranks evenly" in text and "the same NPROC_PER_NODE everywhere" in text

@@ -296,7 +296,8 @@ def test_stochastic_codes_are_unbiased_in_m_and_in_v():
         acc_cd += (q * sv.double().repeat_interleave(32) / 255) ** 2
     small = y < 4
     err_cd = ((acc_cd / k - v.double()) / s_v)[small]
-    assert float(err_cd.mean()) > 0.04 and abs(float(err_v[small].mean())) < 0.01, (float(err_cd.mean()), float(err_v[small].mean()))
+    assert float(err_cd.mean()) > 0.04 and abs(float(err_v[small].mean())) < 0.01, (
+        float(err_cd.mean()), float(err_v[small].mean()))
 
 
 def test_stochastic_codes_never_leave_their_range():

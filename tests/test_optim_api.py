@@ -34,7 +34,8 @@ def _bits(t):
 
 def test_param_groups_have_their_own_hyperparameters():
     m = _model()
-    opt = F.FlashAdamW([{"params": m[0].parameters(), "lr": 1e-2}, {"params": m[2].parameters(), "lr": 0.0, "weight_decay": 0.0}])
+    opt = F.FlashAdamW([{"params": m[0].parameters(), "lr": 1e-2},
+                        {"params": m[2].parameters(), "lr": 0.0, "weight_decay": 0.0}])
     before = [p.detach().clone() for p in m[2].parameters()]
     _train(m, opt, 3)
     assert all(torch.equal(a, b) for a, b in zip(before, m[2].parameters()))  # lr 0: untouched
@@ -418,7 +419,8 @@ def test_steady_step_path_is_the_general_path(monkeypatch, first_chunk):
             for i, p in enumerate(m.parameters()):
                 if dtype != p.dtype and hasattr(p, "grad_dtype"):
                     p.grad_dtype = None  # torch >= 2.12 checks grad dtypes unless told not to
-                p.grad = None if i == skip else torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 7 * len(used))).to(dtype)
+                p.grad = None if i == skip else torch.randn(
+                    p.shape, generator=torch.Generator().manual_seed(i + 7 * len(used))).to(dtype)
         o_fast.step()
         o_slow.step()
 
@@ -454,7 +456,8 @@ def test_parameters_upcast_after_construction_are_refused_at_the_first_step():
     for p in m.parameters():
         p.data = p.data.float()
     m(torch.randn(4, 32)).pow(2).mean().backward()
-    with pytest.raises(RuntimeError, match=r"built on 4 torch.bfloat16 parameters, but 4 of them are float32 at the first step"):
+    with pytest.raises(RuntimeError,
+                       match=r"built on 4 torch.bfloat16 parameters, but 4 of them are float32 at the first step"):
         opt.step()
     # an optimizer built on fp32 parameters, and one whose parameters kept their dtype, step
     m32 = _model(dtype=torch.float32)

@@ -38,8 +38,10 @@ def _rel(a, b):
 
 
 CASES = [
-    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), lambda ps, **k: F.FlashAdamW(ps, lr=1e-2, weight_decay=0.1, **k)),
-    ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1), lambda ps, **k: F.FlashAdam(ps, lr=1e-2, weight_decay=0.1, **k)),
+    ("adamw", lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+     lambda ps, **k: F.FlashAdamW(ps, lr=1e-2, weight_decay=0.1, **k)),
+    ("adam", lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),
+     lambda ps, **k: F.FlashAdam(ps, lr=1e-2, weight_decay=0.1, **k)),
     ("adam_max", lambda ps: torch.optim.Adam(ps, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, maximize=True),
      lambda ps, **k: F.FlashAdam(ps, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, maximize=True, **k)),
     ("sgd_plain", lambda ps: torch.optim.SGD(ps, lr=1e-2), lambda ps, **k: F.FlashSGD(ps, lr=1e-2, **k)),
@@ -64,7 +66,8 @@ def test_fp32_params_unquantized_match_torch(name, torch_opt, flash_opt):
 def test_bf16_params_with_32bit_master_track_torch_fp32(name, torch_opt, flash_opt):
     init = [t.bfloat16().float() for t in _params()]  # start from values both can represent
     ref, _ = _run(torch_opt, init, 50, torch.float32, bf16_grads=True)
-    got, opt = _run(lambda ps: flash_opt(ps, quantize=False, master_weight_bits=32), init, 50, torch.bfloat16, bf16_grads=True)
+    got, opt = _run(lambda ps: flash_opt(ps, quantize=False, master_weight_bits=32), init, 50, torch.bfloat16,
+                    bf16_grads=True)
     assert _rel(opt.master_params(), ref) <= TOL["vs_torch_rel_bf16_32bit"]
     # the bf16 params alone are much further from the trajectory: ρ carries real information
     assert _rel(got, ref) > 10 * _rel(opt.master_params(), ref)
@@ -92,7 +95,8 @@ def test_lion_unquantized_matches_ten_line_reference():
 
 def test_sgdw_is_sgd_with_decoupled_decay():
     init = _params()
-    got, _ = _run(lambda ps: F.FlashSGDW(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, quantize=False), init, 20, torch.float32)
+    got, _ = _run(lambda ps: F.FlashSGDW(ps, lr=1e-2, momentum=0.9, weight_decay=0.1, quantize=False), init, 20,
+                  torch.float32)
     # reference: torch SGD without decay, decaying θ by (1 - lr·wd) before each step
     ps = [torch.nn.Parameter(t.clone()) for t in init]
     opt = torch.optim.SGD(ps, lr=1e-2, momentum=0.9)

@@ -102,7 +102,8 @@ def _save_run(rank, world, engine, root, tag, extra_options):
         fm, fo = get_state_dict(module, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"model": fm, "optim": fo}, os.path.join(root, f"full_{tag}.pt"))
-        fm, fo = get_state_dict(module, opt, options=StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True))
+        fm, fo = get_state_dict(module, opt,
+                                options=StateDictOptions(flatten_optimizer_state_dict=True, cpu_offload=True))
         dcp.save({"model": fm, "optim": fo}, checkpoint_id=os.path.join(root, f"flat_{tag}"))
     C.train_steps(module, opt, sched, [K + 1])
     ck.save(os.path.join(root, f"k1_{tag}"), wrapped, opt, step=K + 1)
@@ -223,7 +224,9 @@ def assert_next_steps_agree(root: str, tags, ref_name: str) -> dict:
         t = C.canonical_tensors(os.path.join(root, f"t_{tag}"))
         f = C.canonical_tensors(os.path.join(root, f"f_{tag}"))
         bad = C.diff_canonical(t, f)
-        assert not bad, f"{tag}: next step after the torch route differs from the flashoptim_dist.checkpoint route: {bad[:6]}"
+        assert not bad, (
+            f"{tag}: next step after the torch route differs from the flashoptim_dist.checkpoint route: {bad[:6]}"
+        )
         bad = [k for k in C.diff_canonical(t, ref) if not _is_cut_key(k)]
         assert not bad, f"{tag}: next step differs from the uninterrupted run {ref_name}: {bad[:6]}"
     return ref
@@ -310,7 +313,8 @@ def _fsdp1_run(rank, world, root):
     # for its all-gathers (torch 2.13; plain torch.optim.AdamW state comes out wrong the same way)
     types_ = {
         "full": (StateDictType.FULL_STATE_DICT, FullStateDictConfig(), FullOptimStateDictConfig(offload_to_cpu=False)),
-        "sharded": (StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(), ShardedOptimStateDictConfig(offload_to_cpu=False)),
+        "sharded": (StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig(),
+                    ShardedOptimStateDictConfig(offload_to_cpu=False)),
     }
     model = make_net(0)
     w, _ = wrap("fsdp1", model, world)
@@ -340,6 +344,7 @@ def _fsdp1_run(rank, world, root):
     # use_orig_params=False: the optimizer holds the FlatParameters (flashoptim_dist.checkpoint
     # refuses those, so the two runs are compared tensor by tensor)
     runs = []
+    msd3 = osd3 = None  # saved by the first pass (resume=False), loaded by the second
     for resume in (False, True):
         model = make_net(1 if resume else 0)
         w3 = _fsdp1_flat(model)
@@ -492,7 +497,8 @@ def test_framework_constructor_flags_are_accepted():
             for m, o in zip(ms, opts):
                 _grads(m, 0)
                 o.step()
-            assert all(_bits_equal(a.detach(), b.detach()) for a, b in zip(ms[0].parameters(), ms[1].parameters())), (cls, kw)
+            assert all(_bits_equal(a.detach(), b.detach())
+                       for a, b in zip(ms[0].parameters(), ms[1].parameters())), (cls, kw)
 
 
 @pytest.mark.parametrize("kw,match", [(dict(capturable=True), "capturable=True.*CUDA graph"),

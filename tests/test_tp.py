@@ -102,7 +102,8 @@ def _grad(name, shape, step):
     return (torch.randn(shape, generator=g) * mag * 1e-2).to(torch.bfloat16)
 
 
-OPTIMIZERS = {"adamw": ("FlashAdamW", dict(lr=LR, weight_decay=0.1)), "lion": ("FlashLion", dict(lr=1e-3, weight_decay=0.1))}
+OPTIMIZERS = {"adamw": ("FlashAdamW", dict(lr=LR, weight_decay=0.1)),
+              "lion": ("FlashLion", dict(lr=1e-3, weight_decay=0.1))}
 
 
 def _opt(kind, params, **extra):
@@ -163,7 +164,8 @@ def _invariance(rank, meshes):
         opt = _opt(kind, [p for _, p in named])
         for step in range(STEPS):
             for key, p in named:
-                p.grad = distribute_tensor(_grad(key, flat[key][0], step), p.device_mesh, p.placements, src_data_rank=None)
+                p.grad = distribute_tensor(_grad(key, flat[key][0], step), p.device_mesh, p.placements,
+                                           src_data_rank=None)
             opt.step()
         if kind == "adamw":
             out["segments"] = {k: len(lay.resolve_shard(p).segments) for k, p in named}
@@ -328,9 +330,11 @@ def _release_and_accumulation(rank, meshes):
         runs[mode] = ([p._local_tensor.clone() for p in m.parameters()], norms)
         if handle is not None:
             handle.remove()
-    out["placements"] = sorted({tuple(type(pl).__name__ for pl in p.placements) for p in _tp_module(meshes).parameters()})
+    out["placements"] = sorted({tuple(type(pl).__name__ for pl in p.placements)
+                                for p in _tp_module(meshes).parameters()})
     out["release_equal"] = all(torch.equal(bits(a), bits(b)) for a, b in zip(runs["step"][0], runs["release"][0]))
-    out["release_clip_equal"] = all(torch.equal(bits(a), bits(b)) for a, b in zip(runs["step"][0], runs["release_clip"][0]))
+    out["release_clip_equal"] = all(torch.equal(bits(a), bits(b))
+                                    for a, b in zip(runs["step"][0], runs["release_clip"][0]))
     out["norms"] = (runs["step"][1], runs["release_clip"][1])
 
     # accumulation: two micro-batches without gradient sync on the first == the whole batch
@@ -377,7 +381,9 @@ def test_tp_step_is_bit_identical_to_one_process_where_no_group_is_cut(results):
     for kind in OPTIMIZERS:
         # the cut groups the test claims: 1 in norm_cut (24 | 24), 3 in rows40_cut (row boundaries 2, 3, 5)
         assert inv[kind] == 4, inv[kind]
-        assert not inv[kind + "_full"], f"{kind}: DTensor.full_tensor() differs from the segments for {inv[kind + '_full']}"
+        assert not inv[kind + "_full"], (
+            f"{kind}: DTensor.full_tensor() differs from the segments for {inv[kind + '_full']}"
+        )
     seg = inv["segments"]
     assert seg["dp2_tp2.rowwise"] == 16 and seg["tp4.rowwise"] == 8  # one segment per local row under Shard(1)
     assert seg["dp2_tp2.colwise"] == 1 and seg["tp4.strided_rows"] == 2  # a row block; two runs of rows
@@ -419,4 +425,5 @@ def test_tp_release_clipping_and_accumulation(results):
         assert rr["release_equal"] and rr["release_clip_equal"]
         for a, b in zip(*rr["norms"]):
             assert abs(a - b) <= rel * a, rr["norms"]
-        assert rr["accum_max_rel"] <= TOLERANCES["accum_grad_rel"] < rr["half_max_rel"], (rr["accum_max_rel"], rr["half_max_rel"])
+        assert rr["accum_max_rel"] <= TOLERANCES["accum_grad_rel"] < rr["half_max_rel"], (
+            rr["accum_max_rel"], rr["half_max_rel"])

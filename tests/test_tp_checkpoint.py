@@ -30,8 +30,8 @@ from torch import nn
 
 import ckpt_common as C
 from dist_utils import run_distributed
-from test_torch_state_dict import (_is_cut_key, _torch_route_load, assert_next_steps_agree, check_torch_files_are_canonical,
-                                   make_net, next_step)
+from test_torch_state_dict import (_is_cut_key, _torch_route_load, assert_next_steps_agree,
+                                   check_torch_files_are_canonical, make_net, next_step)
 
 K = C.STEPS_BEFORE
 
@@ -159,4 +159,5 @@ def test_tp_checkpoints_reshard_to_one_process_dp4_and_tp2(tmp_path):
 
     ref = assert_next_steps_agree(root, ("dp4", "tp2", "one"), "k1_tp")
     t = C.canonical_tensors(os.path.join(root, "t_one"))  # the column-split weight's state, after a reshard
-    assert torch.equal(C.bits(t["flash.blocks.1.w_out.weight.exp_avg_sq"]), C.bits(ref["flash.blocks.1.w_out.weight.exp_avg_sq"]))
+    assert torch.equal(C.bits(t["flash.blocks.1.w_out.weight.exp_avg_sq"]),
+                       C.bits(ref["flash.blocks.1.w_out.weight.exp_avg_sq"]))

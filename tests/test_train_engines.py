@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch_helpers import EXPECTED_BYTES_PER_PARAM, LAUNCH, TINY, bytes_per_param, checkpoint_steps, clean_env, run, summary, train_losses  # noqa: E402
+from launch_helpers import (  # noqa: E402
+    EXPECTED_BYTES_PER_PARAM, LAUNCH, TINY, bytes_per_param, checkpoint_steps, clean_env, run, summary, train_losses,
+)
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp1"])

@@ -135,7 +135,8 @@ def _hf_worker(rank, world, path):
 
     x = torch.randint(0, 256, (2, 13), generator=torch.Generator().manual_seed(5 + rank))
     out = {}
-    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",)), ("sliced", ("model.loss_chunks=3",)),
+    for name, extra in (("units", ()), ("root", ("engine.shard_embeddings=false",)),
+                        ("sliced", ("model.loss_chunks=3",)),
                         ("fsdp1_sliced", ("model.loss_chunks=3", "engine.name=fsdp1"))):
         cfg = load_config(None, ["model.source=hf", f"model.path={path}", "engine.name=fsdp2", *extra])
         torch.manual_seed(0)

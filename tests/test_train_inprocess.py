@@ -11,7 +11,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from launch_helpers import TINY, bytes_per_param, checkpoint_steps, preserved_environ, read_metrics, summary, train_losses  # noqa: E402
+from launch_helpers import (  # noqa: E402
+    TINY, bytes_per_param, checkpoint_steps, preserved_environ, read_metrics, summary, train_losses,
+)
 
 from flashoptim_dist.train import ckpt  # noqa: E402
 from flashoptim_dist.train.config import load_config  # noqa: E402
@@ -153,7 +155,8 @@ def test_compare_writes_png_and_table(tmp_path):
     flash, base = report["runs"]
     assert flash["optimizer"] == "FlashAdamW" and base["optimizer"] == "AdamW"
     # same data, seed and schedule: the validation losses agree closely
-    assert abs(flash["final_val_loss"] - base["final_val_loss"]) < 0.1, (flash["final_val_loss"], base["final_val_loss"])
+    assert abs(flash["final_val_loss"] - base["final_val_loss"]) < 0.1, (
+        flash["final_val_loss"], base["final_val_loss"])
     assert json.loads((out / "compare.json").read_text())["runs"][1]["optimizer"] == "AdamW"
 
 
@@ -182,7 +185,8 @@ def test_hugging_face_model_trains_in_train_mode(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "build_model", recording_build)
     _train(tmp_path / "run", "model.source=hf", f"model.path={tmp_path / 'hf'}", "model.activation_checkpointing=true",
-           "optim.name=FlashAdamW", "train.steps=2", "train.eval_every=0", "train.ckpt_every=0", "data.eval_sequences=4")
+           "optim.name=FlashAdamW", "train.steps=2", "train.eval_every=0", "train.ckpt_every=0",
+           "data.eval_sequences=4")
     # 2 steps x 2 micro-batches (global batch 8 of 4 on one rank) with checkpointing on, then the
     # final evaluation's forwards in eval mode
     assert modes[:4] == [(True, True)] * 4, modes

@@ -115,7 +115,8 @@ def test_tp_build_errors_name_the_model_shape():
     assert "blocks.*.mlp.w2 (192 columns) splits into 48 columns per rank" in msg, msg
     _check_tensor_parallel(cfg, tiny, flash=False)  # a torch optimizer has no groups to cut
     with pytest.raises(EngineError) as e:
-        _check_tensor_parallel(load_config(None, ["engine.tp_size=3"]), GPT(preset("tiny", vocab_size=256, tie_embeddings=True)), flash=True)
+        _check_tensor_parallel(load_config(None, ["engine.tp_size=3"]),
+                               GPT(preset("tiny", vocab_size=256, tie_embeddings=True)), flash=True)
     msg = str(e.value)
     for part in ("model.n_heads=4 is not divisible by engine.tp_size=3", "model.vocab_size=256 is not divisible",
                  "model.tie_embeddings=false"):
