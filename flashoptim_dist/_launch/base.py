@@ -7,6 +7,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+
 DEFAULT_MASTER_PORT = 29500
 #: Set by :func:`apply_to_environ` so that a later :func:`detect` reports the original launcher.
 LAUNCHER_VAR = "FLASHOPTIM_DIST_LAUNCHER"

@@ -6,6 +6,7 @@ from typing import Sequence, Union
 
 from .base import LaunchEnvError
 
+
 def hsdp_mesh_shape(replicas: Union[int, str], nodes: Sequence[int]) -> tuple[int, int]:
     """``(replicas, shards)`` of an HSDP device mesh over ranks whose node indices are ``nodes``.
 

@@ -10,6 +10,7 @@ from typing import Mapping
 from .base import MASTER_IFNAME_VAR, LaunchEnv, LaunchEnvError
 from .net import _interface_addresses, _reserve_port, choose_master_addr
 
+
 def _mpi_discover(le: LaunchEnv, environ: Mapping[str, str]) -> LaunchEnv:
     """The MPI collective behind :func:`resolve`: node split, rank 0's address and port."""
     owned_by_caller = "mpi4py.MPI" in sys.modules  # the program started MPI itself: leave it running

@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 from .base import MASTER_IFNAME_VAR, LaunchEnvError
 
+
 def _interface_addresses() -> list[tuple[str, str]]:
     """``(interface, IPv4 address)`` of this host's interfaces that have one, loopback included.
 

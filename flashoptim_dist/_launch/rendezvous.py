@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 from .base import DEFAULT_RDZV_TIMEOUT, MASTER_IFNAME_VAR, RDZV_TIMEOUT_VAR, LaunchEnv, LaunchEnvError
 from .net import _RESERVED
 
+
 def rendezvous_timeout(environ: Optional[Mapping[str, str]] = None) -> float:
     """``FLASHOPTIM_RDZV_TIMEOUT`` in seconds (default 600)."""
     env = os.environ if environ is None else environ

@@ -8,6 +8,7 @@ from typing import Mapping
 
 from .base import LaunchEnvError
 
+
 _BRACKET = re.compile(r"^(?P<prefix>[^\[]*)\[(?P<ranges>[^\]]+)\](?P<rest>.*)$")
 
 
