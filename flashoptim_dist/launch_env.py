@@ -48,6 +48,10 @@ runs it on the nodes that do not host torchrun's store).
 
 This module imports nothing heavy at import time (torch is imported only where a process group
 or store is made, mpi4py only by :func:`resolve` under an MPI launcher).
+
+The code lives in :mod:`flashoptim_dist._launch` (``base``, ``slurm``, ``net``, ``mpi``,
+``rendezvous``, ``hsdp``); this module keeps :func:`detect`, :func:`resolve`,
+:func:`apply_to_environ`, :func:`init_distributed` and the command line, and re-exports the rest.
 """
 
 from __future__ import annotations
@@ -56,13 +60,41 @@ import dataclasses
 import importlib.util
 import json
 import os
-import re
 import socket
 import sys
-import time
-from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Mapping, Optional
+
+if not __package__:
+    # Run as a file (launch/torchrun.sh: `python .../flashoptim_dist/launch_env.py --wait`, because
+    # importing the package imports torch, seconds per node). Register a bare package object for
+    # the folder so that the relative imports below load the _launch modules without running
+    # flashoptim_dist/__init__.py.
+    import types
+
+    _pkg = types.ModuleType("flashoptim_dist")
+    _pkg.__path__ = [os.path.dirname(os.path.abspath(__file__))]
+    sys.modules.setdefault("flashoptim_dist", _pkg)
+    __package__ = "flashoptim_dist"
+
+# (E402: after the file-mode set-up; F401: names re-exported from here)
+from ._launch.base import (  # noqa: E402, F401
+    DEFAULT_MASTER_PORT,
+    DEFAULT_RDZV_TIMEOUT,
+    LAUNCHER_VAR,
+    MASTER_IFNAME_VAR,
+    MPI_LAUNCHERS,
+    RDZV_TIMEOUT_VAR,
+    LaunchEnv,
+    LaunchEnvError,
+    _int,
+    _NO_MPI4PY_HINT,
+    _port,
+)
+from ._launch.hsdp import hsdp_mesh_shape  # noqa: E402
+from ._launch.mpi import _mpi_discover  # noqa: E402
+from ._launch.net import choose_master_addr, free_port, wait_for_endpoint  # noqa: E402
+from ._launch.rendezvous import rendezvous_store, rendezvous_timeout  # noqa: E402
+from ._launch.slurm import _slurm_in_step, _tasks_per_node, expand_hostlist  # noqa: E402
 
 __all__ = [
     "LaunchEnv",
@@ -78,161 +110,6 @@ __all__ = [
     "expand_hostlist",
     "free_port",
 ]
-
-DEFAULT_MASTER_PORT = 29500
-#: Set by :func:`apply_to_environ` so that a later :func:`detect` reports the original launcher.
-LAUNCHER_VAR = "FLASHOPTIM_DIST_LAUNCHER"
-#: Seconds a rank waits for the rendezvous (rank 0's store, and every rank to arrive there).
-RDZV_TIMEOUT_VAR = "FLASHOPTIM_RDZV_TIMEOUT"
-#: torchrun's own default join timeout (torch/distributed/elastic/rendezvous/dynamic_rendezvous.py):
-#: long enough for a slow node to import torch from a shared file system, short enough that a
-#: wrong address fails long before the 30-minute collective timeout would.
-DEFAULT_RDZV_TIMEOUT = 600.0
-#: Under MPI discovery: the interface(s) of rank 0 whose address is advertised (comma list).
-MASTER_IFNAME_VAR = "FLASHOPTIM_MASTER_IFNAME"
-MPI_LAUNCHERS = ("openmpi", "mpich")
-_NO_MPI4PY_HINT = "or `pip install mpi4py` and let rank 0 broadcast them"
-
-
-class LaunchEnvError(RuntimeError):
-    """The launcher's environment is incomplete or contradictory; the message names the fix."""
-
-
-@dataclass(frozen=True)
-class LaunchEnv:
-    """Where this process sits in a distributed job, independent of the launcher."""
-
-    launcher: str
-    """Which launcher was recognised: torchrun, deepspeed, env, openmpi, mpich, slurm or none."""
-    rank: int
-    """Global rank, 0 <= rank < world_size."""
-    world_size: int
-    """Number of processes in the job."""
-    local_rank: int
-    """Rank among the processes on this node; selects the GPU."""
-    local_world_size: int
-    """Number of processes on this node."""
-    node_rank: int
-    """Index of this node, 0-based (best effort where the launcher does not say)."""
-    master_addr: str
-    """Host of the rendezvous (rank 0's TCP store); empty until :func:`resolve` under MPI."""
-    master_port: int
-    """Port of the rendezvous; 0: to be picked (a free port) before the process group starts."""
-    master_source: str = ""
-    """Where ``master_addr`` came from, for error messages (e.g. ``MASTER_ADDR``, ``mpi4py: ...``)."""
-
-    @property
-    def is_distributed(self) -> bool:
-        """True when more than one process takes part."""
-        return self.world_size > 1
-
-    @property
-    def needs_mpi_discovery(self) -> bool:
-        """True when :func:`resolve` still has to ask MPI (every rank must then call it)."""
-        return self.master_source == "mpi4py"
-
-    def to_dict(self) -> dict:
-        """A JSON-friendly copy of the fields."""
-        return dataclasses.asdict(self)
-
-
-def _int(environ: Mapping[str, str], name: str, default: Optional[int] = None) -> int:
-    raw = environ.get(name)
-    if raw is None or raw == "":
-        if default is None:
-            raise LaunchEnvError(f"environment variable {name} is not set; the launcher should set it")
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise LaunchEnvError(f"environment variable {name}={raw!r} is not an integer") from None
-
-
-def _port(environ: Mapping[str, str], default: int) -> int:
-    port = _int(environ, "MASTER_PORT", default)
-    if not 0 <= port < 65536 or (port == 0 and "MASTER_PORT" in environ):
-        raise LaunchEnvError(f"MASTER_PORT={port} is out of range; choose a port in 1..65535")
-    return port
-
-
-_BRACKET = re.compile(r"^(?P<prefix>[^\[]*)\[(?P<ranges>[^\]]+)\](?P<rest>.*)$")
-
-
-def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand a SLURM host list such as ``"gpu[01-03,07],login1"`` into host names.
-
-    Supports comma-separated entries, bracketed numeric ranges with zero padding, and several
-    bracket groups in one entry (``"r[1-2]n[1-2]"``). Raises :class:`LaunchEnvError` on a
-    malformed list.
-    """
-
-    def split_top(s: str) -> list[str]:
-        parts, depth, cur = [], 0, []
-        for ch in s:
-            if ch == "[":
-                depth += 1
-            elif ch == "]":
-                depth -= 1
-                if depth < 0:
-                    raise LaunchEnvError(f"malformed SLURM host list {hostlist!r}: unmatched ']'")
-            if ch == "," and depth == 0:
-                parts.append("".join(cur))
-                cur = []
-            else:
-                cur.append(ch)
-        if depth != 0:
-            raise LaunchEnvError(f"malformed SLURM host list {hostlist!r}: unmatched '['")
-        parts.append("".join(cur))
-        return [p for p in (x.strip() for x in parts) if p]
-
-    def expand_one(entry: str) -> list[str]:
-        m = _BRACKET.match(entry)
-        if not m:
-            return [entry]
-        out = []
-        for piece in m.group("ranges").split(","):
-            if "-" in piece:
-                lo, hi = piece.split("-", 1)
-                if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
-                    raise LaunchEnvError(f"malformed range {piece!r} in SLURM host list {hostlist!r}")
-                width = len(lo)
-                numbers = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-            else:
-                if not piece.isdigit():
-                    raise LaunchEnvError(f"malformed range {piece!r} in SLURM host list {hostlist!r}")
-                numbers = [piece]
-            for num in numbers:
-                out.extend(expand_one(m.group("prefix") + num + m.group("rest")))
-        return out
-
-    hosts: list[str] = []
-    for entry in split_top(hostlist):
-        hosts.extend(expand_one(entry))
-    return hosts
-
-
-def _tasks_per_node(spec: str) -> list[int]:
-    """Expand SLURM's ``"2(x3),1"`` tasks-per-node format into ``[2, 2, 2, 1]``."""
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part)
-        if not m:
-            raise LaunchEnvError(f"cannot parse SLURM tasks-per-node value {spec!r}")
-        out.extend([int(m.group(1))] * int(m.group(2) or 1))
-    return out
-
-
-def _slurm_in_step(environ: Mapping[str, str]) -> bool:
-    # SLURM_STEP_ID is set for srun steps; the batch script itself runs as the "batch" step
-    # (SLURM_STEP_ID unset, or 4294967294 = SLURM_BATCH_SCRIPT) and is a single process even
-    # when the allocation has many tasks.
-    if "SLURM_PROCID" not in environ:
-        return False
-    step = environ.get("SLURM_STEP_ID")
-    if step is None or step == "":
-        return False
-    return step not in ("4294967294", "4294967293", "batch", "extern")
 
 
 def _mpi4py_available() -> bool:
@@ -344,185 +221,6 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# MPI discovery
-
-
-def _interface_addresses() -> list[tuple[str, str]]:
-    """``(interface, IPv4 address)`` of this host's interfaces that have one, loopback included.
-
-    Linux: the SIOCGIFADDR ioctl per interface (one primary address each); elsewhere the
-    addresses the host name resolves to, under the name ``"?"``.
-    """
-    out: list[tuple[str, str]] = []
-    try:
-        import fcntl
-        import struct
-
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            for _, name in socket.if_nameindex():
-                try:
-                    raw = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
-                except OSError:  # no IPv4 address on this interface
-                    continue
-                out.append((name, socket.inet_ntoa(raw[20:24])))
-    except (ImportError, OSError, AttributeError):
-        pass
-    if not out:
-        try:
-            out = [("?", a) for a in socket.gethostbyname_ex(socket.gethostname())[2]]
-        except OSError:
-            pass
-    return out
-
-
-def _route_source(dest: str) -> Optional[str]:
-    """The local address the kernel would send from to reach ``dest`` (no packet is sent)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((dest, 9))
-            return s.getsockname()[0]
-    except OSError:
-        return None
-
-
-def _loopback(addr: str) -> bool:
-    return addr.startswith("127.")
-
-
-def choose_master_addr(
-    peers: Sequence[Sequence[str]],
-    mine: Sequence[tuple[str, str]],
-    ifnames: Optional[str] = None,
-    route: Callable[[str], Optional[str]] = _route_source,
-) -> tuple[str, str]:
-    """The address rank 0 advertises, and why; runs on rank 0 under MPI discovery.
-
-    ``peers``: for every other node, the IPv4 addresses of its interfaces; ``mine``: rank 0's
-    ``(interface, address)`` pairs; ``ifnames``: ``FLASHOPTIM_MASTER_IFNAME`` (comma list).
-
-    * ``ifnames`` given: the first of those interfaces that has an address.
-    * one node (no peers): ``127.0.0.1``.
-    * otherwise the source address of rank 0's route to the other nodes (the kernel's choice
-      for reaching them, so they can reach it back), by majority over the nodes. A peer
-      address that rank 0 holds too (a docker0-style bridge that every node has) says nothing
-      about how to reach that node and is skipped, unless the peer holds nothing else (then it
-      is this very machine: two "nodes" of one host).
-
-    Not the host name: on Debian-style hosts it often resolves to 127.0.1.1 or 127.0.0.1 on
-    its own machine, which the other nodes cannot use. Not the first address of ``hostname -I``
-    (DeepSpeed's MPI discovery, deepspeed/comm/comm.py ``mpi_discovery``): that is whichever
-    interface was configured first, e.g. a management or container bridge the other nodes may
-    not reach.
-    """
-    if ifnames:
-        wanted = [n.strip() for n in ifnames.split(",") if n.strip()]
-        for name in wanted:
-            for iface, addr in mine:
-                if iface == name:
-                    return addr, f"interface {name} of rank 0's host ({MASTER_IFNAME_VAR})"
-        have = ", ".join(f"{i}={a}" for i, a in mine) or "none"
-        raise LaunchEnvError(
-            f"{MASTER_IFNAME_VAR}={ifnames!r}: no such interface with an IPv4 address on rank 0's host "
-            f"{socket.gethostname()} (it has: {have}); name one of those, or unset it to use the interface "
-            "that routes to the other nodes"
-        )
-    if not peers:
-        return "127.0.0.1", "one node: loopback"
-    own = {a for _, a in mine}
-    votes: Counter = Counter()
-    for addrs in peers:
-        usable = [a for a in addrs if not _loopback(a)]
-        for dest in [a for a in usable if a not in own] or usable:
-            src = route(dest)
-            if src and not _loopback(src):
-                votes[src] += 1
-                break
-    if votes:
-        src, n = votes.most_common(1)[0]
-        iface = next((i for i, a in mine if a == src), "?")
-        return src, f"interface {iface} of rank 0's host, which routes to {n} of the {len(peers)} other nodes"
-    for iface, addr in mine:
-        if not _loopback(addr):
-            return addr, f"interface {iface} of rank 0's host (no route to the other nodes' addresses was found)"
-    raise LaunchEnvError(
-        f"rank 0's host {socket.gethostname()} has no non-loopback IPv4 address that the other nodes could "
-        "reach; set MASTER_ADDR=<address of rank 0 reachable from every node> (IPv6-only networks too)"
-    )
-
-
-#: Rank 0's listening socket for a port it picked during MPI discovery, handed to the TCP store
-#: (``master_listen_fd``) so that nothing can take the port between choosing and using it.
-_RESERVED: dict[int, socket.socket] = {}
-
-
-def _reserve_port() -> int:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("", 0))
-    s.listen(128)
-    port = s.getsockname()[1]
-    _RESERVED[port] = s
-    return port
-
-
-def _mpi_discover(le: LaunchEnv, environ: Mapping[str, str]) -> LaunchEnv:
-    """The MPI collective behind :func:`resolve`: node split, rank 0's address and port."""
-    owned_by_caller = "mpi4py.MPI" in sys.modules  # the program started MPI itself: leave it running
-    try:
-        from mpi4py import MPI
-    except ImportError as e:
-        raise LaunchEnvError(
-            f"{le.launcher}: mpi4py is installed but cannot load its MPI library ({e}); reinstall it against "
-            "this machine's MPI (`pip install --force-reinstall --no-binary=mpi4py mpi4py`), or set MASTER_ADDR "
-            "and MASTER_PORT for every rank"
-        ) from None
-    comm = MPI.COMM_WORLD
-    try:
-        if comm.Get_size() != le.world_size or comm.Get_rank() != le.rank:
-            library = MPI.Get_library_version().splitlines()[0].strip()
-            raise LaunchEnvError(
-                f"ranks disagree on the world size: the launcher ({le.launcher}) says rank {le.rank} of "
-                f"{le.world_size}, but mpi4py's MPI ({library}) says rank {comm.Get_rank()} of {comm.Get_size()}. "
-                "mpi4py was built against another MPI than the launcher that started this job; rebuild it with "
-                "this launcher's mpicc on PATH (`pip install --force-reinstall --no-binary=mpi4py mpi4py`), or "
-                "set MASTER_ADDR and MASTER_PORT for every rank"
-            )
-        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-        local_rank, local_world = node.Get_rank(), node.Get_size()
-        leaders = comm.Split(0 if local_rank == 0 else MPI.UNDEFINED, key=comm.Get_rank())
-        mine = (leaders.Get_rank(), leaders.Get_size()) if local_rank == 0 else None
-        if local_rank == 0:
-            leaders.Free()
-        node_rank, num_nodes = node.bcast(mine, root=0)
-        node.Free()
-        # Every other node's leader tells rank 0 its addresses; rank 0 decides for everyone.
-        info = [a for _, a in _interface_addresses()] if local_rank == 0 and node_rank != 0 else None
-        peers = [p for p in comm.gather(info, root=0) or [] if p is not None]
-        choice: tuple = ()
-        if comm.Get_rank() == 0:
-            try:
-                addr, why = (le.master_addr, "MASTER_ADDR") if le.master_addr else choose_master_addr(
-                    peers if num_nodes > 1 else [], _interface_addresses(), environ.get(MASTER_IFNAME_VAR))
-                port = le.master_port or _reserve_port()
-                choice = (addr, port, f"mpi4py: {why}", None)
-            except (LaunchEnvError, OSError) as e:
-                choice = ("", 0, "", f"rank 0: {e}")
-        addr, port, why, error = comm.bcast(choice, root=0)
-    finally:
-        # Done with MPI: finalize now unless the program started it. Left to mpi4py's atexit,
-        # MPI_Finalize would wait for every rank at exit, so a rank that fails later would hang
-        # on ranks stuck in a collective with it instead of exiting (and mpirun ending the job).
-        if not owned_by_caller and not MPI.Is_finalized():
-            MPI.Finalize()
-    if error:
-        raise LaunchEnvError(error)
-    return dataclasses.replace(
-        le, local_rank=local_rank, local_world_size=local_world, node_rank=node_rank,
-        master_addr=addr, master_port=port, master_source=why,
-    )
-
-
 def resolve(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     """:func:`detect`, completed: under an MPI launcher with mpi4py, the discovery.
 
@@ -535,13 +233,6 @@ def resolve(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     if le.launcher in MPI_LAUNCHERS and LAUNCHER_VAR not in env and _mpi4py_available():
         le = _mpi_discover(le, env)
     return le
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def apply_to_environ(le: LaunchEnv, environ: Optional[dict] = None) -> LaunchEnv:
@@ -573,133 +264,6 @@ def apply_to_environ(le: LaunchEnv, environ: Optional[dict] = None) -> LaunchEnv
     )
     env[LAUNCHER_VAR] = le.launcher
     return le
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendezvous
-
-
-def rendezvous_timeout(environ: Optional[Mapping[str, str]] = None) -> float:
-    """``FLASHOPTIM_RDZV_TIMEOUT`` in seconds (default 600)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(RDZV_TIMEOUT_VAR, "")
-    if raw == "":
-        return DEFAULT_RDZV_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise LaunchEnvError(f"{RDZV_TIMEOUT_VAR}={raw!r} is invalid: give the rendezvous timeout in seconds (> 0)")
-    return value
-
-
-def _unreachable(le: LaunchEnv, timeout: float, detail: str) -> LaunchEnvError:
-    return LaunchEnvError(
-        f"rank {le.rank} of {le.world_size} ({le.launcher}, host {socket.gethostname()}) could not reach the "
-        f"rendezvous at {le.master_addr}:{le.master_port} (address from {le.master_source or 'MASTER_ADDR'}) within "
-        f"{timeout:g} s: {detail}. Check that rank 0 started and that {le.master_addr}:{le.master_port} is reachable "
-        f"from this node (firewall, `nc -zv {le.master_addr} {le.master_port}`); set MASTER_ADDR to an address of "
-        f"rank 0's node that every node can reach (under MPI with mpi4py: {MASTER_IFNAME_VAR}=<interface>); if the "
-        f"nodes merely start far apart, raise {RDZV_TIMEOUT_VAR} (seconds)"
-    )
-
-
-def _join(store, le: LaunchEnv, timeout: float, generation: int) -> None:
-    """Every rank checks in at rank 0's store: same world size, no rank claimed twice, all arrived.
-
-    Without this, ranks that disagree on the world size meet in gloo/NCCL and hang until the
-    collective timeout (30 min by default) with nothing naming the cause.
-    """
-    p = f"flashoptim/join/{generation}/"
-    me = json.dumps({"rank": le.rank, "world_size": le.world_size, "host": socket.gethostname(),
-                     "pid": os.getpid(), "launcher": le.launcher})
-
-    def fail(msg: str) -> LaunchEnvError:
-        store.set(p + "error", msg)
-        return LaunchEnvError(msg)
-
-    if store.add(p + f"claims/{le.rank}", 1) > 1:
-        other = store.get(p + f"info/{le.rank}").decode()
-        raise fail(
-            f"two processes claim rank {le.rank} at the rendezvous {le.master_addr}:{le.master_port}: {me} and {other}. "
-            "Another job is using the same MASTER_ADDR:MASTER_PORT, or the launcher gave one RANK twice; give each "
-            "job its own MASTER_PORT (unset under MPI with mpi4py or SLURM, which pick one per job)"
-        )
-    store.set(p + f"info/{le.rank}", me)
-    if le.rank == 0:
-        store.set(p + "world_size", str(le.world_size))
-    else:
-        world0 = int(store.get(p + "world_size"))
-        if world0 != le.world_size:
-            info0 = store.get(p + "info/0").decode()
-            raise fail(
-                f"ranks disagree on the world size: rank {le.rank} ({le.launcher}, host {socket.gethostname()}) was "
-                f"started with WORLD_SIZE={le.world_size}, rank 0 with WORLD_SIZE={world0} ({info0}). Launch every "
-                "node with the same number of nodes and ranks per node (torchrun: NNODES and NPROC_PER_NODE; "
-                "srun: --nodes/--ntasks; mpirun: -np), or give each job its own MASTER_PORT"
-            )
-    store.add(p + "arrived", 1)
-    deadline = time.monotonic() + timeout
-    delay = 0.01
-    while True:
-        if store.check([p + "error"]):
-            raise LaunchEnvError(f"rank {le.rank}: another rank failed the rendezvous: {store.get(p + 'error').decode()}")
-        arrived = store.add(p + "arrived", 0)
-        if arrived >= le.world_size:
-            return
-        if time.monotonic() > deadline:
-            missing = [r for r in range(le.world_size) if not store.check([p + f"info/{r}"])]
-            shown = ", ".join(map(str, missing[:16])) + (" ..." if len(missing) > 16 else "")
-            raise LaunchEnvError(
-                f"rank {le.rank}: only {arrived} of {le.world_size} ranks reached the rendezvous at "
-                f"{le.master_addr}:{le.master_port} within {timeout:g} s; missing ranks: {shown}. Check that every "
-                f"node was started (and with the same world size) and that it can reach {le.master_addr}; if nodes "
-                f"start far apart, raise {RDZV_TIMEOUT_VAR} (seconds)"
-            )
-        time.sleep(delay)
-        delay = min(delay * 2, 0.2)
-
-
-_generation = 0
-
-
-def rendezvous_store(le: LaunchEnv, timeout: Optional[float] = None):
-    """Rank 0's TCP store for ``le`` (rank 0 hosts it, the others connect), after every rank
-    checked in (:func:`_join`). Raises :class:`LaunchEnvError` naming the fix when rank 0's
-    address cannot be reached, its port is taken, or ranks disagree on the world size."""
-    import datetime
-
-    import torch.distributed as dist
-
-    global _generation
-    _generation += 1
-    timeout = rendezvous_timeout() if timeout is None else timeout
-    delta = datetime.timedelta(seconds=timeout)
-    if le.rank == 0:
-        held = _RESERVED.pop(le.master_port, None)
-        try:
-            # the store takes over the reserved socket (detach: Python must not close it)
-            store = dist.TCPStore(le.master_addr, le.master_port, None, True, delta, wait_for_workers=False,
-                                  multi_tenant=True, master_listen_fd=held.detach() if held else None)
-        except dist.DistError as e:
-            if "EADDRINUSE" in str(e) or "address already in use" in str(e):
-                raise LaunchEnvError(
-                    f"rank 0 ({le.launcher}, host {socket.gethostname()}) cannot listen on port {le.master_port}: it is "
-                    "in use, probably by another job on this node; give this job another MASTER_PORT (or leave it "
-                    "unset under MPI with mpi4py, which picks a free one)"
-                ) from None
-            raise _unreachable(le, timeout, str(e).splitlines()[0]) from None
-    else:
-        try:
-            store = dist.TCPStore(le.master_addr, le.master_port, None, False, delta)
-        except (dist.DistError, OSError) as e:
-            raise _unreachable(le, timeout, str(e).splitlines()[0]) from None
-    try:
-        _join(store, le, timeout, _generation)
-    except dist.DistError as e:  # a store operation timed out: rank 0 went away mid-join
-        raise _unreachable(le, timeout, str(e).splitlines()[0]) from None
-    return store
 
 
 def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, le: Optional[LaunchEnv] = None) -> LaunchEnv:
@@ -749,76 +313,6 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, le: O
         dist.init_process_group(backend=backend, init_method="env://", rank=le.rank, world_size=le.world_size,
                                 timeout=timeout)
     return le
-
-
-def wait_for_endpoint(host: str, port: int, timeout: float) -> bool:
-    """Wait until ``host:port`` accepts a TCP connection; True if it did within ``timeout`` s.
-
-    Returns at once (True) when ``host`` is an address of this machine: the store may be meant
-    to start here (torchrun's c10d backend hosts it on the node that matches the endpoint).
-    """
-    local = {a for _, a in _interface_addresses()} | {"127.0.0.1", "localhost", "::1"}
-    try:
-        resolved = {ai[4][0] for ai in socket.getaddrinfo(host, None, socket.AF_INET)}
-    except OSError:
-        resolved = set()
-    if host in local or host == socket.gethostname() or (resolved and resolved <= local) or any(_loopback(a) for a in resolved):
-        return True
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=min(5.0, max(0.1, deadline - time.monotonic()))):
-                return True
-        except OSError:
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.5)
-
-
-# ---------------------------------------------------------------------------------------------
-# HSDP
-
-
-def hsdp_mesh_shape(replicas: Union[int, str], nodes: Sequence[int]) -> tuple[int, int]:
-    """``(replicas, shards)`` of an HSDP device mesh over ranks whose node indices are ``nodes``.
-
-    ``nodes[r]``: the node rank of rank ``r`` (all-gathered). ``replicas``: an integer dividing
-    the world size, or ``"nodes"``: one replica per node, sharded within it (all-reduce across
-    nodes, reduce-scatter / all-gather inside a node). The mesh makes consecutive ranks one
-    replica, so ``"nodes"`` needs every node to run the same number of ranks, numbered node by
-    node.
-    """
-    world = len(nodes)
-    if replicas == "nodes":
-        order = sorted(set(nodes))
-        counts = [nodes.count(n) for n in order]
-        if len(set(counts)) != 1:
-            raise LaunchEnvError(
-                f"engine.replicas=nodes needs the same number of ranks on every node, but the {len(counts)} nodes "
-                f"run {counts} ranks: {len(counts)} nodes do not divide the {world} ranks evenly. Start as many ranks "
-                "on each node (torchrun: the same NPROC_PER_NODE everywhere; srun: --ntasks-per-node; mpirun: "
-                "equal slots per host or --map-by ppr:N:node), or set engine.replicas to a divisor of "
-                f"{world} ({_divisors(world)})"
-            )
-        per_node = counts[0]
-        for r, node in enumerate(nodes):
-            if order.index(node) != r // per_node:
-                raise LaunchEnvError(
-                    f"engine.replicas=nodes needs each node's ranks to be consecutive, but rank {r} runs on node "
-                    f"{node}: place ranks node by node (srun --distribution=block, mpirun --map-by slot), or set "
-                    "engine.replicas to an integer"
-                )
-        return len(order), per_node
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1 or world % replicas:
-        raise LaunchEnvError(
-            f"engine.replicas={replicas} does not divide the {world} ranks: use one of {_divisors(world)}, "
-            "or 'nodes' (one replica per node)"
-        )
-    return replicas, world // replicas
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 # ---------------------------------------------------------------------------------------------

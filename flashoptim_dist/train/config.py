@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from ._config_parse import _Bad, _coerce, _parse_scalar_or_list, _type_desc
+
 __all__ = [
     "ConfigError",
     "ModelConfig",
@@ -308,22 +310,6 @@ def field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def _type_desc(tp) -> str:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
-    if origin is Union:
-        rest = [a for a in args if a is not type(None)]
-        inner = _type_desc(rest[0]) if len(rest) == 1 else " or ".join(_type_desc(a) for a in rest)
-        return f"{inner}, or null"
-    if origin in (tuple, list):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return f"a list of {len(args)} " + "/".join(_type_desc(a) for a in dict.fromkeys(args))
-        return "a list of " + _type_desc(args[0])
-    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
-
-
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls, include_extras=False)
 
@@ -342,114 +328,6 @@ def describe_config() -> str:
             lines.append(textwrap.fill(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      "))
         lines.append("")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------
-# Coercion
-# ----------------------------------------------------------------------------------------------
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-class _Bad(Exception):
-    pass
-
-
-def _coerce(value: Any, tp) -> Any:
-    """Convert ``value`` to type ``tp`` or raise _Bad."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin is Union:
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("null", "none", "~")):
-            if type(None) in args:
-                return None
-            raise _Bad()
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _Bad:
-                continue
-        raise _Bad()
-    if origin is Literal:
-        for a in args:
-            if value == a and type(value) is type(a):
-                return a
-        for a in args:  # "24" -> 24, 24.0 -> 24
-            try:
-                if _coerce(value, type(a)) == a:
-                    return a
-            except _Bad:
-                pass
-        raise _Bad()
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            value = _parse_scalar_or_list(value)
-        if not isinstance(value, (list, tuple)):
-            raise _Bad()
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise _Bad()
-            return tuple(_coerce(v, a) for v, a in zip(value, args))
-        return origin(_coerce(v, args[0]) for v in value)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise _Bad()
-    if tp is int:
-        if isinstance(value, bool):
-            raise _Bad()
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
-            except ValueError:
-                try:
-                    f = float(value)
-                except ValueError:
-                    raise _Bad() from None
-                if f.is_integer():
-                    return int(f)
-        raise _Bad()
-    if tp is float:
-        if isinstance(value, bool):
-            raise _Bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise _Bad() from None
-        raise _Bad()
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _Bad()
-    raise _Bad()
-
-
-def _parse_scalar_or_list(text: str) -> Any:
-    """Parse an override value the way YAML would (falls back to JSON, then the raw string)."""
-    try:
-        import yaml
-
-        return yaml.safe_load(text)
-    except ImportError:
-        pass
-    except Exception:  # noqa: BLE001 - not valid YAML: keep the raw string
-        return text
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 # ----------------------------------------------------------------------------------------------

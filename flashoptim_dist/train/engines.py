@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 from typing import Callable, Optional
 
@@ -104,6 +105,16 @@ class Engine:
                 return self.model(x, targets=y, loss_chunks=self.loss_chunks)
             logits = self.model(x)
         return cross_entropy(logits, y)
+
+    def sequence_losses(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of each sequence of a micro-batch, shape ``(batch,)``; forward
+        only (evaluation). With ``loss_chunks`` > 1 sequence by sequence, head + loss in slices,
+        so that the full logits never exist."""
+        with self._autocast():
+            if self.loss_chunks > 1:
+                return torch.stack([self.model(x[i : i + 1], targets=y[i : i + 1], loss_chunks=self.loss_chunks)
+                                    for i in range(x.shape[0])])
+            return cross_entropy(self.model(x), y, reduction="none").view(y.shape).mean(dim=1)
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
         """Backward of one micro-step's loss, scaled by 1/accum."""
@@ -319,12 +330,6 @@ def _fsdp2_mesh(cfg: Config, device: torch.device, world: int):
     return mesh["replicate", "shard"], mesh["tp"]
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
     """The DeepSpeed config dict for ``cfg``: the JSON file (or a minimal one) plus the trainer's
     batch sizes, accumulation, clipping, ZeRO stage and (for Flash optimizers) optimizer entry.
@@ -424,119 +429,117 @@ def _check_tensor_parallel(cfg: Config, model: nn.Module, flash: bool) -> None:
         )
 
 
-def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum: int, meta: bool = False) -> Engine:
-    """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
-    the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
-    name = cfg.engine.name
-    rank, world = _world()
-    flash = is_flash(cfg.optim.name)
-    reduce_dtype = torch.float32 if cfg.engine.reduce_dtype == "fp32" else torch.bfloat16
-
+def _check_launch(cfg: Config, world: int, grad_accum: int) -> None:
+    """What every engine rejects before it builds anything (EngineError naming the fix)."""
     if cfg.optim.gradient_release and grad_accum > 1:
         raise EngineError(
             f"optim.gradient_release=true cannot accumulate gradients (here {grad_accum} micro-steps per step): "
             "set data.global_batch_size = data.micro_batch_size x ranks, or turn gradient release off"
         )
-    if name == "single" and world != 1:
+    if cfg.engine.name == "single" and world != 1:
         raise EngineError(
             f"engine.name=single runs on one rank but the launcher started {world}; "
             "use engine.name=ddp/fsdp2/fsdp1 or launch one process"
         )
 
-    if name.startswith("zero"):
-        return _build_deepspeed(cfg, model, device, world, grad_accum)
 
-    if name in ("single", "ddp"):
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """What an engine builder gets: config, model, device, this rank's place, and two derived
+    settings: ``flash`` (a Flash optimizer: bf16 params; else fp32 params, bf16 compute) and
+    ``reduce_dtype`` (gradient reduction under FSDP, engine.reduce_dtype)."""
+
+    cfg: Config
+    model: nn.Module
+    device: torch.device
+    rank: int
+    world: int
+    grad_accum: int
+    meta: bool
+    flash: bool
+    reduce_dtype: torch.dtype
+
+
+def _build_single_or_ddp(b: _Build) -> Engine:
+    model, name = b.model, b.cfg.engine.name
+    model.to(b.device)
+    if b.flash:
+        _bf16_cast(model)
+    module = model
+    if name == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[b.device.index] if b.device.type == "cuda" else None)
+    opt = build_optimizer(b.cfg.optim, module)
+    cls = _DDPEngine if name == "ddp" else Engine
+    return cls(name, model, module, opt, b.device, autocast=not b.flash)
+
+
+def _build_fsdp2(b: _Build) -> Engine:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    cfg, model, device = b.cfg, b.model, b.device
+    if b.flash:
+        _bf16_cast(model)
+    if not b.meta:
         model.to(device)
-        if flash:
-            _bf16_cast(model)
-        module = model
-        if name == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
+    _, _, tp = parallel_dims(cfg, b.rank, b.world)
+    if tp > 1:
+        _check_tensor_parallel(cfg, model, b.flash)
+    mesh, tp_mesh = _fsdp2_mesh(cfg, device, b.world)
+    if tp_mesh is not None:  # torchtitan's order: tensor parallelism first, then FSDP2 on dp
+        from torch.distributed.tensor.parallel import parallelize_module
 
-            model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = build_optimizer(cfg.optim, module)
-        cls = _DDPEngine if name == "ddp" else Engine
-        eng = cls(name, model, module, opt, device, autocast=not flash)
-    elif name == "fsdp2":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        if flash:
-            _bf16_cast(model)
-        if not meta:
-            model.to(device)
-        _, _, tp = parallel_dims(cfg, rank, world)
-        if tp > 1:
-            _check_tensor_parallel(cfg, model, flash)
-        mesh, tp_mesh = _fsdp2_mesh(cfg, device, world)
-        if tp_mesh is not None:  # torchtitan's order: tensor parallelism first, then FSDP2 on dp
-            from torch.distributed.tensor.parallel import parallelize_module
-
-            parallelize_module(model, tp_mesh, model.tensor_parallel_plan())
-        mp = MixedPrecisionPolicy(param_dtype=None if flash else torch.bfloat16, reduce_dtype=reduce_dtype)
-        for unit in _fsdp_units(cfg, model):
-            fully_shard(unit, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
-        if meta:
-            model.to_empty(device=device)
-            model.init_weights()
-        opt = build_optimizer(cfg.optim, model)
-        eng = _FSDP2Engine(name, model, model, opt, device)
-        eng.tp_size = tp
-        if mesh.ndim == 2:
-            eng.layout = f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
-        if tp > 1:
-            eng.layout = (eng.layout or f"FSDP2 over {mesh.shape[0]}") + f" x tensor parallel {tp}"
-    elif name == "fsdp1":
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-        from torch.distributed.fsdp.wrap import CustomPolicy
-
-        if flash:
-            _bf16_cast(model)
-        unit_ids = {id(u) for u in _fsdp_units(cfg, model)}
-        mp = MixedPrecision(
-            param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype, buffer_dtype=torch.bfloat16
-        )
-        model = FSDP(
-            model,
-            # these module instances (not every module of their types: the head is an nn.Linear)
-            auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if unit_ids else None,
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            mixed_precision=mp,
-            device_id=device if device.type == "cuda" else torch.device("cpu"),
-            use_orig_params=True,
-        )
-        if flash:
-            try:
-                from flashoptim_dist.distributed import prepare_fsdp1
-            except ImportError:  # pragma: no cover - older core without the FSDP1 adapter
-                prepare_fsdp1 = None
-            if prepare_fsdp1 is not None:
-                prepare_fsdp1(model)  # canonical layout of the flat slices, before the optimizer
-        opt = build_optimizer(cfg.optim, model)
-        eng = _FSDP1Engine(name, model, model, opt, device)
-    else:  # pragma: no cover - the config validator rejects other names
-        raise EngineError(f"engine.name={name!r} is not supported")
-
-    if cfg.optim.gradient_release:
-        if cfg.train.max_grad_norm > 0:
-            # Clipped with the previous step's global norm (the current one is unknown while the
-            # hooks update parameters in the middle of backward).
-            from flashoptim_dist.distributed import enable_gradient_release_with_clipping
-
-            eng.grad_release = enable_gradient_release_with_clipping(
-                eng.module, eng.optimizer, cfg.train.max_grad_norm, mode="previous"
-            )
-        else:
-            from flashoptim_dist import enable_gradient_release
-
-            eng.grad_release = enable_gradient_release(eng.module, eng.optimizer)
-    eng.loss_chunks = cfg.model.loss_chunks
+        parallelize_module(model, tp_mesh, model.tensor_parallel_plan())
+    mp = MixedPrecisionPolicy(param_dtype=None if b.flash else torch.bfloat16, reduce_dtype=b.reduce_dtype)
+    for unit in _fsdp_units(cfg, model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if b.meta:
+        model.to_empty(device=device)
+        model.init_weights()
+    opt = build_optimizer(cfg.optim, model)
+    eng = _FSDP2Engine(cfg.engine.name, model, model, opt, device)
+    eng.tp_size = tp
+    if mesh.ndim == 2:
+        eng.layout = f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
+    if tp > 1:
+        eng.layout = (eng.layout or f"FSDP2 over {mesh.shape[0]}") + f" x tensor parallel {tp}"
     return eng
 
 
-def _build_deepspeed(cfg: Config, model: nn.Module, device: torch.device, world: int, grad_accum: int) -> Engine:
+def _build_fsdp1(b: _Build) -> Engine:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    model, device = b.model, b.device
+    if b.flash:
+        _bf16_cast(model)
+    unit_ids = {id(u) for u in _fsdp_units(b.cfg, model)}
+    mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=b.reduce_dtype, buffer_dtype=torch.bfloat16)
+    model = FSDP(
+        model,
+        # these module instances (not every module of their types: the head is an nn.Linear)
+        auto_wrap_policy=CustomPolicy(lambda m: id(m) in unit_ids) if unit_ids else None,
+        sharding_strategy=ShardingStrategy.FULL_SHARD,
+        mixed_precision=mp,
+        device_id=device if device.type == "cuda" else torch.device("cpu"),
+        use_orig_params=True,
+    )
+    if b.flash:
+        try:
+            from flashoptim_dist.distributed import prepare_fsdp1
+        except ImportError:  # pragma: no cover - older core without the FSDP1 adapter
+            prepare_fsdp1 = None
+        if prepare_fsdp1 is not None:
+            prepare_fsdp1(model)  # canonical layout of the flat slices, before the optimizer
+    opt = build_optimizer(b.cfg.optim, model)
+    return _FSDP1Engine(b.cfg.engine.name, model, model, opt, device)
+
+
+def _build_deepspeed(b: _Build) -> Engine:
+    cfg = b.cfg
     try:
         from flashoptim_dist.deepspeed import initialize
     except ImportError as e:
@@ -545,12 +548,56 @@ def _build_deepspeed(cfg: Config, model: nn.Module, device: torch.device, world:
             "Install DeepSpeed (`DS_BUILD_OPS=0 pip install deepspeed`) and make sure flashoptim_dist.deepspeed is present, "
             "or use engine.name=fsdp2"
         ) from e
-    ds = deepspeed_config(cfg, world, grad_accum)
-    kwargs = dict(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
-    if not is_flash(cfg.optim.name):
-        kwargs["optimizer"] = build_optimizer(cfg.optim, model)
+    ds = deepspeed_config(cfg, b.world, b.grad_accum)
+    kwargs = dict(model=b.model, model_parameters=[p for p in b.model.parameters() if p.requires_grad], config=ds)
+    if not b.flash:
+        kwargs["optimizer"] = build_optimizer(cfg.optim, b.model)
     out = initialize(**kwargs)
     engine, optimizer = out[0], out[1]
-    eng = _DeepSpeedEngine(cfg.engine.name, engine, engine.module, optimizer, device)
+    return _DeepSpeedEngine(cfg.engine.name, engine, engine.module, optimizer, b.device)
+
+
+#: engine.name -> the function that wraps the model and builds the optimizer for it.
+_BUILDERS: dict[str, Callable[[_Build], Engine]] = {
+    "single": _build_single_or_ddp,
+    "ddp": _build_single_or_ddp,
+    "fsdp2": _build_fsdp2,
+    "fsdp1": _build_fsdp1,
+    "zero1": _build_deepspeed,
+    "zero2": _build_deepspeed,
+    "zero3": _build_deepspeed,
+}
+
+
+def _enable_gradient_release(cfg: Config, eng: Engine) -> None:
+    if cfg.train.max_grad_norm > 0:
+        # Clipped with the previous step's global norm (the current one is unknown while the
+        # hooks update parameters in the middle of backward).
+        from flashoptim_dist.distributed import enable_gradient_release_with_clipping
+
+        eng.grad_release = enable_gradient_release_with_clipping(
+            eng.module, eng.optimizer, cfg.train.max_grad_norm, mode="previous"
+        )
+    else:
+        from flashoptim_dist import enable_gradient_release
+
+        eng.grad_release = enable_gradient_release(eng.module, eng.optimizer)
+
+
+def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum: int, meta: bool = False) -> Engine:
+    """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
+    the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
+    name = cfg.engine.name
+    initialized = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    _check_launch(cfg, world, grad_accum)
+    builder = _BUILDERS.get(name)
+    if builder is None:  # pragma: no cover - the config validator rejects other names
+        raise EngineError(f"engine.name={name!r} is not supported")
+    reduce_dtype = torch.float32 if cfg.engine.reduce_dtype == "fp32" else torch.bfloat16
+    eng = builder(_Build(cfg, model, device, rank, world, grad_accum, meta, is_flash(cfg.optim.name), reduce_dtype))
+    # (DeepSpeed steps in its own backward: no gradient release hooks; config.py rejects them)
+    if cfg.optim.gradient_release and not name.startswith("zero"):
+        _enable_gradient_release(cfg, eng)
     eng.loss_chunks = cfg.model.loss_chunks
     return eng

@@ -1,5 +1,9 @@
 """The training loop: data -> model -> engine -> steps, with eval, metrics, checkpoints, summary.
 
+:class:`Trainer` holds a run (built in ``__init__``, looped by ``train()``, in the spirit of
+torchtitan's Trainer: override ``train_step``/``forward_backward_step`` or the logging,
+evaluation and checkpoint hooks in a subclass); :func:`run_training` is ``Trainer(cfg).train()``.
+
 Outputs in ``train.out_dir``:
 
 * ``metrics.jsonl``: one JSON object per line, ``kind`` = ``train`` (step, loss averaged over
@@ -34,11 +38,11 @@ from ..data import BatchSampler, ByteTokenizer, EvalSet, build_corpus
 from ..models import build_model, count_params
 from . import ckpt
 from .config import Config, config_to_dict
-from .engines import build_engine, cross_entropy, parallel_dims
+from .engines import build_engine, parallel_dims
 from .memory import breakdown, cpu_count, format_table, peak_memory_bytes, peak_report, record_allocations
 from .optimizers import baseline_of, is_flash
 
-__all__ = ["run_training", "lr_at", "pick_device", "main_train"]
+__all__ = ["Trainer", "run_training", "lr_at", "pick_device", "main_train"]
 
 
 def lr_at(cfg: Config, step: int) -> float:
@@ -154,12 +158,7 @@ def evaluate(engine, evalset: EvalSet, device: torch.device) -> float:
     acc = torch.zeros(2, dtype=torch.float64, device=device)
     for x, y, w in evalset.batches():
         x, y, w = x.to(device), y.to(device), w.to(device)
-        with engine._autocast():
-            if engine.loss_chunks > 1:  # sequence by sequence, head + loss in slices: no full logits
-                per_seq = torch.stack([engine.model(x[i : i + 1], targets=y[i : i + 1], loss_chunks=engine.loss_chunks)
-                                       for i in range(x.shape[0])])
-            else:
-                per_seq = cross_entropy(engine.model(x), y, reduction="none").view(y.shape).mean(dim=1)
+        per_seq = engine.sequence_losses(x, y)
         acc[0] += (per_seq.double() * w.double()).sum()
         acc[1] += w.double().sum()
     if dist.is_initialized():
@@ -168,214 +167,304 @@ def evaluate(engine, evalset: EvalSet, device: torch.device) -> float:
     return float(acc[0] / acc[1].clamp(min=1.0))
 
 
-def run_training(cfg: Config) -> dict:
-    """Train as ``cfg`` says; every rank calls it inside an initialised process group.
+class Trainer:
+    """One training run: ``Trainer(cfg).train()`` on every rank, inside a process group.
 
-    Returns (on every rank) a dict with ``final_step``, ``resumed_from``, ``final_loss``,
-    ``final_val_loss``, ``tokens_per_s``, ``rows`` (per-rank memory) and ``n_params``.
+    ``__init__`` does everything that precedes the first step (output folder, data, model,
+    engine, resuming, the start line); :meth:`train` runs the loop and returns :meth:`summary`.
+    A step is :meth:`train_step` (learning rate, micro-steps through
+    :meth:`forward_backward_step`, clip + optimizer step); after it come three hooks, each a
+    ``should_*`` test and an action, for a subclass to override: :meth:`log_metrics`,
+    :meth:`run_eval` and :meth:`save_checkpoint`.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    le = launch_env.detect()
-    device = pick_device(cfg, le.local_rank)
-    torch.set_num_threads(cfg.train.threads or max(1, cpu_count() // max(1, le.local_world_size)))
-    out_dir = Path(cfg.train.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    is0 = rank == 0
-    if is0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
 
-    # ---- data: split over the data-parallel ranks (the tensor-parallel ranks of a dp group
-    # compute one model replica together and read the same batch)
-    dp_rank, dp_size, tp = parallel_dims(cfg, rank, world)
-    tok = _tokenizer(cfg)
-    corpus = build_corpus(cfg.data.source, cfg.data.val_fraction, tok, cfg.data.max_bytes, cfg.data.include_tests, cfg.data.file_pattern)
-    global_bs = cfg.data.global_batch_size or cfg.data.micro_batch_size * dp_size
-    sampler = BatchSampler(corpus.train, cfg.data.seq_len, global_bs, cfg.data.micro_batch_size, dp_rank, dp_size, cfg.train.seed)
-    evalset = EvalSet(corpus.val, cfg.data.seq_len, cfg.data.eval_sequences, cfg.data.micro_batch_size, dp_rank, dp_size)
-    accum = sampler.grad_accum
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.launch = launch_env.detect()
+        self.device = pick_device(cfg, self.launch.local_rank)
+        torch.set_num_threads(cfg.train.threads or max(1, cpu_count() // max(1, self.launch.local_world_size)))
+        self.out_dir = Path(cfg.train.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.is_rank0 = self.rank == 0
+        if self.is_rank0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=1))
+        self._build_data()
+        self._build_model_and_engine()
+        self._resume()
+        self.metrics = _Metrics(self.out_dir / "metrics.jsonl", self.is_rank0,
+                                self.resumed if self.resumed is not None else (0 if cfg.train.resume else None))
+        if self.is_rank0:
+            self._announce()
+        # loop state: the metrics window since the last log line, and what the summary reports
+        self.loss_window = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.step_time = 0.0
+        self.window_tokens = 0
+        self.lr = 0.0
+        self.grad_norm: Optional[float] = None
+        self.last_loss = float("nan")
+        self.last_val: Optional[float] = None
+        self.last_ckpt_step: Optional[int] = None
+        self.last_ckpt: Optional[dict] = None  # rank 0: step, bytes and seconds of the last save
+        self.mem: Optional[dict] = None
+        self.final_step = self.start
+        self.tps = 0.0
+        self.printer: Optional[_Printer] = None
 
-    # ---- model + engine
-    torch.manual_seed(cfg.train.seed)
-    flash = is_flash(cfg.optim.name)
-    meta = cfg.model.init_device == "meta"
-    if cfg.model.init_device == "auto" and cfg.model.source == "gpt" and cfg.engine.name == "fsdp2":
-        from ..models import gpt_config_for
+    # -- setup ----------------------------------------------------------------------------------
+    def _build_data(self) -> None:
+        """Corpus, batch sampler and eval set, split over the data-parallel ranks (the
+        tensor-parallel ranks of a dp group compute one model replica together and read the
+        same batch)."""
+        cfg = self.cfg
+        self.dp_rank, self.dp_size, self.tp = parallel_dims(cfg, self.rank, self.world)
+        d = cfg.data
+        self.corpus = build_corpus(d.source, d.val_fraction, _tokenizer(cfg), d.max_bytes, d.include_tests, d.file_pattern)
+        self.global_bs = d.global_batch_size or d.micro_batch_size * self.dp_size
+        self.sampler = BatchSampler(self.corpus.train, d.seq_len, self.global_bs, d.micro_batch_size, self.dp_rank,
+                                    self.dp_size, cfg.train.seed)
+        self.evalset = EvalSet(self.corpus.val, d.seq_len, d.eval_sequences, d.micro_batch_size, self.dp_rank, self.dp_size)
+        self.accum = self.sampler.grad_accum
+        self.tokens_per_step = self.global_bs * d.seq_len
 
-        meta = gpt_config_for(cfg.model, corpus.vocab_size, cfg.data.seq_len).num_params() >= 1_000_000_000
-    hf_dtype = torch.bfloat16 if flash else torch.float32
-    model = build_model(cfg.model, corpus.vocab_size, cfg.data.seq_len, meta=meta, dtype=hf_dtype)
-    n_params = count_params(model)
-    engine = build_engine(cfg, model, device, accum, meta=meta)
-    ck_model, ck_opt = engine.ckpt_targets()
+    def _build_model_and_engine(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        flash = is_flash(cfg.optim.name)
+        meta = cfg.model.init_device == "meta"
+        if cfg.model.init_device == "auto" and cfg.model.source == "gpt" and cfg.engine.name == "fsdp2":
+            from ..models import gpt_config_for
 
-    start = 0
-    resumed = None
-    resume_s = None
-    if cfg.train.resume:
-        t_load = time.perf_counter()
-        resumed = ckpt.load_latest(ckpt_dir, ck_model, ck_opt)
-        resume_s = time.perf_counter() - t_load if resumed is not None else None
-        start = resumed or 0
-    metrics = _Metrics(out_dir / "metrics.jsonl", is0, resumed if resumed is not None else (0 if cfg.train.resume else None))
-    tokens_per_step = global_bs * cfg.data.seq_len
-    if is0:
+            meta = gpt_config_for(cfg.model, self.corpus.vocab_size, cfg.data.seq_len).num_params() >= 1_000_000_000
+        hf_dtype = torch.bfloat16 if flash else torch.float32
+        model = build_model(cfg.model, self.corpus.vocab_size, cfg.data.seq_len, meta=meta, dtype=hf_dtype)
+        self.n_params = count_params(model)
+        self.engine = build_engine(cfg, model, self.device, self.accum, meta=meta)
+        self.ck_model, self.ck_opt = self.engine.ckpt_targets()
+
+    def _resume(self) -> None:
+        """With train.resume: load the newest checkpoint; ``start`` is the step to train next."""
+        self.start, self.resumed, self.resume_s = 0, None, None
+        if self.cfg.train.resume:
+            t_load = time.perf_counter()
+            self.resumed = ckpt.load_latest(self.ckpt_dir, self.ck_model, self.ck_opt)
+            self.resume_s = time.perf_counter() - t_load if self.resumed is not None else None
+            self.start = self.resumed or 0
+
+    def _announce(self) -> None:
+        """Rank 0: the run's one-line description, the resume line, and the first metrics record."""
+        cfg, corpus, engine = self.cfg, self.corpus, self.engine
         print(
             f"[flashoptim-dist] {cfg.model.source}:{cfg.model.preset if cfg.model.source == 'gpt' else cfg.model.path} "
-            f"{n_params:,} params | engine {cfg.engine.name} x {world} ranks ({le.launcher}) on {device.type} | "
-            f"{cfg.optim.name}{' + gradient release' if cfg.optim.gradient_release else ''} | "
+            f"{self.n_params:,} params | engine {cfg.engine.name} x {self.world} ranks ({self.launch.launcher}) on "
+            f"{self.device.type} | {cfg.optim.name}{' + gradient release' if cfg.optim.gradient_release else ''} | "
             f"data {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens from {corpus.n_files} files | "
-            f"global batch {global_bs} x {cfg.data.seq_len} tokens ({accum} accumulation steps)"
+            f"global batch {self.global_bs} x {cfg.data.seq_len} tokens ({self.accum} accumulation steps)"
             + "".join(f" | {what}" for what, on in (
                 (engine.layout, bool(engine.layout)),
                 ("activation checkpointing", cfg.model.activation_checkpointing),
                 (f"loss in {cfg.model.loss_chunks} slices", cfg.model.loss_chunks > 1)) if on),
             flush=True,
         )
-        if resumed is not None:
-            print(f"[flashoptim-dist] resumed from step {resumed} ({ckpt_dir}) on {world} ranks "
-                  f"in {resume_s:.1f} s", flush=True)
-            metrics.write(kind="resume", step=resumed, world_size=world, time=time.time(), load_s=resume_s)
+        if self.resumed is not None:
+            print(f"[flashoptim-dist] resumed from step {self.resumed} ({self.ckpt_dir}) on {self.world} ranks "
+                  f"in {self.resume_s:.1f} s", flush=True)
+            self.metrics.write(kind="resume", step=self.resumed, world_size=self.world, time=time.time(),
+                               load_s=self.resume_s)
         else:
-            metrics.write(kind="start", step=0, world_size=world, n_params=n_params, time=time.time())
+            self.metrics.write(kind="start", step=0, world_size=self.world, n_params=self.n_params, time=time.time())
 
-    printer = _Printer(is0, cfg.train.progress, cfg.train.steps, start)
-    loss_window = torch.zeros(2, dtype=torch.float64, device=device)
-    step_time = 0.0
-    window_tokens = 0
-    last_loss = float("nan")
-    last_val: Optional[float] = None
-    last_ckpt_step = None
-    last_ckpt = None  # rank 0: step, bytes and seconds of the last save
-    mem = None
-    grad_norm = None
-    t_begin = time.time()
-    final_step = start
-    stop_after = cfg.train.stop_after
-    tps = 0.0
-    # Train mode before the first step: Hugging Face's from_pretrained returns its model in eval
-    # mode, where its gradient checkpointing (and dropout) stays off until the first evaluation
-    # switches it back (measured: 9.0 GiB of saved activations instead of ~1, docs/PERFORMANCE.md).
-    engine.eval_mode(False)
+    # -- one step -------------------------------------------------------------------------------
+    def forward_backward_step(self, x: torch.Tensor, y: torch.Tensor, is_last: bool) -> torch.Tensor:
+        """Forward + backward of one micro-batch (gradient sync only when ``is_last``, the last
+        micro-step of the step); returns the micro-batch's mean loss, detached."""
+        with self.engine.micro_context(is_last):
+            loss = self.engine.loss(x, y)
+            self.engine.backward(loss, self.accum)
+        return loss.detach()
 
-    for step in range(start, cfg.train.steps):
-        completed = step + 1
-        is_final = completed == cfg.train.steps or (stop_after is not None and completed >= stop_after)
-        t0 = time.perf_counter()
-        lr = lr_at(cfg, step)
-        engine.set_lr(lr)
-        step_loss = torch.zeros((), dtype=torch.float64, device=device)
-        report_peak = completed == cfg.train.peak_report_step and device.type == "cuda" and is0
-        if report_peak:
+    def train_step(self, step: int, is_final: bool = False) -> torch.Tensor:
+        """The optimizer step made with the batch of (0-based) ``step``: learning rate, every
+        micro-step, clip + step (``grad_norm``). On the ``is_final`` step the memory breakdown
+        is taken before the gradients are freed. Returns this rank's mean loss (fp64)."""
+        self.lr = lr_at(self.cfg, step)
+        self.engine.set_lr(self.lr)
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        for micro in range(self.accum):
+            x, y = self.sampler.get(step, micro)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            step_loss += self.forward_backward_step(x, y, micro == self.accum - 1).double() / self.accum
+        self.grad_norm = self.engine.step(self.cfg.train.max_grad_norm,
+                                          before_zero_grad=self._capture_memory if is_final else None)
+        return step_loss
+
+    def _capture_memory(self) -> None:
+        self.mem = breakdown(self.engine)
+
+    def _peak_report_begin(self, completed: int) -> bool:
+        """train.peak_report_step: start recording the allocator (CUDA, rank 0); True if it did."""
+        report = completed == self.cfg.train.peak_report_step and self.device.type == "cuda" and self.is_rank0
+        if report:
             record_allocations(True)
-        for micro in range(accum):
-            x, y = sampler.get(step, micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with engine.micro_context(micro == accum - 1):
-                loss = engine.loss(x, y)
-                engine.backward(loss, accum)
-            step_loss += loss.detach().double() / accum
+        return report
 
-        def capture():
-            nonlocal mem
-            mem = breakdown(engine)
-
-        grad_norm = engine.step(cfg.train.max_grad_norm, before_zero_grad=capture if is_final else None)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        step_time += time.perf_counter() - t0
-        if report_peak:  # after the timing: replaying the trace takes a while
+    def _peak_report_end(self, completed: int, recording: bool) -> None:
+        if recording:  # after the timing: replaying the trace takes a while
             snapshot = torch.cuda.memory._snapshot()
             record_allocations(False)
-            print(peak_report(snapshot, device.index or 0, top=24, title=f"of step {completed}, rank 0"), flush=True)
-        elif completed == cfg.train.peak_report_step and is0 and device.type != "cuda":
+            print(peak_report(snapshot, self.device.index or 0, top=24, title=f"of step {completed}, rank 0"), flush=True)
+        elif completed == self.cfg.train.peak_report_step and self.is_rank0 and self.device.type != "cuda":
             print("[flashoptim-dist] train.peak_report_step: the allocator trace needs CUDA; skipped", flush=True)
-        window_tokens += tokens_per_step
-        loss_window[0] += step_loss
-        loss_window[1] += 1
-        final_step = completed
 
-        if completed % cfg.train.log_every == 0 or is_final:
-            if dist.is_initialized():
-                dist.all_reduce(loss_window)
-            last_loss = float(loss_window[0] / loss_window[1])
-            tps = window_tokens / max(step_time, 1e-9)
-            peak = peak_memory_bytes(device)
-            metrics.write(
-                kind="train", step=completed, loss=last_loss, lr=lr, grad_norm=grad_norm,
-                tokens_per_s=tps, peak_mem_bytes=peak, elapsed_s=time.time() - t_begin,
+    # -- hooks ----------------------------------------------------------------------------------
+    def should_log(self, completed: int, is_final: bool) -> bool:
+        return completed % self.cfg.train.log_every == 0 or is_final
+
+    def log_metrics(self, completed: int) -> None:
+        """A ``train`` metrics line: loss averaged over ranks and the steps since the last line."""
+        if dist.is_initialized():
+            dist.all_reduce(self.loss_window)
+        self.last_loss = float(self.loss_window[0] / self.loss_window[1])
+        self.tps = self.window_tokens / max(self.step_time, 1e-9)
+        peak = peak_memory_bytes(self.device)
+        self.metrics.write(
+            kind="train", step=completed, loss=self.last_loss, lr=self.lr, grad_norm=self.grad_norm,
+            tokens_per_s=self.tps, peak_mem_bytes=peak, elapsed_s=time.time() - self.t_begin,
+        )
+        if self.printer.bar is None:
+            self.printer.line(
+                f"step {completed}/{self.cfg.train.steps} loss {self.last_loss:.4f} lr {self.lr:.2e} "
+                f"tok/s {self.tps:,.0f} mem {_fmt_bytes(peak)}"
             )
-            if printer.bar is None:
-                printer.line(
-                    f"step {completed}/{cfg.train.steps} loss {last_loss:.4f} lr {lr:.2e} "
-                    f"tok/s {tps:,.0f} mem {_fmt_bytes(peak)}"
-                )
-            loss_window.zero_()
-            step_time, window_tokens = 0.0, 0
-            printer.update(0, {"loss": f"{last_loss:.3f}", "tok/s": f"{tps:,.0f}", "mem": _fmt_bytes(peak)})
-        printer.update(1, {})
+        self.loss_window.zero_()
+        self.step_time, self.window_tokens = 0.0, 0
+        self.printer.update(0, {"loss": f"{self.last_loss:.3f}", "tok/s": f"{self.tps:,.0f}", "mem": _fmt_bytes(peak)})
 
-        interrupted = stop_after is not None and completed >= stop_after and completed < cfg.train.steps
-        if interrupted:
-            printer.line(f"[flashoptim-dist] stopping after step {completed} (train.stop_after)")
-            break
-        if (cfg.train.eval_every and completed % cfg.train.eval_every == 0) or is_final:
-            last_val = evaluate(engine, evalset, device)
-            metrics.write(kind="eval", step=completed, val_loss=last_val)
-            printer.line(f"step {completed}: val_loss {last_val:.4f}")
-        if cfg.train.ckpt_every and (completed % cfg.train.ckpt_every == 0 or is_final):
-            t_save = time.perf_counter()
-            saved = ckpt.save_train_state(
-                ckpt_dir, completed, ck_model, ck_opt,
-                extra={"config": config_to_dict(cfg), "loss": last_loss, "val_loss": last_val},
-                keep=cfg.train.keep_checkpoints,
-            )
-            save_s = time.perf_counter() - t_save
-            last_ckpt_step = completed
-            if is0:  # (the save ends with a barrier: every rank's files are there)
-                size = ckpt.dir_bytes(saved)
-                last_ckpt = {"step": completed, "bytes": size, "save_s": save_s}
-                metrics.write(kind="checkpoint", **last_ckpt)
-                printer.line(f"step {completed}: checkpoint saved ({size / 1e9:.2f} GB, "
-                             f"{size / max(n_params, 1):.2f} B/param, {save_s:.1f} s)")
-    printer.close()
+    def should_evaluate(self, completed: int, is_final: bool) -> bool:
+        every = self.cfg.train.eval_every
+        return bool(every and completed % every == 0) or is_final
 
-    if mem is None:  # nothing trained in this invocation (already at train.steps) or stopped
-        mem = breakdown(engine)
-        if last_val is None and cfg.train.stop_after is None:
-            last_val = evaluate(engine, evalset, device)
-    row = dict(mem, rank=rank, peak_bytes=peak_memory_bytes(device), device=str(device))
-    rows = [None] * world
-    if dist.is_initialized() and world > 1:
-        dist.all_gather_object(rows, row)
-    else:
-        rows = [row]
-    table = format_table(rows, cfg.optim.name, baseline_of(cfg.optim.name), cfg.engine.name, tp_size=tp)
-    result = {
-        "optimizer": cfg.optim.name,
-        "engine": cfg.engine.name,
-        "world_size": world,
-        "tp_size": tp,
-        "layout": engine.layout,
-        "n_params": n_params,
-        "final_step": final_step,
-        "resumed_from": resumed,
-        "final_loss": last_loss,
-        "final_val_loss": last_val,
-        "tokens_per_s": tps,
-        "rows": rows,
-        "last_checkpoint": last_ckpt_step,
-        "checkpoint": last_ckpt,
-        "resume_s": resume_s,
-    }
-    if is0:
-        print(f"\n[flashoptim-dist] summary ({cfg.optim.name}, {cfg.engine.name} x {world}, step {final_step}, "
-              f"val_loss {last_val if last_val is None else round(last_val, 4)})\n{table}", flush=True)
-        (out_dir / "summary.md").write_text(table + "\n")
-        (out_dir / "summary.json").write_text(json.dumps(result, indent=1))
-    engine.close()
-    return result
+    def evaluate(self) -> float:
+        """Mean validation loss over the fixed eval set (all ranks take part)."""
+        return evaluate(self.engine, self.evalset, self.device)
+
+    def run_eval(self, completed: int) -> None:
+        self.last_val = self.evaluate()
+        self.metrics.write(kind="eval", step=completed, val_loss=self.last_val)
+        self.printer.line(f"step {completed}: val_loss {self.last_val:.4f}")
+
+    def should_checkpoint(self, completed: int, is_final: bool) -> bool:
+        every = self.cfg.train.ckpt_every
+        return bool(every) and (completed % every == 0 or is_final)
+
+    def save_checkpoint(self, completed: int) -> None:
+        """Save the train state of step ``completed`` (see ckpt.py); rank 0 records its size."""
+        cfg = self.cfg
+        t_save = time.perf_counter()
+        saved = ckpt.save_train_state(
+            self.ckpt_dir, completed, self.ck_model, self.ck_opt,
+            extra={"config": config_to_dict(cfg), "loss": self.last_loss, "val_loss": self.last_val},
+            keep=cfg.train.keep_checkpoints,
+        )
+        save_s = time.perf_counter() - t_save
+        self.last_ckpt_step = completed
+        if self.is_rank0:  # (the save ends with a barrier: every rank's files are there)
+            size = ckpt.dir_bytes(saved)
+            self.last_ckpt = {"step": completed, "bytes": size, "save_s": save_s}
+            self.metrics.write(kind="checkpoint", **self.last_ckpt)
+            self.printer.line(f"step {completed}: checkpoint saved ({size / 1e9:.2f} GB, "
+                              f"{size / max(self.n_params, 1):.2f} B/param, {save_s:.1f} s)")
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Train from ``start`` up to train.steps (or train.stop_after); return :meth:`summary`."""
+        cfg = self.cfg
+        steps, stop_after = cfg.train.steps, cfg.train.stop_after
+        self.printer = _Printer(self.is_rank0, cfg.train.progress, steps, self.start)
+        self.t_begin = time.time()
+        # Train mode before the first step: Hugging Face's from_pretrained returns its model in eval
+        # mode, where its gradient checkpointing (and dropout) stays off until the first evaluation
+        # switches it back (measured: 9.0 GiB of saved activations instead of ~1, docs/PERFORMANCE.md).
+        self.engine.eval_mode(False)
+        for step in range(self.start, steps):
+            completed = step + 1
+            is_final = completed == steps or (stop_after is not None and completed >= stop_after)
+            t0 = time.perf_counter()
+            recording = self._peak_report_begin(completed)
+            step_loss = self.train_step(step, is_final)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.step_time += time.perf_counter() - t0
+            self._peak_report_end(completed, recording)
+            self.window_tokens += self.tokens_per_step
+            self.loss_window[0] += step_loss
+            self.loss_window[1] += 1
+            self.final_step = completed
+            if self.should_log(completed, is_final):
+                self.log_metrics(completed)
+            self.printer.update(1, {})
+            if stop_after is not None and completed >= stop_after and completed < steps:
+                self.printer.line(f"[flashoptim-dist] stopping after step {completed} (train.stop_after)")
+                break
+            if self.should_evaluate(completed, is_final):
+                self.run_eval(completed)
+            if self.should_checkpoint(completed, is_final):
+                self.save_checkpoint(completed)
+        self.printer.close()
+        result = self.summary()
+        self.engine.close()
+        return result
+
+    def summary(self) -> dict:
+        """Gather every rank's memory breakdown; rank 0 prints the table and writes summary.md and
+        summary.json. Returns (on every rank) the result dict of :func:`run_training`."""
+        cfg = self.cfg
+        if self.mem is None:  # nothing trained in this invocation (already at train.steps) or stopped
+            self.mem = breakdown(self.engine)
+            if self.last_val is None and cfg.train.stop_after is None:
+                self.last_val = self.evaluate()
+        row = dict(self.mem, rank=self.rank, peak_bytes=peak_memory_bytes(self.device), device=str(self.device))
+        rows = [None] * self.world
+        if dist.is_initialized() and self.world > 1:
+            dist.all_gather_object(rows, row)
+        else:
+            rows = [row]
+        table = format_table(rows, cfg.optim.name, baseline_of(cfg.optim.name), cfg.engine.name, tp_size=self.tp)
+        result = {
+            "optimizer": cfg.optim.name,
+            "engine": cfg.engine.name,
+            "world_size": self.world,
+            "tp_size": self.tp,
+            "layout": self.engine.layout,
+            "n_params": self.n_params,
+            "final_step": self.final_step,
+            "resumed_from": self.resumed,
+            "final_loss": self.last_loss,
+            "final_val_loss": self.last_val,
+            "tokens_per_s": self.tps,
+            "rows": rows,
+            "last_checkpoint": self.last_ckpt_step,
+            "checkpoint": self.last_ckpt,
+            "resume_s": self.resume_s,
+        }
+        if self.is_rank0:
+            val = self.last_val if self.last_val is None else round(self.last_val, 4)
+            print(f"\n[flashoptim-dist] summary ({cfg.optim.name}, {cfg.engine.name} x {self.world}, step "
+                  f"{self.final_step}, val_loss {val})\n{table}", flush=True)
+            (self.out_dir / "summary.md").write_text(table + "\n")
+            (self.out_dir / "summary.json").write_text(json.dumps(result, indent=1))
+        return result
+
+
+def run_training(cfg: Config) -> dict:
+    """Train as ``cfg`` says; every rank calls it inside an initialised process group.
+
+    Returns (on every rank) a dict with ``final_step``, ``resumed_from``, ``final_loss``,
+    ``final_val_loss``, ``tokens_per_s``, ``rows`` (per-rank memory) and ``n_params``.
+    """
+    return Trainer(cfg).train()
 
 
 def in_process_group(fn, cfg: Config):
