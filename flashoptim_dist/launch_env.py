@@ -239,8 +239,9 @@ def apply_to_environ(le: LaunchEnv, environ: Optional[dict] = None) -> LaunchEnv
     """Write ``le`` into ``environ`` (default ``os.environ``) as the env:// variables.
 
     Sets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, LOCAL_SIZE (DeepSpeed's name),
-    GROUP_RANK, MASTER_ADDR, MASTER_PORT and FLASHOPTIM_DIST_LAUNCHER (the launcher's name). A port of 0 (single process without a launcher) is
-    replaced by a free port; the returned LaunchEnv carries the port actually used.
+    GROUP_RANK, MASTER_ADDR, MASTER_PORT and FLASHOPTIM_DIST_LAUNCHER (the launcher's name). A port
+    of 0 (single process without a launcher) is replaced by a free port; the returned LaunchEnv
+    carries the port actually used.
     """
     if le.needs_mpi_discovery:
         raise LaunchEnvError(
@@ -250,7 +251,9 @@ def apply_to_environ(le: LaunchEnv, environ: Optional[dict] = None) -> LaunchEnv
     env = os.environ if environ is None else environ
     if le.master_port == 0:
         if le.world_size > 1:
-            raise LaunchEnvError(f"{le.launcher}: no MASTER_PORT for {le.world_size} ranks; export MASTER_PORT=<free port>")
+            raise LaunchEnvError(
+                f"{le.launcher}: no MASTER_PORT for {le.world_size} ranks; export MASTER_PORT=<free port>"
+            )
         le = dataclasses.replace(le, master_port=free_port(le.master_addr))
     env.update(
         RANK=str(le.rank),
@@ -285,10 +288,14 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, le: O
     if dist.is_available() and dist.is_initialized():
         le = detect()
         if le.needs_mpi_discovery:  # the program made the process group itself: nothing to discover
-            le = dataclasses.replace(le, rank=dist.get_rank(), world_size=dist.get_world_size(),
-                                     master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                                     master_port=_port(os.environ, DEFAULT_MASTER_PORT),
-                                     master_source="the existing process group")
+            le = dataclasses.replace(
+                le,
+                rank=dist.get_rank(),
+                world_size=dist.get_world_size(),
+                master_addr=os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=_port(os.environ, DEFAULT_MASTER_PORT),
+                master_source="the existing process group",
+            )
         return apply_to_environ(le)
     le = apply_to_environ(resolve() if le is None else le)
     if backend == "auto":
@@ -303,15 +310,19 @@ def init_distributed(backend: str = "auto", timeout_minutes: float = 30.0, le: O
     # rendezvous already checked that every node arrived.
     if le.rank == 0 and le.master_source.startswith("mpi4py"):
         # what was discovered is what an operator needs to see when a node cannot reach it
-        print(f"[flashoptim-dist] rendezvous {le.master_addr}:{le.master_port} ({le.master_source}); "
-              f"{le.world_size} ranks, {le.local_world_size} on rank 0's node", flush=True)
+        print(
+            f"[flashoptim-dist] rendezvous {le.master_addr}:{le.master_port} ({le.master_source}); "
+            f"{le.world_size} ranks, {le.local_world_size} on rank 0's node",
+            flush=True,
+        )
     if le.world_size > 1 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         store = rendezvous_store(le)
         store.set_timeout(timeout)  # from here on store waits are collective waits
         dist.init_process_group(backend=backend, store=store, rank=le.rank, world_size=le.world_size, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, init_method="env://", rank=le.rank, world_size=le.world_size,
-                                timeout=timeout)
+        dist.init_process_group(
+            backend=backend, init_method="env://", rank=le.rank, world_size=le.world_size, timeout=timeout
+        )
     return le
 
 
@@ -334,8 +345,9 @@ def _check(le: LaunchEnv) -> dict:
 def _main(argv: list[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m flashoptim_dist.launch_env",
-                                 description="Print this process's launch environment as JSON.")
+    ap = argparse.ArgumentParser(
+        prog="python -m flashoptim_dist.launch_env", description="Print this process's launch environment as JSON."
+    )
     ap.add_argument("--check", action="store_true", help="also start the process group and meet every rank")
     ap.add_argument("--wait", metavar="HOST:PORT", help="wait for a rendezvous endpoint (FLASHOPTIM_RDZV_TIMEOUT)")
     args = ap.parse_args(argv)
@@ -348,12 +360,16 @@ def _main(argv: list[str]) -> int:
                     socket.getaddrinfo(host, None)
                     unresolved = ""
                 except OSError:
-                    unresolved = f" ({host} does not resolve on this node: use its IP address or a name in this node's DNS)"
+                    unresolved = (
+                        f" ({host} does not resolve on this node: use its IP address or a name in this node's DNS)"
+                    )
                 raise LaunchEnvError(
-                    f"the rendezvous {host}:{port} did not answer within {timeout:g} s from host {socket.gethostname()}{unresolved}. "
+                    f"the rendezvous {host}:{port} did not answer within {timeout:g} s from host "
+                    f"{socket.gethostname()}{unresolved}. "
                     f"Check that the first node was started with the same MASTER_ADDR:MASTER_PORT and that {host} "
                     f"is reachable from this node (firewall, `nc -zv {host} {port}`); set MASTER_ADDR to an address of "
-                    f"the first node that every node can reach; if nodes start far apart, raise {RDZV_TIMEOUT_VAR} (seconds)"
+                    f"the first node that every node can reach; if nodes start far apart, raise {RDZV_TIMEOUT_VAR} "
+                    "(seconds)"
                 )
             return 0
         le = resolve()

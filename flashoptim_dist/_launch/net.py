@@ -147,7 +147,8 @@ def wait_for_endpoint(host: str, port: int, timeout: float) -> bool:
         resolved = {ai[4][0] for ai in socket.getaddrinfo(host, None, socket.AF_INET)}
     except OSError:
         resolved = set()
-    if host in local or host == socket.gethostname() or (resolved and resolved <= local) or any(_loopback(a) for a in resolved):
+    if (host in local or host == socket.gethostname() or (resolved and resolved <= local)
+            or any(_loopback(a) for a in resolved)):
         return True
     deadline = time.monotonic() + timeout
     while True:

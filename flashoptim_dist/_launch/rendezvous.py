@@ -56,7 +56,8 @@ def _join(store, le: LaunchEnv, timeout: float, generation: int) -> None:
     if store.add(p + f"claims/{le.rank}", 1) > 1:
         other = store.get(p + f"info/{le.rank}").decode()
         raise fail(
-            f"two processes claim rank {le.rank} at the rendezvous {le.master_addr}:{le.master_port}: {me} and {other}. "
+            f"two processes claim rank {le.rank} at the rendezvous {le.master_addr}:{le.master_port}: {me} and "
+            f"{other}. "
             "Another job is using the same MASTER_ADDR:MASTER_PORT, or the launcher gave one RANK twice; give each "
             "job its own MASTER_PORT (unset under MPI with mpi4py or SLURM, which pick one per job)"
         )
@@ -78,7 +79,9 @@ def _join(store, le: LaunchEnv, timeout: float, generation: int) -> None:
     delay = 0.01
     while True:
         if store.check([p + "error"]):
-            raise LaunchEnvError(f"rank {le.rank}: another rank failed the rendezvous: {store.get(p + 'error').decode()}")
+            raise LaunchEnvError(
+                f"rank {le.rank}: another rank failed the rendezvous: {store.get(p + 'error').decode()}"
+            )
         arrived = store.add(p + "arrived", 0)
         if arrived >= le.world_size:
             return
@@ -114,12 +117,21 @@ def rendezvous_store(le: LaunchEnv, timeout: Optional[float] = None):
         held = _RESERVED.pop(le.master_port, None)
         try:
             # the store takes over the reserved socket (detach: Python must not close it)
-            store = dist.TCPStore(le.master_addr, le.master_port, None, True, delta, wait_for_workers=False,
-                                  multi_tenant=True, master_listen_fd=held.detach() if held else None)
+            store = dist.TCPStore(
+                le.master_addr,
+                le.master_port,
+                None,
+                True,
+                delta,
+                wait_for_workers=False,
+                multi_tenant=True,
+                master_listen_fd=held.detach() if held else None,
+            )
         except dist.DistError as e:
             if "EADDRINUSE" in str(e) or "address already in use" in str(e):
                 raise LaunchEnvError(
-                    f"rank 0 ({le.launcher}, host {socket.gethostname()}) cannot listen on port {le.master_port}: it is "
+                    f"rank 0 ({le.launcher}, host {socket.gethostname()}) cannot listen on port {le.master_port}: it "
+                    "is "
                     "in use, probably by another job on this node; give this job another MASTER_PORT (or leave it "
                     "unset under MPI with mpi4py, which picks a free one)"
                 ) from None

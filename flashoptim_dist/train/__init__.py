@@ -8,7 +8,16 @@ subclass :class:`Trainer` to change a step or the logging/evaluation/checkpoint 
 
 from .config import Config, ConfigError, load_config
 
-__all__ = ["Config", "ConfigError", "load_config", "main_train", "run_training", "Trainer", "main_compare", "run_compare"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "load_config",
+    "main_train",
+    "run_training",
+    "Trainer",
+    "main_compare",
+    "run_compare",
+]
 
 
 def __getattr__(name):  # lazy: importing the config must not import torch.distributed machinery

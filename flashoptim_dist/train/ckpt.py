@@ -116,7 +116,9 @@ def dir_bytes(path) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def save_train_state(ckpt_dir, step: int, model, optimizer, extra: Optional[dict] = None, keep: Optional[int] = None) -> Path:
+def save_train_state(
+    ckpt_dir, step: int, model, optimizer, extra: Optional[dict] = None, keep: Optional[int] = None
+) -> Path:
     """Save model + optimizer state of ``step`` atomically; collective (call on every rank).
 
     ``extra``: JSON-serialisable data stored with it (e.g. the config, data position).
@@ -216,7 +218,8 @@ def load_latest(ckpt_dir, model, optimizer) -> Optional[int]:
         if not flash:
             raise RuntimeError(
                 f"{path} was written by flashoptim_dist.checkpoint for a Flash optimizer, but this run's optimizer "
-                f"is {type(optimizer).__name__}; resume with the same optimizer (optim.name) or start a new train.out_dir"
+                f"is {type(optimizer).__name__}; resume with the same optimizer (optim.name) or start a new "
+                "train.out_dir"
             )
         import flashoptim_dist.checkpoint as fckpt
 
@@ -225,7 +228,8 @@ def load_latest(ckpt_dir, model, optimizer) -> Optional[int]:
         return step
     if flash:
         raise RuntimeError(
-            f"{path} was written for a torch baseline optimizer (train_state.json, plain DCP), but this run's optimizer "
+            f"{path} was written for a torch baseline optimizer (train_state.json, plain DCP), but this run's "
+            "optimizer "
             f"is a Flash optimizer; resume with the same optimizer (optim.name) or start a new train.out_dir"
         )
     if _is_deepspeed(model):

@@ -68,7 +68,9 @@ ENGINES = ("single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3")
 #: the hook must see the final, reduced gradient of the parameter.
 GRADIENT_RELEASE_ENGINES = ("single", "fsdp2")
 
-OptimizerName = Literal["FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion", "AdamW", "Adam", "SGD", "SGDW", "Lion"]
+OptimizerName = Literal[
+    "FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion", "AdamW", "Adam", "SGD", "SGDW", "Lion"
+]
 EngineName = Literal["single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3"]
 PresetName = Literal["tiny", "mini", "small", "125m", "350m", "1b", "3b", "8b"]
 
@@ -82,9 +84,11 @@ class ModelConfig:
     """What model to train."""
 
     source: Literal["gpt", "hf"] = "gpt"
-    """'gpt': the built-in GPT family (see model.preset); 'hf': a Hugging Face causal LM from the local folder model.path."""
+    """'gpt': the built-in GPT family (see model.preset); 'hf': a Hugging Face causal LM from the local folder
+    model.path."""
     preset: PresetName = "tiny"
-    """Size preset of the built-in GPT: tiny (0.14M params), mini, small, 125m, 350m, 1b (Llama-3.2-1B shapes), 3b, 8b (Llama-3-8B shapes)."""
+    """Size preset of the built-in GPT: tiny (0.14M params), mini, small, 125m, 350m, 1b (Llama-3.2-1B shapes), 3b, 8b
+    (Llama-3-8B shapes)."""
     path: Optional[str] = None
     """Folder of a Hugging Face model (config.json + weights) when model.source=hf; nothing is downloaded."""
     vocab_size: Optional[int] = None
@@ -112,9 +116,13 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute block activations in backward (less memory, ~30% more compute)."""
     loss_chunks: int = 1
-    """Compute the output head and the cross-entropy in this many slices of the micro-batch's tokens, each recomputed in backward (built-in GPT; Hugging Face llama, mistral, qwen2, qwen3). The logits with their fp32 copy and gradients take ~14 bytes x tokens x vocab at once with 1 slice (7 GiB at 4096 tokens and vocab 128256), 1/k of that with k; costs a second forward of the head (recomputed in backward)."""
+    """Compute the output head and the cross-entropy in this many slices of the micro-batch's tokens, each recomputed
+    in backward (built-in GPT; Hugging Face llama, mistral, qwen2, qwen3). The logits with their fp32 copy and
+    gradients take ~14 bytes x tokens x vocab at once with 1 slice (7 GiB at 4096 tokens and vocab 128256), 1/k of
+    that with k; costs a second forward of the head (recomputed in backward)."""
     init_device: Literal["auto", "cpu", "meta"] = "auto"
-    """Where the built-in GPT is first built: 'meta' builds without memory and initialises after sharding (FSDP2 only); 'auto' uses meta for presets of 1B parameters and more under FSDP2."""
+    """Where the built-in GPT is first built: 'meta' builds without memory and initialises after sharding (FSDP2 only);
+    'auto' uses meta for presets of 1B parameters and more under FSDP2."""
 
 
 @dataclass
@@ -122,7 +130,8 @@ class DataConfig:
     """Where tokens come from and how they are batched."""
 
     source: str = "stdlib"
-    """'stdlib': the Python standard library's own source files on this machine; otherwise a path to a text file or a directory of text files."""
+    """'stdlib': the Python standard library's own source files on this machine; otherwise a path to a text file or a
+    directory of text files."""
     file_pattern: str = "*"
     """Glob (on file names) selecting files when data.source is a directory."""
     include_tests: bool = False
@@ -138,7 +147,9 @@ class DataConfig:
     micro_batch_size: int = 8
     """Examples per forward/backward on one rank."""
     global_batch_size: Optional[int] = None
-    """Examples per optimizer step over all ranks; a multiple of micro_batch_size x data-parallel ranks (ranks / engine.tp_size), the quotient being the gradient-accumulation steps. null: micro_batch_size x data-parallel ranks (no accumulation). Keep it fixed to resume on a different number of ranks with identical data."""
+    """Examples per optimizer step over all ranks; a multiple of micro_batch_size x data-parallel ranks (ranks /
+    engine.tp_size), the quotient being the gradient-accumulation steps. null: micro_batch_size x data-parallel
+    ranks (no accumulation). Keep it fixed to resume on a different number of ranks with identical data."""
     eval_sequences: int = 64
     """Validation examples per evaluation (the same set every time, split over ranks)."""
 
@@ -164,17 +175,25 @@ class OptimConfig:
     nesterov: bool = False
     """SGD Nesterov momentum."""
     master_weight_bits: Optional[Literal[24, 32]] = 24
-    """Flash only: 24 keeps an int8 error-correction term per bf16 param, 32 an int16 one, null none (plain bf16 weights)."""
+    """Flash only: 24 keeps an int8 error-correction term per bf16 param, 32 an int16 one, null none (plain bf16
+    weights)."""
     quantize: bool = True
     """Flash only: store optimizer states as companded 8-bit codes (false: full precision states)."""
     rounding: Literal["stochastic", "nearest"] = "stochastic"
-    """Flash only: how the 8-bit codes and the error-correction term are re-rounded each step. stochastic: unbiased, so slow decays (beta2 0.999), stopped gradients and fine-tuning learning rates move like fp32 AdamW; nearest: the FlashOptim paper's rounding, which stalls in those regimes (docs/QUALITY.md)."""
+    """Flash only: how the 8-bit codes and the error-correction term are re-rounded each step. stochastic: unbiased, so
+    slow decays (beta2 0.999), stopped gradients and fine-tuning learning rates move like fp32 AdamW; nearest: the
+    FlashOptim paper's rounding, which stalls in those regimes (docs/QUALITY.md)."""
     rounding_seed: int = 0
-    """Flash only: seed of the stochastic-rounding dither (a run and its resume are bit-reproducible on any number of ranks)."""
+    """Flash only: seed of the stochastic-rounding dither (a run and its resume are bit-reproducible on any number of
+    ranks)."""
     check_numerics: bool = True
-    """Flash only: on each tensor's first step with a non-zero learning rate (the schedule's peak, not its warm-up, where known), fail if that rate cannot move the tensor's largest weights at all with the chosen master_weight_bits and rounding."""
+    """Flash only: on each tensor's first step with a non-zero learning rate (the schedule's peak, not its warm-up,
+    where known), fail if that rate cannot move the tensor's largest weights at all with the chosen
+    master_weight_bits and rounding."""
     gradient_release: bool = False
-    """Flash only: step each parameter in its post-accumulate-grad hook and free its gradient at once (engines: single, fsdp2; no gradient accumulation). With train.max_grad_norm > 0 each step is clipped with the previous step's global gradient norm."""
+    """Flash only: step each parameter in its post-accumulate-grad hook and free its gradient at once (engines: single,
+    fsdp2; no gradient accumulation). With train.max_grad_norm > 0 each step is clipped with the previous step's
+    global gradient norm."""
     schedule: Literal["constant", "cosine", "linear"] = "cosine"
     """Learning-rate decay after warmup, down to lr x min_lr_ratio at train.steps."""
     warmup_steps: int = 20
@@ -188,21 +207,36 @@ class EngineConfig:
     """How the model is distributed over ranks."""
 
     name: EngineName = "fsdp2"
-    """single (1 rank), ddp, fsdp2 (fully_shard per block), fsdp1 (FullyShardedDataParallel, use_orig_params), zero1/zero2/zero3 (DeepSpeed)."""
+    """single (1 rank), ddp, fsdp2 (fully_shard per block), fsdp1 (FullyShardedDataParallel, use_orig_params),
+    zero1/zero2/zero3 (DeepSpeed)."""
     deepspeed_config: Optional[str] = None
-    """DeepSpeed JSON for zero1/2/3 (e.g. configs/ds_zero3.json). Batch sizes, accumulation and clipping are filled in from this config; null builds a minimal bf16 config."""
+    """DeepSpeed JSON for zero1/2/3 (e.g. configs/ds_zero3.json). Batch sizes, accumulation and clipping are filled in
+    from this config; null builds a minimal bf16 config."""
     reduce_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of gradient reduction under fsdp2/fsdp1."""
     shard_embeddings: bool = True
-    """fsdp2/fsdp1: the token embedding and the output head (when not tied) are FSDP units of their own instead of parts of the root unit. Both FSDP versions keep the root unit's parameters gathered from the end of forward to the end of backward and its unsharded gradients until the root's reduce-scatter; out of the root, embedding and head (2 x vocab x d_model x 2 bytes gathered, plus the head's gradient) are held only while used. Other engines ignore it."""
+    """fsdp2/fsdp1: the token embedding and the output head (when not tied) are FSDP units of their own instead of
+    parts of the root unit. Both FSDP versions keep the root unit's parameters gathered from the end of forward to
+    the end of backward and its unsharded gradients until the root's reduce-scatter; out of the root, embedding and
+    head (2 x vocab x d_model x 2 bytes gathered, plus the head's gradient) are held only while used. Other engines
+    ignore it."""
     replicas: Union[int, Literal["nodes"]] = 1
-    """fsdp2 only: HSDP when > 1 — the ranks form this many model replicas, each sharding the model over its consecutive ranks (reduce-scatter inside a replica, all-reduce across replicas); 'nodes': one replica per node, so only the cheap all-reduce crosses the network (needs the same number of ranks on every node); 1: plain FSDP2 over all ranks."""
+    """fsdp2 only: HSDP when > 1 — the ranks form this many model replicas, each sharding the model over its
+    consecutive ranks (reduce-scatter inside a replica, all-reduce across replicas); 'nodes': one replica per node,
+    so only the cheap all-reduce crosses the network (needs the same number of ranks on every node); 1: plain FSDP2
+    over all ranks."""
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     """torch.distributed backend; auto: nccl with CUDA, gloo on CPU."""
     timeout_minutes: float = 30.0
     """Collective timeout."""
     tp_size: int = 1
-    """Tensor-parallel degree (engine.name=fsdp2, the built-in GPT): the ranks form a (ranks / tp_size) x tp_size mesh ("dp", "tp"), with engine.replicas a (replicas, shards, tp_size) one (HSDP + TP; tp_size consecutive ranks, inside one replica); attention, MLP, embedding and head weights are split tp_size ways with torchtitan's plan (GPT.tensor_parallel_plan, no sequence parallelism) and FSDP2 shards over "dp". Must divide the number of ranks and the model's n_heads, n_kv_heads, d_ff and vocab_size; with a Flash optimizer the column split of wo and w2 must be a multiple of 32 (e.g. tiny: tp_size 2). The tp_size ranks of a dp group read the same batch, so data.global_batch_size counts data-parallel ranks only. 1: no tensor parallelism."""
+    """Tensor-parallel degree (engine.name=fsdp2, the built-in GPT): the ranks form a (ranks / tp_size) x tp_size mesh
+    ("dp", "tp"), with engine.replicas a (replicas, shards, tp_size) one (HSDP + TP; tp_size consecutive ranks,
+    inside one replica); attention, MLP, embedding and head weights are split tp_size ways with torchtitan's plan
+    (GPT.tensor_parallel_plan, no sequence parallelism) and FSDP2 shards over "dp". Must divide the number of ranks
+    and the model's n_heads, n_kv_heads, d_ff and vocab_size; with a Flash optimizer the column split of wo and w2
+    must be a multiple of 32 (e.g. tiny: tp_size 2). The tp_size ranks of a dp group read the same batch, so
+    data.global_batch_size counts data-parallel ranks only. 1: no tensor parallelism."""
 
 
 @dataclass
@@ -236,7 +270,8 @@ class TrainConfig:
     stop_after: Optional[int] = None
     """Leave the loop after this step as if interrupted (no final checkpoint); for demos of resuming."""
     peak_report_step: Optional[int] = None
-    """CUDA: record the allocator during this step on rank 0 and print the largest allocations alive at the step's peak (what to shrink first; sizes only, FLASHOPTIM_PEAK_STACKS=1 adds Python stacks). null: off."""
+    """CUDA: record the allocator during this step on rank 0 and print the largest allocations alive at the step's peak
+    (what to shrink first; sizes only, FLASHOPTIM_PEAK_STACKS=1 adds Python stacks). null: off."""
 
 
 @dataclass
@@ -244,7 +279,8 @@ class DistConfig:
     """Starting ranks when the command is run without a launcher."""
 
     nproc_per_node: Union[int, Literal["auto"]] = "auto"
-    """Without torchrun/mpirun/srun/deepspeed around it, the command starts this many local ranks itself (through torchrun); auto: one per GPU, 2 on CPU, 1 for engine.name=single."""
+    """Without torchrun/mpirun/srun/deepspeed around it, the command starts this many local ranks itself (through
+    torchrun); auto: one per GPU, 2 on CPU, 1 for engine.name=single."""
 
 
 @dataclass
@@ -325,7 +361,9 @@ def describe_config() -> str:
         for f in dataclasses.fields(cls):
             default = getattr(defaults, f.name)
             lines.append(f"  {section}.{f.name} = {json.dumps(default)}    ({_type_desc(hints[f.name])})")
-            lines.append(textwrap.fill(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      "))
+            lines.append(
+                textwrap.fill(docs.get(f.name, ""), width=96, initial_indent="      ", subsequent_indent="      ")
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -430,7 +468,8 @@ def config_from_dict(data: dict) -> Config:
     for section, values in data.items():
         if section not in _SECTION_CLASSES:
             errors.append(
-                f"unknown section {section!r}; allowed sections: {', '.join(_SECTION_CLASSES)}{_suggest(section, _SECTION_CLASSES)}"
+                f"unknown section {section!r}; allowed sections: "
+                f"{', '.join(_SECTION_CLASSES)}{_suggest(section, _SECTION_CLASSES)}"
             )
             continue
         if values is None:
@@ -476,9 +515,25 @@ def validate(cfg: Config) -> None:
 
     m, d, o, en, t = cfg.model, cfg.data, cfg.optim, cfg.engine, cfg.train
     for sec, obj in (("model", m), ("data", d), ("train", t)):
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
-                     "seq_len", "micro_batch_size", "global_batch_size", "eval_sequences", "steps",
-                     "log_every", "keep_checkpoints", "max_bytes", "stop_after", "peak_report_step"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "max_seq_len",
+            "seq_len",
+            "micro_batch_size",
+            "global_batch_size",
+            "eval_sequences",
+            "steps",
+            "log_every",
+            "keep_checkpoints",
+            "max_bytes",
+            "stop_after",
+            "peak_report_step",
+        ):
             if hasattr(obj, name):
                 v = getattr(obj, name)
                 if v is not None:
@@ -487,7 +542,10 @@ def validate(cfg: Config) -> None:
         v = getattr(t, name)
         need(v >= 0, f"train.{name}={v} is invalid: must be >= 0 (0 disables)")
     if cfg.dist.nproc_per_node != "auto":
-        need(cfg.dist.nproc_per_node >= 1, f"dist.nproc_per_node={cfg.dist.nproc_per_node} is invalid: must be >= 1 or 'auto'")
+        need(
+            cfg.dist.nproc_per_node >= 1,
+            f"dist.nproc_per_node={cfg.dist.nproc_per_node} is invalid: must be >= 1 or 'auto'",
+        )
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction={d.val_fraction} is invalid: must be in (0, 1)")
     need(o.lr >= 0.0, f"optim.lr={o.lr} is invalid: must be >= 0")
     need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas={list(o.betas)} is invalid: each beta must be in [0, 1)")
@@ -496,47 +554,105 @@ def validate(cfg: Config) -> None:
     need(0.0 <= o.momentum < 1.0, f"optim.momentum={o.momentum} is invalid: must be in [0, 1)")
     need(0.0 <= o.min_lr_ratio <= 1.0, f"optim.min_lr_ratio={o.min_lr_ratio} is invalid: must be in [0, 1]")
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} is invalid: must be >= 0")
-    need(t.max_grad_norm >= 0.0, f"train.max_grad_norm={t.max_grad_norm} is invalid: must be >= 0 (0 disables clipping)")
+    need(
+        t.max_grad_norm >= 0.0, f"train.max_grad_norm={t.max_grad_norm} is invalid: must be >= 0 (0 disables clipping)"
+    )
     need(en.timeout_minutes > 0, f"engine.timeout_minutes={en.timeout_minutes} is invalid: must be > 0")
     if en.replicas != "nodes":
         need(en.replicas >= 1, f"engine.replicas={en.replicas} is invalid: must be a positive integer or 'nodes'")
-    need(en.replicas == 1 or en.name == "fsdp2", f"engine.replicas={en.replicas!r} is invalid with engine.name={en.name!r}: HSDP replicas need engine.name=fsdp2")
-    need(en.tp_size >= 1, f"engine.tp_size={en.tp_size} is invalid: must be a positive integer (1: no tensor parallelism)")
+    need(
+        en.replicas == 1 or en.name == "fsdp2",
+        f"engine.replicas={en.replicas!r} is invalid with engine.name={en.name!r}: HSDP replicas need "
+        "engine.name=fsdp2",
+    )
+    need(
+        en.tp_size >= 1,
+        f"engine.tp_size={en.tp_size} is invalid: must be a positive integer (1: no tensor parallelism)",
+    )
     if en.tp_size > 1:
-        need(en.name == "fsdp2", f"engine.tp_size={en.tp_size} is invalid with engine.name={en.name!r}: tensor parallelism composes with fsdp2 only (FSDP2 shards over the data-parallel mesh dim); use engine.name=fsdp2 or engine.tp_size=1")
-        need(m.source == "gpt", f"engine.tp_size={en.tp_size} is invalid with model.source={m.source!r}: the tensor-parallel plan is the built-in GPT's (GPT.tensor_parallel_plan); use model.source=gpt or engine.tp_size=1")
-        need(m.loss_chunks == 1, f"model.loss_chunks={m.loss_chunks} is invalid with engine.tp_size={en.tp_size}: the sliced loss computes the head inside its own forward, which the colwise head cannot split; use model.loss_chunks=1")
+        need(
+            en.name == "fsdp2",
+            f"engine.tp_size={en.tp_size} is invalid with engine.name={en.name!r}: tensor parallelism composes with "
+            "fsdp2 only (FSDP2 shards over the data-parallel mesh dim); use engine.name=fsdp2 or engine.tp_size=1",
+        )
+        need(
+            m.source == "gpt",
+            f"engine.tp_size={en.tp_size} is invalid with model.source={m.source!r}: the tensor-parallel plan is the "
+            "built-in GPT's (GPT.tensor_parallel_plan); use model.source=gpt or engine.tp_size=1",
+        )
+        need(
+            m.loss_chunks == 1,
+            f"model.loss_chunks={m.loss_chunks} is invalid with engine.tp_size={en.tp_size}: the sliced loss computes "
+            "the head inside its own forward, which the colwise head cannot split; use model.loss_chunks=1",
+        )
     if d.global_batch_size is not None:
         need(
             d.global_batch_size % d.micro_batch_size == 0,
-            f"data.global_batch_size={d.global_batch_size} is invalid: must be a multiple of data.micro_batch_size={d.micro_batch_size}",
+            f"data.global_batch_size={d.global_batch_size} is invalid: must be a multiple of "
+            f"data.micro_batch_size={d.micro_batch_size}",
         )
 
     if m.source == "hf":
-        need(m.path is not None, "model.path=null is invalid with model.source=hf: set model.path to a Hugging Face model folder")
+        need(
+            m.path is not None,
+            "model.path=null is invalid with model.source=hf: set model.path to a Hugging Face model folder",
+        )
         if m.path is not None:
             need(os.path.isdir(m.path), f"model.path={m.path!r} is invalid: no such directory")
     else:
-        need(m.path is None, f"model.path={m.path!r} is only used with model.source=hf; remove it or set model.source=hf")
+        need(
+            m.path is None, f"model.path={m.path!r} is only used with model.source=hf; remove it or set model.source=hf"
+        )
     if d.tokenizer == "hf":
-        need(m.source == "hf", "data.tokenizer='hf' is invalid with model.source=gpt: the tokenizer is read from model.path; use data.tokenizer=bytes")
+        need(
+            m.source == "hf",
+            "data.tokenizer='hf' is invalid with model.source=gpt: the tokenizer is read from model.path; use "
+            "data.tokenizer=bytes",
+        )
     if d.source != "stdlib":
-        need(os.path.exists(d.source), f"data.source={d.source!r} is invalid: no such file or directory (or use 'stdlib')")
-    need(m.loss_chunks >= 1, f"model.loss_chunks={m.loss_chunks} is invalid: must be a positive integer (1: no slicing)")
+        need(
+            os.path.exists(d.source),
+            f"data.source={d.source!r} is invalid: no such file or directory (or use 'stdlib')",
+        )
+    need(
+        m.loss_chunks >= 1, f"model.loss_chunks={m.loss_chunks} is invalid: must be a positive integer (1: no slicing)"
+    )
     if m.init_device == "meta":
-        need(en.name == "fsdp2" and m.source == "gpt", f"model.init_device='meta' is invalid with engine.name={en.name!r}/model.source={m.source!r}: it needs engine.name=fsdp2 and model.source=gpt")
+        need(
+            en.name == "fsdp2" and m.source == "gpt",
+            f"model.init_device='meta' is invalid with engine.name={en.name!r}/model.source={m.source!r}: it needs "
+            "engine.name=fsdp2 and model.source=gpt",
+        )
 
     flash = o.name in FLASH_OPTIMIZERS
     if o.gradient_release:
-        need(flash, f"optim.gradient_release=true is invalid with optim.name={o.name!r}: gradient release is for Flash optimizers ({', '.join(FLASH_OPTIMIZERS)})")
-        need(en.name in GRADIENT_RELEASE_ENGINES, f"optim.gradient_release=true is invalid with engine.name={en.name!r}: allowed engines: {', '.join(GRADIENT_RELEASE_ENGINES)}")
+        need(
+            flash,
+            f"optim.gradient_release=true is invalid with optim.name={o.name!r}: gradient release is for Flash "
+            f"optimizers ({', '.join(FLASH_OPTIMIZERS)})",
+        )
+        need(
+            en.name in GRADIENT_RELEASE_ENGINES,
+            f"optim.gradient_release=true is invalid with engine.name={en.name!r}: allowed engines: "
+            f"{', '.join(GRADIENT_RELEASE_ENGINES)}",
+        )
     if en.name.startswith("zero"):
         if en.deepspeed_config is not None:
-            need(os.path.isfile(en.deepspeed_config), f"engine.deepspeed_config={en.deepspeed_config!r} is invalid: no such file")
+            need(
+                os.path.isfile(en.deepspeed_config),
+                f"engine.deepspeed_config={en.deepspeed_config!r} is invalid: no such file",
+            )
     else:
-        need(en.deepspeed_config is None, f"engine.deepspeed_config={en.deepspeed_config!r} is only used with engine.name=zero1/zero2/zero3 (got {en.name!r}); remove it")
+        need(
+            en.deepspeed_config is None,
+            f"engine.deepspeed_config={en.deepspeed_config!r} is only used with engine.name=zero1/zero2/zero3 (got "
+            f"{en.name!r}); remove it",
+        )
     if cfg.compare.baseline is not None:
-        need(cfg.compare.baseline != o.name, f"compare.baseline={cfg.compare.baseline!r} is the same as optim.name; pick another optimizer or null")
+        need(
+            cfg.compare.baseline != o.name,
+            f"compare.baseline={cfg.compare.baseline!r} is the same as optim.name; pick another optimizer or null",
+        )
     if e:
         raise ConfigError(_format_errors(e))
 

@@ -343,7 +343,9 @@ def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
             try:
                 ds = json.load(fh)
             except ValueError as e:
-                raise EngineError(f"engine.deepspeed_config={cfg.engine.deepspeed_config!r} is not valid JSON: {e}") from None
+                raise EngineError(
+                    f"engine.deepspeed_config={cfg.engine.deepspeed_config!r} is not valid JSON: {e}"
+                ) from None
         src = repr(cfg.engine.deepspeed_config)
     else:
         ds, src = {}, "the built-in DeepSpeed config"
@@ -356,12 +358,21 @@ def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
         )
     zero["stage"] = stage
     if "scheduler" in ds:
-        raise EngineError(f"{src} has a 'scheduler' entry; remove it: the trainer sets the learning rate (optim.schedule)")
+        raise EngineError(
+            f"{src} has a 'scheduler' entry; remove it: the trainer sets the learning rate (optim.schedule)"
+        )
     mb, gb = cfg.data.micro_batch_size, cfg.data.micro_batch_size * world_size * grad_accum
-    for key, want in (("train_micro_batch_size_per_gpu", mb), ("gradient_accumulation_steps", grad_accum), ("train_batch_size", gb)):
+    for key, want in (
+        ("train_micro_batch_size_per_gpu", mb),
+        ("gradient_accumulation_steps", grad_accum),
+        ("train_batch_size", gb),
+    ):
         have = ds.get(key, "auto")
         if have != "auto" and int(have) != want:
-            raise EngineError(f"{src} sets {key}={have} but the trainer config gives {want}; remove it from the JSON or set it to \"auto\"")
+            raise EngineError(
+                f'{src} sets {key}={have} but the trainer config gives {want}; remove it from the JSON or set it to '
+                '"auto"'
+            )
         ds[key] = want
     ds["gradient_clipping"] = cfg.train.max_grad_norm
     ds.setdefault("steps_per_print", 10**9)
@@ -388,7 +399,8 @@ def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
                 bf16.pop(key, None)
         elif opt is not None:
             raise EngineError(
-                f"{src} has an 'optimizer' entry but optim.name={cfg.optim.name!r} is a torch baseline that the trainer "
+                f"{src} has an 'optimizer' entry but optim.name={cfg.optim.name!r} is a torch baseline that the "
+                "trainer "
                 "builds itself; remove the entry or choose a Flash optimizer"
             )
     return ds
@@ -420,11 +432,15 @@ def parallel_dims(cfg: Config, rank: int, world: int) -> tuple[int, int, int]:
 def _check_tensor_parallel(cfg: Config, model: nn.Module, flash: bool) -> None:
     """EngineError naming every reason the model cannot be split engine.tp_size ways."""
     tp = cfg.engine.tp_size
-    problems = model.tensor_parallel_problems(tp, group_size=32 if flash else 0) if hasattr(model, "tensor_parallel_problems") else [
-        f"{type(model).__name__} has no tensor-parallel plan (tensor_parallel_plan)"]
+    problems = (
+        model.tensor_parallel_problems(tp, group_size=32 if flash else 0)
+        if hasattr(model, "tensor_parallel_problems")
+        else [f"{type(model).__name__} has no tensor-parallel plan (tensor_parallel_plan)"]
+    )
     if problems:
         raise EngineError(
-            f"engine.tp_size={tp} cannot split this model: " + "; ".join(problems)
+            f"engine.tp_size={tp} cannot split this model: "
+            + "; ".join(problems)
             + ". Use an engine.tp_size that divides them (1 turns tensor parallelism off) or change the model shape"
         )
 
@@ -544,8 +560,10 @@ def _build_deepspeed(b: _Build) -> Engine:
         from flashoptim_dist.deepspeed import initialize
     except ImportError as e:
         raise EngineError(
-            f"engine.name={cfg.engine.name!r} needs flashoptim_dist.deepspeed.initialize, which cannot be imported ({e}). "
-            "Install DeepSpeed (`DS_BUILD_OPS=0 pip install deepspeed`) and make sure flashoptim_dist.deepspeed is present, "
+            f"engine.name={cfg.engine.name!r} needs flashoptim_dist.deepspeed.initialize, which cannot be imported "
+            f"({e}). "
+            "Install DeepSpeed (`DS_BUILD_OPS=0 pip install deepspeed`) and make sure flashoptim_dist.deepspeed is "
+            "present, "
             "or use engine.name=fsdp2"
         ) from e
     ds = deepspeed_config(cfg, b.world, b.grad_accum)

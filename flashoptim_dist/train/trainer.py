@@ -221,11 +221,16 @@ class Trainer:
         cfg = self.cfg
         self.dp_rank, self.dp_size, self.tp = parallel_dims(cfg, self.rank, self.world)
         d = cfg.data
-        self.corpus = build_corpus(d.source, d.val_fraction, _tokenizer(cfg), d.max_bytes, d.include_tests, d.file_pattern)
+        self.corpus = build_corpus(
+            d.source, d.val_fraction, _tokenizer(cfg), d.max_bytes, d.include_tests, d.file_pattern
+        )
         self.global_bs = d.global_batch_size or d.micro_batch_size * self.dp_size
-        self.sampler = BatchSampler(self.corpus.train, d.seq_len, self.global_bs, d.micro_batch_size, self.dp_rank,
-                                    self.dp_size, cfg.train.seed)
-        self.evalset = EvalSet(self.corpus.val, d.seq_len, d.eval_sequences, d.micro_batch_size, self.dp_rank, self.dp_size)
+        self.sampler = BatchSampler(
+            self.corpus.train, d.seq_len, self.global_bs, d.micro_batch_size, self.dp_rank, self.dp_size, cfg.train.seed
+        )
+        self.evalset = EvalSet(
+            self.corpus.val, d.seq_len, d.eval_sequences, d.micro_batch_size, self.dp_rank, self.dp_size
+        )
         self.accum = self.sampler.grad_accum
         self.tokens_per_step = self.global_bs * d.seq_len
 
@@ -260,19 +265,29 @@ class Trainer:
             f"[flashoptim-dist] {cfg.model.source}:{cfg.model.preset if cfg.model.source == 'gpt' else cfg.model.path} "
             f"{self.n_params:,} params | engine {cfg.engine.name} x {self.world} ranks ({self.launch.launcher}) on "
             f"{self.device.type} | {cfg.optim.name}{' + gradient release' if cfg.optim.gradient_release else ''} | "
-            f"data {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens from {corpus.n_files} files | "
+            f"data {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} val tokens from "
+            f"{corpus.n_files} files | "
             f"global batch {self.global_bs} x {cfg.data.seq_len} tokens ({self.accum} accumulation steps)"
-            + "".join(f" | {what}" for what, on in (
-                (engine.layout, bool(engine.layout)),
-                ("activation checkpointing", cfg.model.activation_checkpointing),
-                (f"loss in {cfg.model.loss_chunks} slices", cfg.model.loss_chunks > 1)) if on),
+            + "".join(
+                f" | {what}"
+                for what, on in (
+                    (engine.layout, bool(engine.layout)),
+                    ("activation checkpointing", cfg.model.activation_checkpointing),
+                    (f"loss in {cfg.model.loss_chunks} slices", cfg.model.loss_chunks > 1),
+                )
+                if on
+            ),
             flush=True,
         )
         if self.resumed is not None:
-            print(f"[flashoptim-dist] resumed from step {self.resumed} ({self.ckpt_dir}) on {self.world} ranks "
-                  f"in {self.resume_s:.1f} s", flush=True)
-            self.metrics.write(kind="resume", step=self.resumed, world_size=self.world, time=time.time(),
-                               load_s=self.resume_s)
+            print(
+                f"[flashoptim-dist] resumed from step {self.resumed} ({self.ckpt_dir}) on {self.world} ranks "
+                f"in {self.resume_s:.1f} s",
+                flush=True,
+            )
+            self.metrics.write(
+                kind="resume", step=self.resumed, world_size=self.world, time=time.time(), load_s=self.resume_s
+            )
         else:
             self.metrics.write(kind="start", step=0, world_size=self.world, n_params=self.n_params, time=time.time())
 
@@ -296,8 +311,9 @@ class Trainer:
             x, y = self.sampler.get(step, micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             step_loss += self.forward_backward_step(x, y, micro == self.accum - 1).double() / self.accum
-        self.grad_norm = self.engine.step(self.cfg.train.max_grad_norm,
-                                          before_zero_grad=self._capture_memory if is_final else None)
+        self.grad_norm = self.engine.step(
+            self.cfg.train.max_grad_norm, before_zero_grad=self._capture_memory if is_final else None
+        )
         return step_loss
 
     def _capture_memory(self) -> None:
@@ -314,7 +330,9 @@ class Trainer:
         if recording:  # after the timing: replaying the trace takes a while
             snapshot = torch.cuda.memory._snapshot()
             record_allocations(False)
-            print(peak_report(snapshot, self.device.index or 0, top=24, title=f"of step {completed}, rank 0"), flush=True)
+            print(
+                peak_report(snapshot, self.device.index or 0, top=24, title=f"of step {completed}, rank 0"), flush=True
+            )
         elif completed == self.cfg.train.peak_report_step and self.is_rank0 and self.device.type != "cuda":
             print("[flashoptim-dist] train.peak_report_step: the allocator trace needs CUDA; skipped", flush=True)
 
@@ -330,8 +348,14 @@ class Trainer:
         self.tps = self.window_tokens / max(self.step_time, 1e-9)
         peak = peak_memory_bytes(self.device)
         self.metrics.write(
-            kind="train", step=completed, loss=self.last_loss, lr=self.lr, grad_norm=self.grad_norm,
-            tokens_per_s=self.tps, peak_mem_bytes=peak, elapsed_s=time.time() - self.t_begin,
+            kind="train",
+            step=completed,
+            loss=self.last_loss,
+            lr=self.lr,
+            grad_norm=self.grad_norm,
+            tokens_per_s=self.tps,
+            peak_mem_bytes=peak,
+            elapsed_s=time.time() - self.t_begin,
         )
         if self.printer.bar is None:
             self.printer.line(
@@ -364,7 +388,10 @@ class Trainer:
         cfg = self.cfg
         t_save = time.perf_counter()
         saved = ckpt.save_train_state(
-            self.ckpt_dir, completed, self.ck_model, self.ck_opt,
+            self.ckpt_dir,
+            completed,
+            self.ck_model,
+            self.ck_opt,
             extra={"config": config_to_dict(cfg), "loss": self.last_loss, "val_loss": self.last_val},
             keep=cfg.train.keep_checkpoints,
         )
@@ -374,8 +401,10 @@ class Trainer:
             size = ckpt.dir_bytes(saved)
             self.last_ckpt = {"step": completed, "bytes": size, "save_s": save_s}
             self.metrics.write(kind="checkpoint", **self.last_ckpt)
-            self.printer.line(f"step {completed}: checkpoint saved ({size / 1e9:.2f} GB, "
-                              f"{size / max(self.n_params, 1):.2f} B/param, {save_s:.1f} s)")
+            self.printer.line(
+                f"step {completed}: checkpoint saved ({size / 1e9:.2f} GB, "
+                f"{size / max(self.n_params, 1):.2f} B/param, {save_s:.1f} s)"
+            )
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -451,8 +480,11 @@ class Trainer:
         }
         if self.is_rank0:
             val = self.last_val if self.last_val is None else round(self.last_val, 4)
-            print(f"\n[flashoptim-dist] summary ({cfg.optim.name}, {cfg.engine.name} x {self.world}, step "
-                  f"{self.final_step}, val_loss {val})\n{table}", flush=True)
+            print(
+                f"\n[flashoptim-dist] summary ({cfg.optim.name}, {cfg.engine.name} x {self.world}, step "
+                f"{self.final_step}, val_loss {val})\n{table}",
+                flush=True,
+            )
             (self.out_dir / "summary.md").write_text(table + "\n")
             (self.out_dir / "summary.json").write_text(json.dumps(result, indent=1))
         return result
