@@ -32,7 +32,7 @@ import torch
 
 from .. import layout as lay
 from ..config import FlashConfig
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
 from . import _format as F
 from ._views import ParamInfo, SegInfo, TensorInfo, View
 

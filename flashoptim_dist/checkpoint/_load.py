@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from .. import layout as lay
 from .. import numerics as nx
 from ..optim.base import FlashOptimizer, allocate_state
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
 from . import _comm
 from . import _format as F
 from ._dcp import Chunked, FlashLoadPlanner

@@ -26,7 +26,7 @@ from torch import nn
 
 from .. import layout as lay
 from ..optim.base import FlashOptimizer
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
 from ._format import CheckpointError
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")

@@ -42,7 +42,7 @@ import torch
 from .. import numerics as nx
 from .. import layout as lay
 from ..checkpoint._convert import read_zero_checkpoint
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
 
 __all__ = ["convert_to_plain_checkpoint"]
 

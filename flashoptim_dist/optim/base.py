@@ -2,7 +2,7 @@
 
 Layering (as in ``torch.optim``): the public classes in :mod:`.flash` only validate
 hyper-parameters and say how a param group's hyper-parameters become a fp32 row
-(:mod:`.reference` names the columns); this module turns parameters into *segments*
+(:mod:`flashoptim_dist.reference` names the columns); this module turns parameters into *segments*
 (:mod:`flashoptim_dist.layout`), owns the state tensors, and runs one fused launch per
 (family, dtype) combination per step. Nothing here knows which engine sharded a parameter:
 engines describe shards through :func:`flashoptim_dist.layout.resolve_shard`.
@@ -41,7 +41,7 @@ from .. import layout as lay
 from .. import numerics as nx
 from ..config import FlashConfig
 from . import state_io
-from .reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
+from ..reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
 
 __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 

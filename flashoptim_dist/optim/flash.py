@@ -32,7 +32,7 @@ import torch
 
 from ..config import FlashConfig
 from .base import FlashOptimizer
-from .reference import N_HYPER
+from ..reference import N_HYPER
 
 __all__ = ["FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion"]
 
@@ -114,7 +114,7 @@ def _config(master_weight_bits, quantize, group_size, backend, check_numerics, r
 
 def adam_ratio_bound(beta1: float, beta2: float, steps: np.ndarray) -> np.ndarray:
     """R_t: the largest |m_t|·√(1−β2^t)/√v_t exact Adam can reach at step t, for any gradients
-    (Cauchy–Schwarz, see :mod:`.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
+    (Cauchy–Schwarz, see :mod:`flashoptim_dist.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
     steps = np.asarray(steps, dtype=np.float64)
     if beta2 <= 0.0:
         return np.full(steps.shape, np.inf)
