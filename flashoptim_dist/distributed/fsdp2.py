@@ -52,7 +52,6 @@ created next to the offloaded shard on the CPU and the step runs the PyTorch ref
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 import weakref
 from typing import Optional, Tuple
@@ -60,6 +59,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import layout as lay
+from .._dist import is_dtensor
 from ..layout import chunk_range  # noqa: F401  (re-exported: part of this module's API)
 from .. import placements as dt
 
@@ -75,16 +75,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # cheap DTensor detection: a DTensor can only exist once torch.distributed.tensor is imported
-
-
-def _dtensor_cls():
-    mod = sys.modules.get("torch.distributed.tensor._api")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def is_dtensor(t) -> bool:
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(t, cls)
 
 
 # ---------------------------------------------------------------------------------------------

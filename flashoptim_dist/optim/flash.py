@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .._names import DECOUPLED_DECAY, FAMILY_OF, FLASH_OPTIMIZER_NAMES
 from ..config import FlashConfig
 from .base import FlashOptimizer
 from ..reference import N_HYPER
@@ -350,3 +351,15 @@ class FlashLion(FlashOptimizer):
             -1.0 if group["maximize"] else 1.0,
             0.0,
         ])
+
+
+def _check_names() -> None:
+    # flashoptim_dist._names describes these classes to code that must not import them (configs,
+    # converters); a class that disagrees with it would be mis-described there, so refuse at import.
+    for name in FLASH_OPTIMIZER_NAMES:
+        cls = globals()[name]
+        if cls.family != FAMILY_OF[name] or cls.decoupled != (name in DECOUPLED_DECAY):
+            raise ImportError(f"{name} disagrees with flashoptim_dist._names (family {cls.family}, decoupled {cls.decoupled})")
+
+
+_check_names()

@@ -70,25 +70,18 @@ import bisect
 import functools
 import itertools
 import math
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import layout as lay
+from .._dist import is_dtensor
 from ..canonical import canonical_run, cut_groups, requantize
 from ..placements import block_at, mesh_dims_sharding
 from ..reference import FAMILIES
 
 __all__ = ["form_of", "scale_rows_shape", "export_states", "import_state", "local_elementwise", "as_global", "is_dtensor"]
-
-
-def is_dtensor(t) -> bool:
-    # a DTensor can only exist once torch.distributed.tensor is imported: no import here
-    mod = sys.modules.get("torch.distributed.tensor._api")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(t, cls)
 
 
 def _whole(p, spec: lay.ShardSpec) -> bool:

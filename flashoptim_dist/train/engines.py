@@ -43,6 +43,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._dist import rank_world as _world
+from ..release import enable_gradient_release
+from ..utils import cast_model
 from .config import FLASH_OPTIMIZERS, Config
 from .optimizers import build_optimizer, is_flash, optimizer_kwargs
 
@@ -277,8 +280,6 @@ class _DeepSpeedEngine(Engine):
 
 
 def _bf16_cast(model: nn.Module) -> nn.Module:
-    from flashoptim_dist import cast_model
-
     return cast_model(model, dtype=torch.bfloat16)
 
 
@@ -317,12 +318,6 @@ def _fsdp2_mesh(cfg: Config, device: torch.device, world: int):
         )
     mesh = init_device_mesh(device.type, (shape[0], shape[1] // tp, tp), mesh_dim_names=("replicate", "shard", "tp"))
     return mesh["replicate", "shard"], mesh["tp"]
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def deepspeed_config(cfg: Config, world_size: int, grad_accum: int) -> dict:
@@ -529,8 +524,6 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
                 eng.module, eng.optimizer, cfg.train.max_grad_norm, mode="previous"
             )
         else:
-            from flashoptim_dist import enable_gradient_release
-
             eng.grad_release = enable_gradient_release(eng.module, eng.optimizer)
     eng.loss_chunks = cfg.model.loss_chunks
     return eng

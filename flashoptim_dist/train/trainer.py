@@ -32,6 +32,7 @@ import torch.distributed as dist
 from .. import launch_env
 from ..data import BatchSampler, ByteTokenizer, EvalSet, build_corpus
 from ..models import build_model, count_params
+from ..utils import fmt_bytes
 from . import ckpt
 from .config import Config, config_to_dict
 from .engines import build_engine, cross_entropy, parallel_dims
@@ -128,14 +129,6 @@ class _Metrics:
         if self.enabled:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def _tokenizer(cfg: Config):
@@ -309,11 +302,11 @@ def run_training(cfg: Config) -> dict:
             if printer.bar is None:
                 printer.line(
                     f"step {completed}/{cfg.train.steps} loss {last_loss:.4f} lr {lr:.2e} "
-                    f"tok/s {tps:,.0f} mem {_fmt_bytes(peak)}"
+                    f"tok/s {tps:,.0f} mem {fmt_bytes(peak, sep='')}"
                 )
             loss_window.zero_()
             step_time, window_tokens = 0.0, 0
-            printer.update(0, {"loss": f"{last_loss:.3f}", "tok/s": f"{tps:,.0f}", "mem": _fmt_bytes(peak)})
+            printer.update(0, {"loss": f"{last_loss:.3f}", "tok/s": f"{tps:,.0f}", "mem": fmt_bytes(peak, sep='')})
         printer.update(1, {})
 
         interrupted = stop_after is not None and completed >= stop_after and completed < cfg.train.steps
