@@ -7,7 +7,7 @@ Public API::
 """
 
 from . import numerics
-from ._version import __version__
+from ._version import __version__  # noqa: F401  (re-exported)
 from .config import FlashConfig
 from .optim import FlashAdam, FlashAdamW, FlashLion, FlashOptimizer, FlashSGD, FlashSGDW
 from .release import GradientReleaseHandle, enable_gradient_release

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ast
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "flashoptim_dist"
 
