@@ -7,13 +7,13 @@ Public API::
 """
 
 from . import numerics
+from ._version import __version__  # noqa: F401  (re-exported)
 from .config import FlashConfig
 from .optim import FlashAdam, FlashAdamW, FlashLion, FlashOptimizer, FlashSGD, FlashSGDW
 from .release import GradientReleaseHandle, enable_gradient_release
 from .utils import cast_model
 from . import distributed  # noqa: F401  (imported to register the FSDP2/FSDP1 shard adapters and release checks)
 
-__version__ = "0.1.0"
 
 __all__ = [
     "FlashAdamW",

@@ -112,7 +112,7 @@ class _UnitBatcher:
         items, self._pending, self._key = self._pending, [], None
         if not items:
             return
-        self.optimizer._step_items(items)
+        self.optimizer.step_items(items)
         for p, _ in items:
             p.grad = None
 
@@ -166,7 +166,7 @@ def enable_gradient_release(model: torch.nn.Module, optimizer) -> GradientReleas
                     f"a parameter of shape {tuple(p.shape)} is in the optimizer but not in the model; "
                     "gradient release hooks only fire for the model's own parameters"
                 )
-            local = optimizer._local(p)
+            local = optimizer.local_tensor(p)
             if local.dtype == torch.float16:
                 raise ValueError(
                     "gradient release does not support float16 parameters: fp16 needs GradScaler, "

@@ -1,4 +1,4 @@
-"""Model helpers: casting to a narrow dtype while keeping chosen layers in fp32."""
+"""Model helpers: casting to a narrow dtype while keeping chosen layers in fp32; byte counts for people."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["cast_model"]
+__all__ = ["cast_model", "fmt_bytes"]
 
 
 def _keeps_running_stats(module: nn.Module) -> bool:
@@ -59,3 +59,13 @@ def cast_model(model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep_fp32:
                 mod = model.get_submodule(mod_name) if mod_name else model
                 mod._buffers[buf_name] = buf.to(target)
     return model
+
+
+def fmt_bytes(n: float, sep: str = " ") -> str:
+    """``n`` bytes in binary units: ``"512 B"``, ``"1.5 KiB"`` … ``"TiB"`` (one decimal above bytes);
+    ``sep`` goes between number and unit (the trainer's log lines use ``""``)."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f}{sep}{unit}" if unit == "B" else f"{n:.1f}{sep}{unit}"
+        n /= 1024
+    return str(n)  # pragma: no cover (the loop returns at TiB)

@@ -38,6 +38,8 @@ optimizer (plain fp32 AdamW through DCP: 12).
 * **Explicit conversions.** Another ρ width, quantization setting, group size or param dtype,
   a plain ``torch.optim`` target, or a plain DCP checkpoint written with ``torch.optim`` need
   ``convert=True``; otherwise :class:`NumericConfigMismatchError`.
+* **Building blocks for other writers** (the trainer's torch-baseline checkpoints use them):
+  :func:`commit_directory` (the atomic rename into place) and :func:`write_json_durable`.
 """
 
 from ._export import export_checkpoint, export_safetensors, load_weights
@@ -49,10 +51,11 @@ from ._format import (
     ModelMismatchError,
     NumericConfigMismatchError,
     VersionMismatchError,
+    write_json_durable,
 )
 from ._inspect import inspect_checkpoint, latest_checkpoint
 from ._load import load
-from ._save import save
+from ._save import commit_directory, save
 
 __all__ = [
     "save",
@@ -69,4 +72,6 @@ __all__ = [
     "ModelMismatchError",
     "NumericConfigMismatchError",
     "VersionMismatchError",
+    "commit_directory",
+    "write_json_durable",
 ]

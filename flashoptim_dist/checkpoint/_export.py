@@ -26,12 +26,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from .. import numerics as nx
+from .._dist import rank_world
 from ..optim.base import FlashOptimizer, allocate_state
 from . import _comm
 from . import _format as F
 from ._dcp import Chunked, FlashLoadPlanner, flat_range_boxes
 from ._load import install_state
-from ._views import build_view, n_state_slots, rank_world
+from ._views import build_view, n_state_slots
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.I)
 

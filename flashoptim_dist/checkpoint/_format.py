@@ -40,6 +40,15 @@ from typing import Dict, Optional
 
 import torch
 
+from .._errors import (  # noqa: F401  (re-exported: the checkpoint package's errors)
+    CheckpointError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ModelMismatchError,
+    NumericConfigMismatchError,
+    VersionMismatchError,
+)
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -71,30 +80,6 @@ KEY_EXTRA = "extra.user"
 RNG_PREFIX = "rng."
 
 _CHUNK = 16 << 20
-
-
-class CheckpointError(RuntimeError):
-    """Base class of every checkpoint problem found by flashoptim_dist.checkpoint."""
-
-
-class IncompleteCheckpointError(CheckpointError):
-    """The directory is not a complete checkpoint (missing, interrupted save, or not ours)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A file of the checkpoint is truncated, altered or missing."""
-
-
-class VersionMismatchError(CheckpointError):
-    """The checkpoint was written in a format this version cannot read."""
-
-
-class ModelMismatchError(CheckpointError):
-    """The checkpoint belongs to a model with other parameter names or shapes."""
-
-
-class NumericConfigMismatchError(CheckpointError):
-    """Loading needs a numeric conversion that was not asked for (``convert=True``)."""
 
 
 def model_key(fqn: str) -> str:

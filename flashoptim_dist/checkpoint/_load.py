@@ -26,13 +26,14 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 
 from .. import layout as lay
 from .. import numerics as nx
+from .._dist import is_dtensor, rank_world
 from ..optim.base import FlashOptimizer, allocate_state
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
 from . import _comm
 from . import _format as F
 from ._dcp import Chunked, FlashLoadPlanner
 from ._inspect import flash_state_in_dcp
-from ._views import View, build_view, n_state_slots, rank_world
+from ._views import View, build_view, n_state_slots
 
 
 # ------------------------------------------------------------------------------ sources
@@ -769,7 +770,7 @@ def _install_torch_target(src: Source, view: View, client, entries, saved_step, 
             p = e["param"]
             for name in bufs:
                 t = bufs[name].view(local.shape)
-                if _is_dt(p):
+                if is_dtensor(p):
                     from torch.distributed.tensor import DTensor
 
                     t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
@@ -796,11 +797,3 @@ def _install_torch_target(src: Source, view: View, client, entries, saved_step, 
         d["params"] = ids
         groups.append(d)
     client.load_state_dict({"state": state, "param_groups": groups})
-
-
-def _is_dt(p) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(p, DTensor)

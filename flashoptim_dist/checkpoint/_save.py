@@ -16,12 +16,14 @@ import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
+from .._dist import rank_world
+from .._version import __version__
 from ..canonical import canonical_run, cut_groups
 from ..optim.base import STATE_FORMAT_VERSION
 from . import _comm
 from . import _format as F
 from ._dcp import Chunked, FlashSavePlanner
-from ._views import View, build_view, n_state_slots, rank_world
+from ._views import View, build_view, n_state_slots
 
 
 # ------------------------------------------------------------------------------ cut groups
@@ -202,8 +204,6 @@ def _param_groups_json(client) -> List[dict]:
 
 
 def _meta(view: View, merged: dict, world: int, step, lr_scheduler, extra, save_rng: bool) -> dict:
-    import flashoptim_dist
-
     params = {}
     total = 0
     stored = {}
@@ -222,7 +222,7 @@ def _meta(view: View, merged: dict, world: int, step, lr_scheduler, extra, save_
     meta = {
         "format": F.FORMAT_NAME,
         "format_version": F.FORMAT_VERSION,
-        "flashoptim_dist_version": flashoptim_dist.__version__,
+        "flashoptim_dist_version": __version__,
         "torch_version": torch.__version__,
         "created_unix": time.time(),
         "world_size": world,
@@ -281,7 +281,11 @@ def _prepare_dirs(path: str, overwrite: bool) -> str:
     return tmp
 
 
-def _commit(tmp: str, path: str) -> None:
+def commit_directory(tmp: str, path: str) -> None:
+    """Put the finished directory ``tmp`` at ``path`` atomically: fsync ``tmp``, move an existing
+    ``path`` aside (``.<name>.old-<id>``), rename ``tmp`` to ``path``, fsync the parent, then delete
+    the old one. A crash leaves either the old directory at ``path`` or the new one (plus a
+    leftover to clean). Call on one rank, after every rank has written and fsync'ed its files."""
     parent, name = os.path.split(os.path.abspath(path).rstrip(os.sep))
     F.fsync_dir(tmp)
     old = None
@@ -392,7 +396,7 @@ def save(
         for p in parts:
             allf.update(p)
         F.write_json_durable(os.path.join(tmp, F.COMPLETE_FILE), F.make_manifest(allf, {"world_size": world}))
-        _commit(tmp, path)
+        commit_directory(tmp, path)
         return sum(v["size"] for v in allf.values())
 
     nbytes = _comm.run_everywhere(finish, "committing the checkpoint", group)[0]
@@ -449,7 +453,7 @@ def save_offline(path, views: List[View], *, overwrite: bool, stage: int, world:
     allf = {n: {"size": os.path.getsize(os.path.join(tmp, n)), "crc32": F.file_crc32(os.path.join(tmp, n))}
             for n in files}
     F.write_json_durable(os.path.join(tmp, F.COMPLETE_FILE), F.make_manifest(allf, {"world_size": world}))
-    _commit(tmp, path)
+    commit_directory(tmp, path)
     nbytes = sum(v["size"] for v in allf.values())
     numel = sum(pi.numel for pi in views[0].params.values())
     return {"path": path, "bytes": nbytes, "numel": numel, "bytes_per_param": nbytes / max(numel, 1),

@@ -25,8 +25,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import layout as lay
+from .._dist import is_deepspeed_engine, is_dtensor, rank_world
 from ..optim.base import FlashOptimizer
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
 from ._format import CheckpointError
 
 _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
@@ -35,21 +36,6 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_m
 def clean_fqn(name: str) -> str:
     """FQN without wrapper components (FSDP1, activation checkpointing, torch.compile)."""
     return ".".join(p for p in name.split(".") if p not in _WRAPPER_PARTS)
-
-
-def rank_world(group=None) -> Tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
-    return 0, 1
-
-
-def is_deepspeed_engine(model) -> bool:
-    return (
-        hasattr(model, "module")
-        and hasattr(model, "optimizer")
-        and callable(getattr(model, "save_checkpoint", None))
-        and type(model).__name__.endswith("Engine")
-    )
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -82,14 +68,6 @@ def client_optimizer(optimizer):
     return o
 
 
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
-
-
 def _detect_engine(model, module: nn.Module) -> str:
     if is_deepspeed_engine(model):
         from ..deepspeed import zero_stage_of
@@ -100,7 +78,7 @@ def _detect_engine(model, module: nn.Module) -> str:
         if type(m).__name__ == "FullyShardedDataParallel":
             return "fsdp1"
     for p in module.parameters():
-        if _is_dtensor(p):
+        if is_dtensor(p):
             return "fsdp2"
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return "ddp"
@@ -135,9 +113,9 @@ def _unmatched_error(unmatched: List[Tuple[torch.Tensor, int]], params: Dict[str
     """The error for optimizer tensors that are not parameters of the model (nothing is written)."""
     shapes = [f"{list(t.shape)} (param group {gi})" for t, gi in unmatched]
     held = f"{len(unmatched)} optimizer tensor(s) of global shape {', '.join(shapes[:6])}{' ...' if len(shapes) > 6 else ''}"
-    plain = [f for f, pi in params.items() if not _is_dtensor(pi.param)
+    plain = [f for f, pi in params.items() if not is_dtensor(pi.param)
              and any(list(pi.global_shape) == list(t.shape) for t, _ in unmatched)]
-    if any(_is_dtensor(t) for t, _ in unmatched) and plain:
+    if any(is_dtensor(t) for t, _ in unmatched) and plain:
         return CheckpointError(
             f"the optimizer holds DTensor shards whose parameters are not in their sharded state in the model: "
             f"{', '.join(plain[:8])} {'is a plain full tensor' if len(plain) == 1 else 'are plain full tensors'} "

@@ -15,15 +15,9 @@ import json
 import sys
 from typing import List, Optional
 
+from ..utils import fmt_bytes
+
 __all__ = ["add_subparsers", "main", "cmd_inspect", "cmd_export", "cmd_convert"]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n}"
 
 
 def cmd_inspect(args) -> int:
@@ -64,7 +58,7 @@ def cmd_inspect(args) -> int:
         else:
             print("optimizer: none (model only)")
     print(f"parameters: {info['numel']:,}")
-    print(f"bytes on disk: {info['bytes']:,} ({_fmt_bytes(info['bytes'])}), bytes/param: {info['bytes_per_param']:.4f}")
+    print(f"bytes on disk: {info['bytes']:,} ({fmt_bytes(info['bytes'])}), bytes/param: {info['bytes_per_param']:.4f}")
     tb = info["tensor_bytes"]
     n = max(info["numel"], 1)
     print("  by kind: " + ", ".join(f"{k} {v / n:.4f} B/param" for k, v in sorted(tb.items())))
@@ -107,7 +101,7 @@ def cmd_export(args) -> int:
     except CheckpointError as e:
         print(f"error: {e}")
         return 1
-    print(f"wrote {len(out['files'])} file(s), {out['tensors']} tensors, {_fmt_bytes(out['total_size'])} to {args.out}")
+    print(f"wrote {len(out['files'])} file(s), {out['tensors']} tensors, {fmt_bytes(out['total_size'])} to {args.out}")
     return 0
 
 
@@ -121,7 +115,7 @@ def cmd_convert(args) -> int:
         print(f"error: {e}")
         return 1
     print(f"converted DeepSpeed ZeRO-{out['stage']} checkpoint ({out['world_size']} ranks, {out['numel']:,} params) "
-          f"to {args.out}: {_fmt_bytes(out['bytes'])}, {out['bytes_per_param']:.3f} bytes/param")
+          f"to {args.out}: {fmt_bytes(out['bytes'])}, {out['bytes_per_param']:.3f} bytes/param")
     return 0
 
 

@@ -11,6 +11,7 @@
 
     sd = fds.get_fp32_state_dict_from_zero_checkpoint("checkpoints/")  # fp32 = bf16 + ρ
     fds.convert_to_plain_checkpoint("checkpoints/", "plain/")  # then DeepSpeed's ds_to_universal
+    ck = fds.read_zero_checkpoint("checkpoints/")  # every rank's partitions + the segments they hold
 
 On the CPU accelerator DeepSpeed leaves a ~66 MiB /dev/shm segment per rank behind after every
 run; ``initialize`` removes it, and ``release_cpu_comm_buffer()`` does for plain
@@ -32,6 +33,7 @@ from ._initialize import initialize, is_registered, register, unregister
 from ._shards import DeepSpeedInternalsError, attach_shard_specs, flat_partitions, zero_stage_of
 from ._shm import release_cpu_comm_buffer
 from .plain_checkpoint import convert_to_plain_checkpoint
+from .zero_checkpoint import read_zero_checkpoint
 from .zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict, get_fp32_state_dict_from_zero_checkpoint
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "get_fp32_state_dict_from_zero_checkpoint",
     "convert_zero_checkpoint_to_fp32_state_dict",
     "convert_to_plain_checkpoint",
+    "read_zero_checkpoint",
     "FLASH_OPTIMIZER_NAMES",
     "MIN_BF16_MASTER_VERSION",
     "FlashDeepSpeedConfigError",

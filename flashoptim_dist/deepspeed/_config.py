@@ -12,6 +12,9 @@ import json
 import os
 from typing import Any, Optional, Tuple
 
+# The names accepted in the config's ``"optimizer": {"type": ...}`` entry (case-insensitive).
+from .._names import FLASH_OPTIMIZER_NAMES, flash_optimizer_name
+
 __all__ = [
     "FLASH_OPTIMIZER_NAMES",
     "MIN_BF16_MASTER_VERSION",
@@ -23,8 +26,6 @@ __all__ = [
     "prepare_config",
 ]
 
-#: Names accepted in the config's ``"optimizer": {"type": ...}`` entry (case-insensitive).
-FLASH_OPTIMIZER_NAMES = ("FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion")
 
 #: ``zero_optimization.reduce_bucket_size`` set for ZeRO-3 when the config leaves it out.
 #: DeepSpeed's default (5e8 elements) allocates a 0.93 GiB bf16 bucket per rank up front — a
@@ -103,16 +104,6 @@ def load_config(args: Any = None, config: Any = None, config_params: Any = None)
 # ------------------------------------------------------------------------------------- optimizer
 
 
-def flash_optimizer_name(name: Optional[str]) -> Optional[str]:
-    """Canonical Flash name for a config ``optimizer.type`` (case-insensitive), else ``None``."""
-    if not isinstance(name, str):
-        return None
-    for canon in FLASH_OPTIMIZER_NAMES:
-        if name.lower() == canon.lower():
-            return canon
-    return None
-
-
 def resolve_optimizer_class(name: Optional[str]):
     """The Flash optimizer class for a config ``optimizer.type``; unknown names list the choices."""
     canon = flash_optimizer_name(name)
@@ -121,12 +112,14 @@ def resolve_optimizer_class(name: Optional[str]):
             f'optimizer.type {name!r} is not a Flash optimizer; choose one of {", ".join(FLASH_OPTIMIZER_NAMES)} '
             "(for DeepSpeed's own optimizers call deepspeed.initialize directly)"
         )
-    import flashoptim_dist
+    from ..optim import flash
 
     try:
-        return getattr(flashoptim_dist, canon)
+        return getattr(flash, canon)
     except AttributeError:
-        raise ImportError(f"flashoptim_dist does not export {canon}; is the optimizer core installed?") from None
+        raise ImportError(
+            f"flashoptim_dist.optim.flash does not define {canon}; is the optimizer core installed?"
+        ) from None
 
 
 def _constructor_args(cls) -> list:
@@ -134,7 +127,7 @@ def _constructor_args(cls) -> list:
     import torch
 
     try:
-        from flashoptim_dist.optim import FlashOptimizer as stop
+        from ..optim import FlashOptimizer as stop
     except ImportError:  # pragma: no cover
         stop = torch.optim.Optimizer
     allowed = []
@@ -331,7 +324,5 @@ def prepare_config(
             bf16["bf16_master_weights_and_grads"] = True
             bf16["bf16_optimizer_states"] = True
             cfg[bf16_key] = bf16
-            notes.append(
-                "ZeRO hands the Flash optimizer bf16 flat partitions; ρ and 8-bit states are the master"
-            )
+            notes.append("ZeRO hands the Flash optimizer bf16 flat partitions; ρ and 8-bit states are the master")
     return cfg, notes

@@ -300,7 +300,7 @@ def attach_shard_specs(engine, *, dedupe: bool = True) -> dict:
     nseg = 0
     for flat, segs in specs:
         # state_dict() keeps the stored per-rank tensors: DeepSpeed saves the client optimizer's
-        # state per rank and the converters (checkpoint/_convert.py, zero_to_fp32) read them as stored
+        # state per rank and the readers (zero_checkpoint.py, zero_to_fp32.py) read them as stored
         set_shard_spec(flat, ShardSpec(global_shape=tuple(flat.shape), segments=segs, state_dict_form=FORM_LOCAL))
         nseg += len(segs)
     return {"stage": stage, "tensors": len(specs), "segments": nseg, "dedupe_bytes": freed}

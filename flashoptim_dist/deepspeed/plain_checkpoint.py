@@ -11,7 +11,7 @@ writes a copy of the checkpoint in which
   :mod:`.zero_to_fp32` exports them),
 * the client optimizer's state per partition is ``{"step", "exp_avg", "exp_avg_sq"}`` in fp32,
   dequantized with the groups the optimizer used (rebuilt from DeepSpeed's own fragment
-  metadata by :func:`flashoptim_dist.checkpoint.read_zero_checkpoint`),
+  metadata by :func:`flashoptim_dist.deepspeed.read_zero_checkpoint`),
 
 and everything else (model states, ``latest``, the other keys of each file) is copied as is.
 Then::
@@ -41,8 +41,8 @@ import torch
 
 from .. import numerics as nx
 from .. import layout as lay
-from ..checkpoint._convert import read_zero_checkpoint
-from ..optim.reference import FAMILIES
+from ..reference import FAMILIES
+from .zero_checkpoint import read_zero_checkpoint
 
 __all__ = ["convert_to_plain_checkpoint"]
 

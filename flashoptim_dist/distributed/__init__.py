@@ -3,7 +3,7 @@
 Importing this package (``flashoptim_dist`` does it) registers, without touching
 ``torch.distributed`` (no process group needed, no FSDP import):
 
-* the DTensor adapter (:mod:`.fsdp2`, placement arithmetic in :mod:`.dtensor`) for FSDP2, HSDP,
+* the DTensor adapter (:mod:`.fsdp2`, placement arithmetic in :mod:`flashoptim_dist.placements`) for FSDP2, HSDP,
   tensor parallelism and their combinations on 1-, 2- and 3-D meshes: a parameter is handed to
   the optimizer as the runs of its flattened global parameter that the rank holds (its row
   block, or one run per row under a ``Shard(1)`` column split), so state is bit-identical to the

@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from .. import layout as lay
-from .dtensor import mesh_dims_sharding
+from ..placements import mesh_dims_sharding
 from .fsdp2 import is_dtensor
 
 __all__ = ["grad_norm", "clip_coefficient", "enable_gradient_release_with_clipping", "ClippedReleaseHandle"]

@@ -46,6 +46,7 @@ from typing import List, Optional
 import torch
 
 from .. import layout as lay
+from .._dist import is_dtensor
 
 __all__ = ["prepare_fsdp1", "fsdp1_shard_adapter", "FSDP1_PADDING_KEY", "is_fsdp1_param"]
 
@@ -61,13 +62,7 @@ def _flat_param_cls():
 
 def is_fsdp1_param(p) -> bool:
     """True for FSDP1 FlatParameters and original parameters managed by FSDP1."""
-    return bool(getattr(p, "_fsdp_flattened", False)) and not _is_dtensor(p)
-
-
-def _is_dtensor(p) -> bool:
-    mod = sys.modules.get("torch.distributed.tensor._api")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(p, cls)
+    return bool(getattr(p, "_fsdp_flattened", False)) and not is_dtensor(p)
 
 
 def _missing_metadata_error(what: str) -> RuntimeError:

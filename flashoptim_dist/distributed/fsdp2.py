@@ -9,14 +9,14 @@ parameter: placement ``(Shard(0),)`` on a 1-D mesh, ``(Replicate(), Shard(0))`` 
 (colwise), ``(Shard(0), Shard(1))`` (rowwise) and ``(Shard(0), Replicate())`` (norms under
 sequence parallelism) on a (dp, tp) mesh, HSDP a leading ``Replicate()``.
 
-:mod:`.dtensor` turns any of these into the rows and the range of each row a rank holds (torch's own
+:mod:`flashoptim_dist.placements` turns any of these into the rows and the range of each row a rank holds (torch's own
 split functions, cross-checked against ``compute_local_shape_and_global_offset``) and into segments
 of the flattened global parameter: one per run of whole rows (FSDP2's row block is one segment,
 placed at ``first_row × row_length``), one per local row under a ``Shard(1)`` column split. The
 optimizer places quantization groups by those global offsets, which makes the state of a sharded
 step bit-identical to the one-device step wherever no shard boundary falls inside a group (always
 for a ≥ 2-D parameter whose row length is a multiple of G; column splits that would cut groups are
-refused, :func:`.dtensor.column_check`). A dim-0 boundary inside a group leaves a *partial group*
+refused, :func:`flashoptim_dist.placements.column_check`). A dim-0 boundary inside a group leaves a *partial group*
 on each side (at most two per run of rows).
 
 What the adapter hands the optimizer (:func:`fsdp2_shard_adapter`):
@@ -52,7 +52,6 @@ created next to the offloaded shard on the CPU and the step runs the PyTorch ref
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 import weakref
 from typing import Optional, Tuple
@@ -60,8 +59,9 @@ from typing import Optional, Tuple
 import torch
 
 from .. import layout as lay
+from .._dist import is_dtensor
 from ..layout import chunk_range  # noqa: F401  (re-exported: part of this module's API)
-from . import dtensor as dt
+from .. import placements as dt
 
 __all__ = [
     "fsdp2_shard_adapter",
@@ -75,16 +75,6 @@ __all__ = [
 
 # ---------------------------------------------------------------------------------------------
 # cheap DTensor detection: a DTensor can only exist once torch.distributed.tensor is imported
-
-
-def _dtensor_cls():
-    mod = sys.modules.get("torch.distributed.tensor._api")
-    return getattr(mod, "DTensor", None) if mod is not None else None
-
-
-def is_dtensor(t) -> bool:
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(t, cls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,22 +60,18 @@ from torchtitan.components.optimizer import OptimizersContainer, ParamGroupConfi
 from torchtitan.config.override import derive, override
 
 from .. import optim as _optim
+from .._names import BASELINE_OF, FLASH_OPTIMIZER_NAMES
 
 __all__ = ["FlashOptimizersContainer", "FLASH_OPTIMIZERS", "flash_adamw", "flash_optimizers", "flash_param_groups"]
 
 logger = logging.getLogger(__name__)
 
 #: The names a ParamGroupConfig.optimizer_name may use for a Flash optimizer.
-FLASH_OPTIMIZERS: Dict[str, type] = {
-    "FlashAdamW": _optim.FlashAdamW,
-    "FlashAdam": _optim.FlashAdam,
-    "FlashLion": _optim.FlashLion,
-    "FlashSGD": _optim.FlashSGD,
-    "FlashSGDW": _optim.FlashSGDW,
-}
+FLASH_OPTIMIZERS: Dict[str, type] = {name: getattr(_optim, name) for name in FLASH_OPTIMIZER_NAMES}
 
 #: What flash_optimizers renames when no ``optimizer`` is given: torch's name -> the Flash twin.
-_TWINS = {"AdamW": "FlashAdamW", "Adam": "FlashAdam", "SGD": "FlashSGD"}
+#: Only torch.optim's own names (SGDW and Lion are not torch.optim classes).
+_TWINS = {base: flash for flash, base in BASELINE_OF.items() if base in ("AdamW", "Adam", "SGD")}
 
 #: Keyword arguments of the optimizer constructors that configure the numerics, not a group:
 #: they go to ``optimizer_factory_kwargs_by_name`` (one value per optimizer instance).

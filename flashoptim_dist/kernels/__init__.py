@@ -1,2 +1,2 @@
-"""Private Triton kernels. The public API never exposes them; see flashoptim_dist.optim.reference
+"""Private Triton kernels. The public API never exposes them; see flashoptim_dist.reference
 for the math they implement."""

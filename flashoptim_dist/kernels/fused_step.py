@@ -2,7 +2,7 @@
 
 Each program handles ``NG`` canonical groups (``NG·G`` elements) of one segment: it loads the
 narrow param, ρ, the gradient and the 8-bit moments, reconstructs the fp32 master, applies the
-update of :mod:`flashoptim_dist.optim.reference` in fp32 registers, and writes back the narrow
+update of :mod:`flashoptim_dist.reference` in fp32 registers, and writes back the narrow
 param, ρ, codes and scales. Traffic for FlashAdamW-24 with bf16 grads: read 2+1+2+1+1, write
 2+1+1+1 bytes per element plus 4 bytes of scales per 32 elements.
 
@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from .. import numerics as nx
-from ..optim.reference import HYPER_COLUMNS, N_HYPER, SIGN_COLUMN, STEP_HI_COLUMN, STEP_LO_COLUMN
+from ..reference import HYPER_COLUMNS, N_HYPER, SIGN_COLUMN, STEP_HI_COLUMN, STEP_LO_COLUMN
 
 # Offsets table columns (int64 per segment). _GORIG: canonical index of the segment's aligned
 # origin (global_start − phase); _KEY: the parameter's dither identity (numerics.parameter_key);
@@ -405,7 +405,7 @@ def _step_block(
         if QUANT:
             st1 = _dequant_sqrt(st1, _ld(s1_ptr + grp, gmask, MASKED).to(tl.float32)[:, None], INV_UNSIGNED, INTERPRET)
 
-    # ---- update (mirrors optim/reference.py)
+    # ---- update (mirrors flashoptim_dist/reference.py)
     if FAMILY == 0:  # adam: decay l2 w1 beta2 w2 eps step_size inv_bc2_sqrt
         if DECOUPLED:
             theta = theta * h0
@@ -415,7 +415,7 @@ def _step_block(
         st1 = st1 * h3 + (h4 * g) * g
         sqrt_v = _sqrt(st1, EXACT)
         denom = sqrt_v * h7 + h5
-        if QUANT:  # the outlier bound (optim/reference.py): |m|/denom ≤ R_t = 1/h9
+        if QUANT:  # the outlier bound (flashoptim_dist/reference.py): |m|/denom ≤ R_t = 1/h9
             denom = tl.maximum(denom, tl.abs(st0) * h9, propagate_nan=tl.PropagateNan.ALL)
         theta = theta + _div((-h6) * st0, denom, EXACT)
     elif FAMILY == 1:  # sgd: decay l2 momentum w_damp nesterov first lr

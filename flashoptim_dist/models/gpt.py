@@ -407,7 +407,7 @@ class GPT(nn.Module):
     def tensor_parallel_problems(self, tp: int, group_size: int = 0) -> list[str]:
         """Why :meth:`tensor_parallel_plan` cannot split this model ``tp`` ways (empty: it can).
         With ``group_size`` (a Flash optimizer's), also the rowwise weights whose column pieces
-        would cut quantization groups (flashoptim_dist.distributed.dtensor refuses those)."""
+        would cut quantization groups (flashoptim_dist.placements refuses those)."""
         cfg, out = self.cfg, []
         for what, n in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", cfg.kv_heads),
                         ("model.d_ff", cfg.ff_dim), ("model.vocab_size", cfg.vocab_size)):

@@ -1,4 +1,6 @@
-"""Flash optimizers: public classes (:mod:`.flash`), core (:mod:`.base`), reference math (:mod:`.reference`)."""
+"""Flash optimizers: public classes (:mod:`.flash`), core (:mod:`.base`).
+
+The math they run is :mod:`flashoptim_dist.reference`."""
 
 from .base import STATE_FORMAT_VERSION, FlashOptimizer
 from .flash import FlashAdam, FlashAdamW, FlashLion, FlashSGD, FlashSGDW

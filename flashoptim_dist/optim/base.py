@@ -2,7 +2,7 @@
 
 Layering (as in ``torch.optim``): the public classes in :mod:`.flash` only validate
 hyper-parameters and say how a param group's hyper-parameters become a fp32 row
-(:mod:`.reference` names the columns); this module turns parameters into *segments*
+(:mod:`flashoptim_dist.reference` names the columns); this module turns parameters into *segments*
 (:mod:`flashoptim_dist.layout`), owns the state tensors, and runs one fused launch per
 (family, dtype) combination per step. Nothing here knows which engine sharded a parameter:
 engines describe shards through :func:`flashoptim_dist.layout.resolve_shard`.
@@ -41,7 +41,7 @@ from .. import layout as lay
 from .. import numerics as nx
 from ..config import FlashConfig
 from . import state_io
-from .reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
+from ..reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
 
 __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
@@ -265,6 +265,11 @@ class FlashOptimizer(Optimizer):
         spec = lay.resolve_shard(p)
         return spec.local(p) if spec.local is not None else p
 
+    def local_tensor(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor this rank steps for parameter ``p``: its local shard (e.g. a DTensor's local
+        tensor under FSDP2), or ``p`` itself when it is not sharded."""
+        return self._local(p)
+
     @staticmethod
     def _grad(p: torch.Tensor, spec: lay.ShardSpec) -> Optional[torch.Tensor]:
         if spec.grad is not None:
@@ -383,6 +388,12 @@ class FlashOptimizer(Optimizer):
         if group is None:
             group = self._group_of(p)
         self._step_items([(p, group)])
+
+    def step_items(self, items: List[Tuple[torch.Tensor, Dict[str, Any]]]) -> None:
+        """Step exactly the given ``(parameter, its param group)`` pairs now, with one kernel
+        launch per launch combination (used by gradient release to update one engine unit at a
+        time). Parameters without a gradient are skipped. Call under ``torch.no_grad()``."""
+        self._step_items(items)
 
     def _group_of(self, p: torch.Tensor) -> Dict[str, Any]:
         for group in self.param_groups:

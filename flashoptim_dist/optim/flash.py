@@ -30,9 +30,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .._names import DECOUPLED_DECAY, FAMILY_OF, FLASH_OPTIMIZER_NAMES
 from ..config import FlashConfig
 from .base import FlashOptimizer
-from .reference import N_HYPER
+from ..reference import N_HYPER
 
 __all__ = ["FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion"]
 
@@ -114,7 +115,7 @@ def _config(master_weight_bits, quantize, group_size, backend, check_numerics, r
 
 def adam_ratio_bound(beta1: float, beta2: float, steps: np.ndarray) -> np.ndarray:
     """R_t: the largest |m_t|·√(1−β2^t)/√v_t exact Adam can reach at step t, for any gradients
-    (Cauchy–Schwarz, see :mod:`.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
+    (Cauchy–Schwarz, see :mod:`flashoptim_dist.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
     steps = np.asarray(steps, dtype=np.float64)
     if beta2 <= 0.0:
         return np.full(steps.shape, np.inf)
@@ -350,3 +351,15 @@ class FlashLion(FlashOptimizer):
             -1.0 if group["maximize"] else 1.0,
             0.0,
         ])
+
+
+def _check_names() -> None:
+    # flashoptim_dist._names describes these classes to code that must not import them (configs,
+    # converters); a class that disagrees with it would be mis-described there, so refuse at import.
+    for name in FLASH_OPTIMIZER_NAMES:
+        cls = globals()[name]
+        if cls.family != FAMILY_OF[name] or cls.decoupled != (name in DECOUPLED_DECAY):
+            raise ImportError(f"{name} disagrees with flashoptim_dist._names (family {cls.family}, decoupled {cls.decoupled})")
+
+
+_check_names()

@@ -28,7 +28,7 @@ full state dict is plain tensors.
     norms and biases are ~0.01 % of a transformer's elements).
 
     Tensor parallelism: a ``Shard(1)`` column split is accepted only where it cuts no group
-    (:mod:`flashoptim_dist.distributed.dtensor`): the row length and every column boundary are
+    (:mod:`flashoptim_dist.placements`): the row length and every column boundary are
     multiples of G, so ``K = L/G`` and torch's split of the K scales of a row over the TP ranks
     gives each rank exactly the scales of its columns — the scales are a DTensor with the
     parameter's placements again (checked against torch for every parameter: a 3-D parameter
@@ -70,24 +70,18 @@ import bisect
 import functools
 import itertools
 import math
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
 from .. import layout as lay
+from .._dist import is_dtensor
 from ..canonical import canonical_run, cut_groups, requantize
-from .reference import FAMILIES
+from ..placements import block_at, mesh_dims_sharding
+from ..reference import FAMILIES
 
 __all__ = ["form_of", "scale_rows_shape", "export_states", "import_state", "local_elementwise", "as_global", "is_dtensor"]
-
-
-def is_dtensor(t) -> bool:
-    # a DTensor can only exist once torch.distributed.tensor is imported: no import here
-    mod = sys.modules.get("torch.distributed.tensor._api")
-    cls = getattr(mod, "DTensor", None) if mod is not None else None
-    return cls is not None and isinstance(t, cls)
 
 
 def _whole(p, spec: lay.ShardSpec) -> bool:
@@ -175,10 +169,6 @@ def _rows_to_scales(rows: torch.Tensor, r0: int, n: int, L: int, G: int, n_scale
 def _mesh_cut_groups(gshape: tuple, mesh_sizes: tuple, placements: tuple, G: int) -> Tuple[int, ...]:
     """Every canonical group that a boundary between two ranks' runs cuts, over the whole mesh
     (the same on every rank: global shape, mesh and placements only)."""
-    # the DTensor placement arithmetic lives with the adapter (imported here, not at module
-    # level: the optimizer core imports no engine; a DTensor exists only when it is loaded)
-    from ..distributed.dtensor import block_at, mesh_dims_sharding
-
     R, L = _rows_of(gshape)
     numel = R * L
     dims = mesh_dims_sharding(placements)
@@ -206,8 +196,6 @@ def _mesh_device(mesh) -> torch.device:
 def _agree_cut_scales(entries: List[dict], G: int) -> Dict[tuple, float]:
     """(param index, state, group) -> agreed (largest) scale of every cut group of the DTensor
     entries: one all-reduce MAX per sharded mesh dim, per mesh, only where cuts exist."""
-    from ..distributed.dtensor import mesh_dims_sharding
-
     by_mesh: Dict[Any, List[Tuple[dict, tuple]]] = {}
     for e in entries:
         p = e["p"]

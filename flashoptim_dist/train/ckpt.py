@@ -38,6 +38,9 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from .._dist import is_deepspeed_engine as _is_deepspeed
+from .._dist import rank_world as _rank_world
+
 __all__ = ["save_train_state", "load_latest", "list_checkpoints", "read_train_state", "STEP_DIR_RE"]
 
 STEP_DIR_RE = re.compile(r"^step_(\d{8,})$")
@@ -45,12 +48,6 @@ _STATE_FILE = "train_state.json"
 _FORMAT = "flashoptim_dist.train.ckpt/1"
 _FLASH_COMPLETE = "COMPLETE"
 _FLASH_META = "flashoptim.json"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -74,10 +71,6 @@ def _quiet():
         warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
         warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed")
         yield
-
-
-def _is_deepspeed(model) -> bool:
-    return callable(getattr(model, "save_checkpoint", None)) and callable(getattr(model, "load_checkpoint", None))
 
 
 def _is_flash(optimizer) -> bool:
@@ -147,8 +140,7 @@ def save_train_state(
 def _save_torch_baseline(final: Path, step: int, world: int, model, optimizer, extra) -> None:
     """A torch baseline's checkpoint: plain DCP (or DeepSpeed's own) into a temporary directory,
     ``train_state.json`` last, then the checkpoint module's commit (fsync + rename into place)."""
-    from flashoptim_dist.checkpoint import _format as F
-    from flashoptim_dist.checkpoint._save import _commit
+    from flashoptim_dist.checkpoint import commit_directory, write_json_durable
 
     rank, _ = _rank_world()
     tmp = None
@@ -168,8 +160,8 @@ def _save_torch_baseline(final: Path, step: int, world: int, model, optimizer, e
     _barrier()
     if rank == 0:
         state = {"format": _FORMAT, "step": step, "world_size": world, "time": time.time(), "extra": extra or {}}
-        F.write_json_durable(str(tmp / _STATE_FILE), json.loads(json.dumps(state, default=str)))
-        _commit(str(tmp), str(final))
+        write_json_durable(str(tmp / _STATE_FILE), json.loads(json.dumps(state, default=str)))
+        commit_directory(str(tmp), str(final))
     _barrier()
 
 

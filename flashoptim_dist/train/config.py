@@ -35,6 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+# Optimizer names, the torch (fp32) baseline of each Flash optimizer: one table for the package.
+from .._names import BASELINE_OF, OPTIMIZER_NAMES
+from .._names import FLASH_OPTIMIZER_NAMES as FLASH_OPTIMIZERS
+from .._names import TORCH_BASELINE_NAMES as TORCH_OPTIMIZERS
 from ._config_parse import _Bad, _coerce, _parse_scalar_or_list, _type_desc
 
 __all__ = [
@@ -59,18 +63,12 @@ __all__ = [
     "ENGINES",
 ]
 
-FLASH_OPTIMIZERS = ("FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion")
-TORCH_OPTIMIZERS = ("AdamW", "Adam", "SGD", "SGDW", "Lion")
-#: The torch (fp32) baseline of each Flash optimizer.
-BASELINE_OF = dict(zip(FLASH_OPTIMIZERS, TORCH_OPTIMIZERS))
 ENGINES = ("single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3")
 #: Engines under which gradient release (step in the post-accumulate-grad hook) is supported:
 #: the hook must see the final, reduced gradient of the parameter.
 GRADIENT_RELEASE_ENGINES = ("single", "fsdp2")
 
-OptimizerName = Literal[
-    "FlashAdamW", "FlashAdam", "FlashSGD", "FlashSGDW", "FlashLion", "AdamW", "Adam", "SGD", "SGDW", "Lion"
-]
+OptimizerName = Literal[OPTIMIZER_NAMES]
 EngineName = Literal["single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3"]
 PresetName = Literal["tiny", "mini", "small", "125m", "350m", "1b", "3b", "8b"]
 

@@ -44,6 +44,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._dist import rank_world
+from ..release import enable_gradient_release
+from ..utils import cast_model
 from .config import FLASH_OPTIMIZERS, Config
 from .optimizers import build_optimizer, is_flash, optimizer_kwargs
 
@@ -288,8 +291,6 @@ class _DeepSpeedEngine(Engine):
 
 
 def _bf16_cast(model: nn.Module) -> nn.Module:
-    from flashoptim_dist import cast_model
-
     return cast_model(model, dtype=torch.bfloat16)
 
 
@@ -597,8 +598,6 @@ def _enable_gradient_release(cfg: Config, eng: Engine) -> None:
             eng.module, eng.optimizer, cfg.train.max_grad_norm, mode="previous"
         )
     else:
-        from flashoptim_dist import enable_gradient_release
-
         eng.grad_release = enable_gradient_release(eng.module, eng.optimizer)
 
 
@@ -606,8 +605,7 @@ def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum
     """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
     the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
     name = cfg.engine.name
-    initialized = dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if initialized else (0, 1)
+    rank, world = rank_world()
     _check_launch(cfg, world, grad_accum)
     builder = _BUILDERS.get(name)
     if builder is None:  # pragma: no cover - the config validator rejects other names

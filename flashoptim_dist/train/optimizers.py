@@ -19,6 +19,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .._names import FAMILY_OF
 from .config import BASELINE_OF, FLASH_OPTIMIZERS, OptimConfig
 
 __all__ = [
@@ -28,11 +29,7 @@ __all__ = [
 
 #: name -> (module, attribute). The single lookup table for optimizer classes.
 OPTIMIZER_CLASSES = {
-    "FlashAdamW": ("flashoptim_dist", "FlashAdamW"),
-    "FlashAdam": ("flashoptim_dist", "FlashAdam"),
-    "FlashSGD": ("flashoptim_dist", "FlashSGD"),
-    "FlashSGDW": ("flashoptim_dist", "FlashSGDW"),
-    "FlashLion": ("flashoptim_dist", "FlashLion"),
+    **{name: ("flashoptim_dist.optim.flash", name) for name in FLASH_OPTIMIZERS},
     "AdamW": ("torch.optim", "AdamW"),
     "Adam": ("torch.optim", "Adam"),
     "SGD": ("torch.optim", "SGD"),
@@ -66,8 +63,7 @@ def optimizer_class(name: str):
 
 
 def _family(name: str) -> str:
-    base = baseline_of(name)
-    return {"AdamW": "adam", "Adam": "adam", "SGD": "sgd", "SGDW": "sgd", "Lion": "lion"}[base]
+    return FAMILY_OF[name]
 
 
 def optimizer_kwargs(cfg: OptimConfig) -> dict:

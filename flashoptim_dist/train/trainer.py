@@ -36,6 +36,7 @@ import torch.distributed as dist
 from .. import launch_env
 from ..data import BatchSampler, ByteTokenizer, EvalSet, build_corpus
 from ..models import build_model, count_params
+from ..utils import fmt_bytes
 from . import ckpt
 from .config import Config, config_to_dict
 from .engines import build_engine, parallel_dims
@@ -134,12 +135,6 @@ class _Metrics:
                 fh.write(json.dumps(rec) + "\n")
 
 
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
-        n /= 1024
-    return str(n)
 
 
 def _tokenizer(cfg: Config):
@@ -360,11 +355,13 @@ class Trainer:
         if self.printer.bar is None:
             self.printer.line(
                 f"step {completed}/{self.cfg.train.steps} loss {self.last_loss:.4f} lr {self.lr:.2e} "
-                f"tok/s {self.tps:,.0f} mem {_fmt_bytes(peak)}"
+                f"tok/s {self.tps:,.0f} mem {fmt_bytes(peak, sep="")}"
             )
         self.loss_window.zero_()
         self.step_time, self.window_tokens = 0.0, 0
-        self.printer.update(0, {"loss": f"{self.last_loss:.3f}", "tok/s": f"{self.tps:,.0f}", "mem": _fmt_bytes(peak)})
+        self.printer.update(
+            0, {"loss": f"{self.last_loss:.3f}", "tok/s": f"{self.tps:,.0f}", "mem": fmt_bytes(peak, sep="")}
+        )
 
     def should_evaluate(self, completed: int, is_final: bool) -> bool:
         every = self.cfg.train.eval_every

@@ -68,7 +68,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .. import layout as lay
+from . import layout as lay
 
 __all__ = [
     "placement_kind",

@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .. import numerics as nx
+from . import numerics as nx
 
 __all__ = ["HYPER_COLUMNS", "N_HYPER", "FAMILIES", "SegmentViews", "reference_step_segment", "step_of_row"]
 
