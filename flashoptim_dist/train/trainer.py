@@ -355,7 +355,7 @@ class Trainer:
         if self.printer.bar is None:
             self.printer.line(
                 f"step {completed}/{self.cfg.train.steps} loss {self.last_loss:.4f} lr {self.lr:.2e} "
-                f"tok/s {self.tps:,.0f} mem {fmt_bytes(peak, sep="")}"
+                f"tok/s {self.tps:,.0f} mem {fmt_bytes(peak, sep='')}"
             )
         self.loss_window.zero_()
         self.step_time, self.window_tokens = 0.0, 0
