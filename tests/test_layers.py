@@ -31,7 +31,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "flashoptim_dist"
 LAYERS = [
     # 0: leaves — names, process-group facts, errors, the numeric config, small helpers
     ["flashoptim_dist._names", "flashoptim_dist._dist", "flashoptim_dist._errors", "flashoptim_dist._version",
-     "flashoptim_dist.config", "flashoptim_dist.utils"],
+     "flashoptim_dist.config", "flashoptim_dist.utils",
+     # the launcher-environment pieces behind launch_env (standard library only: launch/torchrun.sh
+     # runs launch_env.py as a file, before torch is importable)
+     "flashoptim_dist._launch", "flashoptim_dist._launch.*"],
     # 1: element numerics (ρ, companders, scales) and the shard contract (segments, layouts)
     ["flashoptim_dist.numerics", "flashoptim_dist.layout"],
     # 2: canonical groups across shards; DTensor placements → segments
