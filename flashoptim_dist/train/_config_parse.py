@@ -4,7 +4,8 @@
 ``Union``, ``Literal``, ``tuple``/``list``, bool/int/float/str) or raises :class:`_Bad`;
 :func:`_type_desc` words a type for error messages; :func:`_parse_scalar_or_list` parses an
 override's text the way YAML would. Split out of :mod:`.config`, which re-exports all of them
-and turns ``_Bad`` into a :class:`~.config.ConfigError` naming the key.
+and turns ``_Bad`` into a :class:`ConfigError` naming the key. :class:`ConfigError` lives here,
+below both :mod:`.config` and :mod:`._config_validate`, which raise it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import json
 import typing
 from typing import Any, Literal, Union
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key, the value and what is allowed."""
 
 
 def _type_desc(tp) -> str:
