@@ -303,9 +303,8 @@ def build_view(model, optimizer=None) -> View:
             local = spec.local(t) if spec.local is not None else t
             layout = lay.spec_layout(local, spec, cfg)
             segs = []
-            for seg, soff in zip(layout.segments, layout.scale_offsets):
-                if seg.length == 0:
-                    continue
+            for run in lay.segment_runs(layout):
+                seg = run.segment
                 if _is_padding_key(seg.key):
                     continue  # padding inside a flat partition (DeepSpeed: None, FSDP1: "<fsdp1 padding>")
                 if seg.key is None and deepspeed:
@@ -331,7 +330,7 @@ def build_view(model, optimizer=None) -> View:
                         f"optimizer segment [{seg.global_start}, {seg.global_start + seg.length}) of {fqn} lies "
                         f"outside the parameter's {pi.numel} elements; the engine adapter's ShardSpec is inconsistent"
                     )
-                segs.append(SegInfo(fqn, seg, soff))
+                segs.append(SegInfo(fqn, seg, run.scale_start))
             tensors.append(TensorInfo(t, local.detach().reshape(-1), layout, gi, segs))
     if unmatched:
         raise _unmatched_error(unmatched, params)

@@ -224,12 +224,11 @@ def _agree_cut_scales(entries: List[dict], G: int) -> Dict[tuple, float]:
             for name, _ in e["quantized"]:
                 sc = e["st"][name + "_scales"]
                 mine: Dict[int, float] = {}  # this rank's scale of each cut group it touches (scales are >= 0)
-                for seg, soff in zip(layout.segments, layout.scale_offsets):
-                    if not seg.length:
-                        continue
+                for run in lay.segment_runs(layout):
+                    seg = run.segment
                     g_lo, g_hi = seg.global_start // G, (seg.global_start + seg.length - 1) // G
                     for g in cuts[bisect.bisect_left(cuts, g_lo) : bisect.bisect_right(cuts, g_hi)]:
-                        mine[g] = max(mine.get(g, 0.0), float(sc[soff + g - g_lo]))
+                        mine[g] = max(mine.get(g, 0.0), float(sc[run.scale_start + g - g_lo]))
                 for g in cuts:
                     slots.append((e["pid"], name, g))
                     vals.append(mine.get(g, 0.0))
@@ -363,18 +362,15 @@ def _canonical_runs(codes, scales, kind, layout, numel: int, G: int, agreed):
     and scales where a cut group's agreed scale differs from the rank's own (the inputs
     otherwise; never modified)."""
     out_c, out_s = codes, scales
-    for seg, soff in zip(layout.segments, layout.scale_offsets):
-        if not seg.length:
-            continue
-        ls, ng = seg.local_start, seg.n_groups(G)
-        cs, ss = codes[ls : ls + seg.length], scales[soff : soff + ng]
-        c, sc = canonical_run(cs, ss, kind, seg.global_start, numel, G, agreed)
+    for run in lay.segment_runs(layout):
+        cs, ss = codes[run.local], scales[run.scales]
+        c, sc = canonical_run(cs, ss, kind, run.segment.global_start, numel, G, agreed)
         if c is cs and sc is ss:  # no cut group of this run changed
             continue
         if out_c is codes:
             out_c, out_s = codes.clone(), scales.clone()
-        out_c[ls : ls + seg.length] = c
-        out_s[soff : soff + ng] = sc
+        out_c[run.local] = c
+        out_s[run.scales] = sc
     return out_c, out_s
 
 
@@ -402,11 +398,8 @@ def _export_elementwise(e: dict, G: int) -> dict:
             out[k] = v
         elif k.endswith("_scales"):
             per = v.new_empty(layout.numel)
-            for seg, soff in zip(layout.segments, layout.scale_offsets):
-                if seg.length:
-                    ng = seg.n_groups(G)
-                    per[seg.local_start : seg.local_start + seg.length] = torch.repeat_interleave(
-                        v[soff : soff + ng], _group_counts(seg, G).to(v.device))
+            for run in lay.segment_runs(layout):
+                per[run.local] = torch.repeat_interleave(v[run.scales], _group_counts(run.segment, G).to(v.device))
             out[k] = per.to(xdt)  # FSDP1 moves one dtype per unit
         else:
             out[k] = v.to(xdt)  # exact (see _elementwise_dtype)
@@ -561,18 +554,15 @@ def _reconcile(codes: torch.Tensor, per: torch.Tensor, kind: str, layout, G: int
     the group takes the largest and the other elements' codes are re-expressed against it."""
     scales = per.new_zeros(layout.n_scales)
     codes = codes.clone()
-    for seg, soff in zip(layout.segments, layout.scale_offsets):
-        if not seg.length:
-            continue
-        ng = seg.n_groups(G)
-        sl = slice(seg.local_start, seg.local_start + seg.length)
-        s = per[sl].float()
-        gidx = torch.repeat_interleave(torch.arange(ng, device=s.device), _group_counts(seg, G).to(s.device))
+    for run in lay.segment_runs(layout):
+        ng = run.n_groups
+        s = per[run.local].float()
+        gidx = torch.repeat_interleave(torch.arange(ng, device=s.device), _group_counts(run.segment, G).to(s.device))
         smax = s.new_zeros(ng).scatter_reduce(0, gidx, s, "amax", include_self=False)
-        scales[soff : soff + ng] = smax.to(torch.bfloat16)  # exact: each is one of the bf16 inputs
+        scales[run.scales] = smax.to(torch.bfloat16)  # exact: each is one of the bf16 inputs
         low = (s != smax[gidx]).nonzero().flatten()
         for i in low.tolist():  # rare: a formerly cut group, one element at a time keeps it simple
-            j = seg.local_start + i
+            j = run.start + i
             s_new = smax[gidx[i]].reshape(1).to(torch.bfloat16)
             codes[j : j + 1] = requantize(codes[j : j + 1], kind, per[j : j + 1], s_new, G, 0).to(codes.device)
     return codes, scales
