@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -41,6 +41,8 @@ __all__ = [
     "RowBlock",
     "ShardSpec",
     "StateLayout",
+    "SegmentRun",
+    "segment_runs",
     "state_layout",
     "spec_layout",
     "num_groups",
@@ -342,3 +344,60 @@ def spec_layout(local: torch.Tensor, spec: ShardSpec, config) -> StateLayout:
     if spec.check is not None:
         spec.check(config.group_size)
     return state_layout_for(local, spec.segments, config)
+
+
+class SegmentRun(NamedTuple):
+    """Where one non-empty segment of a :class:`StateLayout` sits in the tensor's local storage.
+
+    Attributes:
+        index: the segment's position in ``layout.segments`` (to pair it with per-segment data
+            kept in that order, e.g. the optimizer's dither keys).
+        segment: the :class:`Segment` itself (``key``, ``global_start``, ``global_numel``).
+        start, stop: its elements in the local flat storage (codes, ρ, param, grad):
+            ``[start, stop)``, ``stop - start == segment.length > 0``.
+        phase: ``segment.global_start % group_size``, the position of its first element inside
+            its canonical group (non-zero when the segment starts mid-group).
+        scale_start, scale_stop: its scales in the tensor's scale vector: one per canonical group
+            the segment touches, ``scale_stop - scale_start == segment.n_groups(group_size)``.
+    """
+
+    index: int
+    segment: Segment
+    start: int
+    stop: int
+    phase: int
+    scale_start: int
+    scale_stop: int
+
+    @property
+    def local(self) -> slice:
+        """``slice(start, stop)``: the segment's elements in the local flat storage."""
+        return slice(self.start, self.stop)
+
+    @property
+    def scales(self) -> slice:
+        """``slice(scale_start, scale_stop)``: the segment's scales."""
+        return slice(self.scale_start, self.scale_stop)
+
+    @property
+    def n_groups(self) -> int:
+        return self.scale_stop - self.scale_start
+
+
+def segment_runs(layout: StateLayout) -> Iterator[SegmentRun]:
+    """The non-empty segments of ``layout``, in local order, each as a :class:`SegmentRun`.
+
+    Yields one run per segment of ``layout.segments`` whose length is > 0 (empty segments,
+    e.g. an FSDP shard holding no rows, are skipped but still count in ``index``). Nothing is
+    cut at group boundaries: a run's first canonical group may be partial (``phase > 0``) and so
+    may its last; its ``n_groups`` scales cover them all. Padding segments of flat partitions
+    (``segment.key`` None or ``"<...>"``) are yielded like any other: callers that skip padding
+    test ``run.segment.key``."""
+    G = layout.group_size
+    for i, (seg, soff) in enumerate(zip(layout.segments, layout.scale_offsets)):
+        n = seg.length
+        if n <= 0:
+            continue
+        phase = seg.global_start % G
+        yield SegmentRun(i, seg, seg.local_start, seg.local_start + n, phase, soff,
+                         soff + num_groups(n, phase, G))

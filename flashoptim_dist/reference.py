@@ -197,7 +197,8 @@ def reference_step_segment(
         seg.param.copy_(theta)
     elif seg.rho is not None:
         field = "rho" if seg.rho.dtype == torch.int8 else "rho16"
-        p, r = nx.split_master(theta, seg.param.dtype, seg.rho.dtype, None if words is None else nx.dither_field(words, field))
+        dither = None if words is None else nx.dither_field(words, field)
+        p, r = nx.split_master(theta, seg.param.dtype, seg.rho.dtype, dither)
         seg.param.copy_(p)
         seg.rho.copy_(r)
     else:

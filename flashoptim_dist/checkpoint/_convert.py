@@ -61,8 +61,16 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
             seginfos = [SegInfo(s.key, s, o) for s, o in zip(layout.segments, layout.scale_offsets)
                         if s.key is not None and s.length > 0]
             for k, v in st.items():
-                if torch.is_tensor(v) and v.dim() > 0 and k != "rho" and not k.endswith("_scales") and v.numel() != local.numel():
-                    raise F.CheckpointError(f"{ck['optim_files'][r]}: state {k!r} has {v.numel()} elements, the partition {local.numel()}")
+                if (
+                    torch.is_tensor(v)
+                    and v.dim() > 0
+                    and k != "rho"
+                    and not k.endswith("_scales")
+                    and v.numel() != local.numel()
+                ):
+                    raise F.CheckpointError(
+                        f"{ck['optim_files'][r]}: state {k!r} has {v.numel()} elements, the partition {local.numel()}"
+                    )
             client.state[local] = st
             tis.append(TensorInfo(local, local, layout, gi, seginfos))
         if stage in (1, 2):
@@ -77,5 +85,12 @@ def convert_deepspeed_checkpoint(path, out, *, tag=None, overwrite: bool = False
         if b in module and torch.is_tensor(module[b]):
             buffers[b] = module[b]
     views[0].buffers.update(buffers)
-    return _save.save_offline(out, views, overwrite=overwrite, stage=stage, world=world,
-                              step=model_sd.get("global_steps"), lr_scheduler_state=model_sd.get("lr_scheduler"))
+    return _save.save_offline(
+        out,
+        views,
+        overwrite=overwrite,
+        stage=stage,
+        world=world,
+        step=model_sd.get("global_steps"),
+        lr_scheduler_state=model_sd.get("lr_scheduler"),
+    )

@@ -16,49 +16,34 @@ from __future__ import annotations
 import os
 import random
 import warnings
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from .. import layout as lay
-from .. import numerics as nx
 from .._dist import is_dtensor, rank_world
-from ..optim.base import FlashOptimizer, allocate_state
-from ..reference import FAMILIES
+from ..optim.base import FlashOptimizer
 from . import _comm
 from . import _format as F
-from ._dcp import Chunked, FlashLoadPlanner
+from ._dcp import FlashLoadPlanner
 from ._inspect import flash_state_in_dcp
-from ._views import View, build_view, n_state_slots
+from ._plan import PlannedLoad, Source, _fp32_state, _master, plan_load
+from ._plan import install_state  # noqa: F401  (imported from here by ._export)
+from ._views import View, build_view
 
 
 # ------------------------------------------------------------------------------ sources
-
-
-@dataclass
-class Source:
-    """What a checkpoint holds, independent of who wrote it (flashoptim_dist or plain DCP)."""
-
-    path: str
-    kind: str  # "flash" | "torch"
-    dcp_md: Any
-    meta: Optional[dict]
-    params: Dict[str, dict]  # fqn -> {"shape", "dtype" (stored), "key"}
-    buffers: Dict[str, dict]
-    optimizer: Optional[dict]  # normalized optimizer description (see _flash_source/_torch_source)
-    world_size: Optional[int]
-    byte_keys: Dict[str, str] = field(default_factory=dict)  # purpose -> key
 
 
 def _read_dcp_metadata(path: str):
     try:
         return dcp.FileSystemReader(path).read_metadata()
     except Exception as e:  # noqa: BLE001
-        raise F.CorruptCheckpointError(f"{os.path.join(path, '.metadata')}: cannot read the DCP metadata ({type(e).__name__}: {e})") from None
+        raise F.CorruptCheckpointError(
+            f"{os.path.join(path, '.metadata')}: cannot read the DCP metadata ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _flash_source(path: str, verify: str, rank: int, world: int) -> Tuple[Source, List[str]]:
@@ -72,7 +57,9 @@ def _flash_source(path: str, verify: str, rank: int, world: int) -> Tuple[Source
     names = sorted(manifest["files"])
     for required in (F.META_FILE, ".metadata"):
         if required not in manifest["files"]:
-            raise F.CorruptCheckpointError(f"{path}: the manifest does not list {required}; not a flashoptim_dist checkpoint")
+            raise F.CorruptCheckpointError(
+                f"{path}: the manifest does not list {required}; not a flashoptim_dist checkpoint"
+            )
     # small files on every rank, big ones shared out
     errs = F.verify_files(path, manifest, [F.META_FILE, ".metadata"], checksums=verify != "none")
     errs += F.verify_files(path, manifest, names, checksums=False)
@@ -94,8 +81,14 @@ def _flash_source(path: str, verify: str, rank: int, world: int) -> Tuple[Source
             f"({F.FORMAT_VERSION}); upgrade flashoptim_dist"
         )
     md = _read_dcp_metadata(path)
-    params = {f: {"shape": tuple(d["shape"]), "dtype": d["stored_dtype"], "key": F.model_key(f)} for f, d in meta["model"]["params"].items()}
-    buffers = {f: {"shape": tuple(d["shape"]), "dtype": d["dtype"], "key": F.model_key(f)} for f, d in meta["model"]["buffers"].items()}
+    params = {
+        f: {"shape": tuple(d["shape"]), "dtype": d["stored_dtype"], "key": F.model_key(f)}
+        for f, d in meta["model"]["params"].items()
+    }
+    buffers = {
+        f: {"shape": tuple(d["shape"]), "dtype": d["dtype"], "key": F.model_key(f)}
+        for f, d in meta["model"]["buffers"].items()
+    }
     opt = meta.get("optimizer")
     byte_keys = {}
     if meta["contents"].get("lr_scheduler"):
@@ -170,8 +163,10 @@ def open_verified(path: str, verify: str, group) -> Source:
     flat = sorted({e for es in _comm.run_everywhere(run, "reading the checkpoint", group) for e in es})
     if flat:
         raise F.CorruptCheckpointError(
-            f"checkpoint {os.path.abspath(os.fspath(path))} is damaged; nothing was loaded. " + "; ".join(flat[:10])
-            + (f" (and {len(flat) - 10} more)" if len(flat) > 10 else "") + ". Load an earlier checkpoint."
+            f"checkpoint {os.path.abspath(os.fspath(path))} is damaged; nothing was loaded. "
+            + "; ".join(flat[:10])
+            + (f" (and {len(flat) - 10} more)" if len(flat) > 10 else "")
+            + ". Load an earlier checkpoint."
         )
     return box["src"]
 
@@ -200,7 +195,8 @@ def _check_model(src: Source, view: View) -> None:
     if problems:
         raise F.ModelMismatchError(
             f"checkpoint {src.path} is from a different model ({len(problems)} difference(s)); nothing was loaded: "
-            + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else "")
+            + "; ".join(problems[:8])
+            + (" ..." if len(problems) > 8 else "")
         )
 
 
@@ -231,120 +227,15 @@ def _needs_conversion(src: Source, view: View, client) -> List[str]:
         saved = opt["config"]
         for k in ("group_size", "quantize", "master_weight_bits"):
             if saved.get(k) != getattr(client.config, k):
-                reasons.append(f"{k}={saved.get(k)!r} in the checkpoint, {getattr(client.config, k)!r} in the optimizer")
+                reasons.append(
+                    f"{k}={saved.get(k)!r} in the checkpoint, {getattr(client.config, k)!r} in the optimizer"
+                )
     for f, pi in view.params.items():
         sd = src.params[f]["dtype"]
         if sd != F.dtype_name(pi.dtype):
             reasons.append(f"{f} is stored as {sd}, the model has {F.dtype_name(pi.dtype)}")
             break
     return reasons
-
-
-# ------------------------------------------------------------------------------ conversion math
-
-
-def _source_rho_dtype(src: Source) -> Optional[torch.dtype]:
-    if src.kind != "flash" or not src.optimizer:
-        return None
-    bits = src.optimizer["config"].get("master_weight_bits")
-    return {24: torch.int8, 32: torch.int16}.get(bits)
-
-
-def _master(pbuf: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
-    if rho is None or pbuf.dtype == torch.float32:
-        return pbuf.float()
-    return nx.merge_master(pbuf, rho)
-
-
-def _split(master: torch.Tensor, dtype: torch.dtype, rho_dtype: Optional[torch.dtype]):
-    if rho_dtype is None or dtype == torch.float32:
-        return master.to(dtype), None
-    return nx.split_master(master, dtype, rho_dtype)
-
-
-def _saved_shape(src: Source, key: str, default: tuple) -> tuple:
-    """The global shape ``key`` has in the checkpoint (scales: 1-D in format version 1, the row
-    form of :func:`~flashoptim_dist.checkpoint._format.scales_shape` since version 2)."""
-    md = src.dcp_md.state_dict_metadata.get(key) if src.dcp_md is not None else None
-    size = getattr(md, "size", None)
-    return tuple(size) if size is not None else tuple(default)
-
-
-@dataclass
-class _SegRead:
-    """Staging of one local run in the checkpoint's own format."""
-
-    fqn: str
-    gs: int
-    L: int
-    param: torch.Tensor
-    rho: Optional[torch.Tensor] = None
-    states: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor], int]] = field(default_factory=dict)  # name -> (vals, scales, G)
-
-
-def _stage_run(targets: Dict[str, Chunked], src: Source, fqn: str, gs: int, L: int, device, *, with_opt: bool,
-               names: List[Tuple[str, str]]) -> _SegRead:
-    """Add reads of the run [gs, gs+L) of parameter ``fqn`` (param, and its optimizer state when
-    ``with_opt``) in the checkpoint's format; return the staging buffers."""
-
-    def chunked(key, shape, dtype):
-        ch = targets.get(key)
-        if ch is None:
-            ch = targets[key] = Chunked(tuple(shape), dtype)
-        return ch
-
-    pd = src.params[fqn]
-    pdtype = F.dtype_from_name(pd["dtype"])
-    r = _SegRead(fqn, gs, L, torch.empty(L, dtype=pdtype, device=device))
-    chunked(pd["key"], pd["shape"], pdtype).add_run(gs, r.param)
-    opt = src.optimizer
-    if not with_opt or opt is None:
-        return r
-    if src.kind == "flash":
-        rdt = _source_rho_dtype(src)
-        if rdt is not None and pdtype != torch.float32:
-            r.rho = torch.empty(L, dtype=rdt, device=device)
-            chunked(F.rho_key(fqn), pd["shape"], rdt).add_run(gs, r.rho)
-        Gs = opt["config"]["group_size"]
-        quant = opt["config"]["quantize"]
-        for name, kind in names:
-            key = F.state_key(fqn, name)
-            if key not in src.dcp_md.state_dict_metadata:
-                continue
-            if quant:
-                dt = torch.int8 if kind == "signed" else torch.uint8
-                vals = torch.empty(L, dtype=dt, device=device)
-                ng = lay.num_groups(L, gs % Gs, Gs)
-                sc = torch.empty(ng, dtype=torch.bfloat16, device=device)
-                chunked(key, pd["shape"], dt).add_run(gs, vals)
-                skey = F.scales_key(fqn, name)
-                chunked(skey, _saved_shape(src, skey, F.scales_shape(pd["shape"], Gs)), torch.bfloat16).add_run(gs // Gs, sc)
-                r.states[name] = (vals, sc, Gs)
-            else:
-                vals = torch.empty(L, dtype=torch.float32, device=device)
-                chunked(key, pd["shape"], torch.float32).add_run(gs, vals)
-                r.states[name] = (vals, None, 0)
-    else:
-        for name, _ in names:
-            key = opt["state_keys"].get(fqn, {}).get(name)
-            if key is None:
-                continue
-            smd = src.dcp_md.state_dict_metadata[key]
-            vals = torch.empty(L, dtype=smd.properties.dtype, device=device)
-            chunked(key, tuple(smd.size), smd.properties.dtype).add_run(gs, vals)
-            r.states[name] = (vals, None, 0)
-    return r
-
-
-def _fp32_state(r: _SegRead, name: str, kind: str) -> Optional[torch.Tensor]:
-    ent = r.states.get(name)
-    if ent is None:
-        return None
-    vals, sc, Gs = ent
-    if sc is None:
-        return vals.float()
-    fn = nx.dequantize_signed if kind == "signed" else nx.dequantize_sqrt
-    return fn(vals, sc, Gs, r.gs % Gs)
 
 
 # ------------------------------------------------------------------------------ main
@@ -434,7 +325,8 @@ def load(
         if reasons and not convert:
             raise F.NumericConfigMismatchError(
                 f"checkpoint {path} needs a numeric conversion to load into this model/optimizer: "
-                + "; ".join(reasons) + ". Pass convert=True to convert explicitly (state is re-encoded; "
+                + "; ".join(reasons)
+                + ". Pass convert=True to convert explicitly (state is re-encoded; "
                 "bit-exactness is lost), or build the optimizer/model with the checkpoint's config "
                 "(`flashoptim-dist ckpt inspect PATH` shows it)."
             )
@@ -445,157 +337,32 @@ def load(
     view: View = st["view"]
     client = view.client
 
-    if src.kind == "flash" and isinstance(client, FlashOptimizer) and src.optimizer and src.optimizer["class"] != type(client).__name__:
+    if (
+        src.kind == "flash"
+        and isinstance(client, FlashOptimizer)
+        and src.optimizer
+        and src.optimizer["class"] != type(client).__name__
+    ):
         warnings.warn(
             f"checkpoint {path} was written by {src.optimizer['class']}, loading into {type(client).__name__} "
-            "(same state format; the update rule changes from here on)", stacklevel=2)
+            "(same state format; the update rule changes from here on)",
+            stacklevel=2,
+        )
     box: Dict[str, Any] = {}
 
     def plan():
-        box["plan"] = _plan_load(src, view, client, lr_scheduler, restore_rng)
+        exact = not _needs_conversion(src, view, client)
+        box["plan"] = plan_load(src, view, client, lr_scheduler, restore_rng, exact)
 
     _comm.run_everywhere(plan, "planning the load", group)
-    targets, sd, finish = box.pop("plan")
-    _dcp_read(src, targets, sd, group)  # every rank enters; DCP reports a failure on any rank to all
+    planned: PlannedLoad = box.pop("plan")
+    _dcp_read(src, planned.targets, planned.sd, group)  # every rank enters; DCP reports a failure on any rank to all
 
     def install():
-        box["result"] = finish()
+        box["result"] = _install(planned)
 
     _comm.run_everywhere(install, "installing the loaded state", group)
     return box["result"]
-
-
-def _plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool):
-    """Allocate the destination buffers and list every read; returns (targets, byte entries,
-    finish) where ``finish()`` installs what was read. Raises before any collective starts."""
-    targets: Dict[str, Chunked] = {}
-    sd: Dict[str, Any] = {k: None for k in src.byte_keys.values()}
-    flash = isinstance(client, FlashOptimizer)
-    torch_target = client is not None and not flash
-    exact = not _needs_conversion(src, view, client)
-    installs = []  # run, in order, after every read succeeded
-
-    def chunked(key, shape, dtype) -> Chunked:
-        ch = targets.get(key)
-        if ch is None:
-            ch = targets[key] = Chunked(tuple(shape), dtype)
-        return ch
-
-    # ---- torch.optim checkpoint as source: step counters and param groups
-    step_bufs: Dict[str, torch.Tensor] = {}
-    group_byte_keys = []
-    if src.kind == "torch" and src.optimizer is not None and client is not None:
-        for gi, kv in src.optimizer["group_keys"].items():
-            for k, key in kv.items():
-                sd[key] = None
-                group_byte_keys.append((gi, k, key))
-        for fqn, key in src.optimizer["step_keys"].items():
-            if fqn in view.params:
-                buf = torch.zeros((), dtype=src.dcp_md.state_dict_metadata[key].properties.dtype)
-                chunked(key, (), buf.dtype).add_whole(buf)
-                step_bufs[fqn] = buf
-
-    def saved_step(fqn: str) -> int:
-        if src.kind == "flash":
-            return int(((src.optimizer or {}).get("steps") or {}).get(fqn, 0))
-        b = step_bufs.get(fqn)
-        return int(b.item()) if b is not None else 0
-
-    # ---- Flash target: every optimizer tensor, segment by segment
-    opt_tensor_ids = set()
-    if flash:
-        G = client.config.group_size
-        for ti in view.tensors:
-            opt_tensor_ids.add(id(ti.tensor))
-            dev = ti.local.device
-            names = view.state_names[: n_state_slots(client, client.param_groups[ti.group])]
-            new = allocate_state(ti.layout, client.family, len(names), dev)
-            pstage, seg_reads = [], []
-            # one staging buffer per tensor, sliced per segment: the runs of consecutive rows of a
-            # column shard then lie back to back and are read as one box (Chunked.add_run)
-            pall = torch.empty(ti.local.numel(), dtype=ti.local.dtype, device=dev) if exact else None
-            for si in ti.segs:
-                ls, L, gs = si.seg.local_start, si.seg.length, si.seg.global_start
-                pd = src.params[si.fqn]
-                shape = tuple(pd["shape"])
-                if exact:  # read straight into the new state; params into staging
-                    pbuf = pall[ls : ls + L]
-                    chunked(pd["key"], shape, ti.local.dtype).add_run(gs, pbuf)
-                    pstage.append((ls, L, pbuf))
-                    if "rho" in new:
-                        chunked(F.rho_key(si.fqn), shape, ti.layout.rho_dtype).add_run(gs, new["rho"][ls : ls + L])
-                    for name, kind in names:
-                        if name not in src.optimizer["state_names"]:
-                            continue
-                        v = new[name]
-                        chunked(F.state_key(si.fqn, name), shape, v.dtype).add_run(gs, v[ls : ls + L])
-                        if ti.layout.quantized:
-                            ng = si.seg.n_groups(G)
-                            skey = F.scales_key(si.fqn, name)
-                            chunked(skey, _saved_shape(src, skey, F.scales_shape(shape, G)), torch.bfloat16).add_run(
-                                gs // G, new[name + "_scales"][si.soff : si.soff + ng])
-                else:
-                    seg_reads.append((si, _stage_run(targets, src, si.fqn, gs, L, dev, with_opt=True, names=names)))
-
-            def install(ti=ti, new=new, pstage=pstage, seg_reads=seg_reads, names=names):
-                for ls, L, pbuf in pstage:
-                    ti.local[ls : ls + L].copy_(pbuf)
-                for si, r in seg_reads:
-                    _convert_into(si, r, ti, new, names, G)
-                new["step"] = max([saved_step(si.fqn) for si in ti.segs] or [0])
-                install_state(client, ti, new)
-
-            installs.append(install)
-
-    # ---- plain torch optimizer target
-    torch_entries = _plan_torch_target(src, view, client, targets) if torch_target else []
-    torch_param_ids = {id(e["param"]) for e in torch_entries}
-
-    # ---- model storage that is not itself an optimizer tensor (frozen params, ZeRO replicas,
-    #      model-only loads) and buffers
-    rho_src = _source_rho_dtype(src)
-    model_copies = []
-    for fqn, pi in view.params.items():
-        if id(pi.param) in opt_tensor_ids or id(pi.param) in torch_param_ids:
-            continue
-        optimized = src.kind == "flash" and src.meta["model"]["params"][fqn].get("optimized", False)
-        for gs, run in pi.runs + pi.extra_load_runs:
-            L = run.numel()
-            r = _stage_run(targets, src, fqn, gs, L, run.device, with_opt=False, names=[])
-            if rho_src is not None and optimized and r.param.dtype != torch.float32 and run.dtype != r.param.dtype:
-                r.rho = torch.empty(L, dtype=rho_src, device=run.device)
-                chunked(F.rho_key(fqn), src.params[fqn]["shape"], rho_src).add_run(gs, r.rho)
-            model_copies.append((run, r))
-    for fqn, buf in view.buffers.items():
-        d = src.buffers.get(fqn)
-        if d is None or buf.numel() == 0:
-            continue
-        stage = torch.empty(tuple(d["shape"]), dtype=F.dtype_from_name(d["dtype"]), device=buf.device)
-        chunked(d["key"], d["shape"], stage.dtype).add_whole(stage)
-        model_copies.append((buf, _SegRead(fqn, 0, buf.numel(), stage.view(-1))))
-
-    # ---- everything we read must exist with the expected shape
-    mdd = src.dcp_md.state_dict_metadata
-    missing = [k for k in list(targets) + list(sd) if k not in mdd]
-    if missing:
-        raise F.CorruptCheckpointError(
-            f"checkpoint {src.path}: its DCP metadata lacks {missing[:5]}; the checkpoint is incomplete or was "
-            "written by another tool"
-        )
-    for k, ch in targets.items():
-        smd = mdd[k]
-        if isinstance(smd, BytesStorageMetadata) or tuple(smd.size) != tuple(ch.size):
-            raise F.CorruptCheckpointError(
-                f"checkpoint {src.path}: entry {k} has shape {list(getattr(smd, 'size', []))}, expected {list(ch.size)}")
-        if smd.properties.dtype != ch.dtype:
-            raise F.CorruptCheckpointError(
-                f"checkpoint {src.path}: entry {k} is {smd.properties.dtype}, its metadata says {ch.dtype}")
-
-    def finish() -> dict:
-        return _install(src, view, client, sd, installs, model_copies, torch_target, torch_entries, saved_step,
-                        group_byte_keys, lr_scheduler, restore_rng, exact)
-
-    return targets, sd, finish
 
 
 def _dcp_read(src: Source, targets, sd, group) -> None:
@@ -604,8 +371,13 @@ def _dcp_read(src: Source, targets, sd, group) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-            dcp.load(sd, storage_reader=dcp.FileSystemReader(src.path), planner=FlashLoadPlanner(targets),
-                     process_group=group, no_dist=not _comm.active(group))
+            dcp.load(
+                sd,
+                storage_reader=dcp.FileSystemReader(src.path),
+                planner=FlashLoadPlanner(targets),
+                process_group=group,
+                no_dist=not _comm.active(group),
+            )
     except CheckpointException as e:
         raise F.CheckpointError(
             f"reading checkpoint {src.path} failed ({_comm.describe_dcp_failure(e)}); the model and optimizer "
@@ -613,20 +385,25 @@ def _dcp_read(src: Source, targets, sd, group) -> None:
         ) from None
 
 
-def _install(src, view, client, sd, installs, model_copies, torch_target, torch_entries, saved_step,
-             group_byte_keys, lr_scheduler, restore_rng, exact) -> dict:
+def _install(plan: PlannedLoad) -> dict:
+    """Copy what was read into the model and install the optimizer state (the read succeeded
+    on every rank); returns ``load()``'s result."""
+    src, view, client, sd = plan.src, plan.view, plan.client, plan.sd
+    lr_scheduler, restore_rng, group_byte_keys = plan.lr_scheduler, plan.restore_rng, plan.group_byte_keys
     flash = isinstance(client, FlashOptimizer)
     # ---- install (nothing was modified before this point)
     with torch.no_grad():
-        for fn in installs:
+        for fn in plan.installs:
             fn()
-        for dst, r in model_copies:
+        for dst, r in plan.model_copies:
             if dst.dtype == r.param.dtype:
                 dst.view(-1).copy_(r.param)
             else:
                 dst.view(-1).copy_(_master(r.param, r.rho).to(dst.dtype))
-        if torch_target:
-            _install_torch_target(src, view, client, torch_entries, saved_step, _torch_groups(sd, group_byte_keys))
+        if plan.torch_target:
+            _install_torch_target(
+                src, view, client, plan.torch_entries, plan.saved_step, _torch_groups(sd, group_byte_keys)
+            )
 
     if flash:
         _restore_param_groups(src, view, client, _torch_groups(sd, group_byte_keys))
@@ -634,13 +411,17 @@ def _install(src, view, client, sd, installs, model_copies, torch_target, torch_
         if "lr_scheduler" in src.byte_keys:
             lr_scheduler.load_state_dict(sd[src.byte_keys["lr_scheduler"]])
         else:
-            warnings.warn(f"checkpoint {src.path} has no lr_scheduler state; the scheduler was left as is", stacklevel=3)
+            warnings.warn(
+                f"checkpoint {src.path} has no lr_scheduler state; the scheduler was left as is", stacklevel=3
+            )
     if restore_rng and "rng" in src.byte_keys:
         _restore_rng(sd[src.byte_keys["rng"]])
     if restore_rng and "rng" in src.byte_keys and src.world_size != _comm_world():
         warnings.warn(
             f"checkpoint {src.path} was written by {src.world_size} ranks, loaded by {_comm_world()}: RNG states "
-            "were restored only on ranks that existed at save time", stacklevel=3)
+            "were restored only on ranks that existed at save time",
+            stacklevel=3,
+        )
     meta = src.meta or {}
     return {
         "path": src.path,
@@ -648,7 +429,7 @@ def _install(src, view, client, sd, installs, model_copies, torch_target, torch_
         "extra": sd.get(F.KEY_EXTRA),
         "saved_world_size": src.world_size,
         "engine": meta.get("engine", "plain-dcp"),
-        "converted": not exact,
+        "converted": not plan.exact,
     }
 
 
@@ -674,45 +455,6 @@ def _restore_param_groups(src: Source, view: View, client, torch_groups: List[di
                 break
 
 
-def install_state(client: FlashOptimizer, ti, new: dict) -> None:
-    """Make ``new`` the optimizer state of ``ti.tensor`` (and let the optimizer cache its layout,
-    as its own load_state_dict does)."""
-    client.install_state(ti.tensor, new, client.param_groups[ti.group])
-
-
-def _convert_into(si, r: _SegRead, ti, new: dict, names, G: int) -> None:
-    """Re-encode one staged run (checkpoint format) into the optimizer's format."""
-    ls, L = si.seg.local_start, si.seg.length
-    same_rho = (r.rho.dtype if r.rho is not None else None) == ti.layout.rho_dtype
-    if r.param.dtype == ti.local.dtype and same_rho:
-        # same master encoding: θ' and ρ carry over unchanged
-        ti.local[ls : ls + L].copy_(r.param)
-        if "rho" in new:
-            new["rho"][ls : ls + L] = r.rho
-    else:
-        p, rho = _split(_master(r.param, r.rho), ti.local.dtype, ti.layout.rho_dtype)
-        ti.local[ls : ls + L].copy_(p)
-        if "rho" in new and rho is not None:
-            new["rho"][ls : ls + L] = rho
-    for name, kind in names:
-        ent = r.states.get(name)
-        if ent is not None and ent[1] is not None and ti.layout.quantized and ent[2] == G:
-            # same quantization grid: the codes and scales carry over unchanged (no re-rounding)
-            new[name][ls : ls + L] = ent[0]
-            new[name + "_scales"][si.soff : si.soff + si.seg.n_groups(G)] = ent[1]
-            continue
-        v = _fp32_state(r, name, kind)
-        if v is None:
-            continue
-        if not ti.layout.quantized:
-            new[name][ls : ls + L] = v
-            continue
-        fn = nx.quantize_signed if kind == "signed" else nx.quantize_sqrt
-        q, s = fn(v, G, si.seg.phase(G))
-        new[name][ls : ls + L] = q
-        new[name + "_scales"][si.soff : si.soff + si.seg.n_groups(G)] = s
-
-
 def _torch_groups(sd: dict, group_byte_keys) -> List[dict]:
     groups: Dict[int, dict] = {}
     for gi, k, key in group_byte_keys:
@@ -721,32 +463,6 @@ def _torch_groups(sd: dict, group_byte_keys) -> List[dict]:
 
 
 # ------------------------------------------------------------------------------ torch target
-
-
-def _plan_torch_target(src: Source, view: View, client, targets) -> List[dict]:
-    """Reads for a plain torch optimizer: fp32 master and fp32 states per parameter."""
-    id_to_fqn = {id(pi.param): f for f, pi in view.params.items()}
-    entries = []
-    for gi, g in enumerate(client.param_groups):
-        for p in g["params"]:
-            fqn = id_to_fqn.get(id(p))
-            if fqn is None:
-                raise F.CheckpointError("the torch optimizer holds a tensor that is not a parameter of the model")
-            spec = lay.resolve_shard(p)
-            local = spec.local(p) if spec.local is not None else p
-            flat = local.detach().view(-1)
-            fam = {"AdamW": "adam", "Adam": "adam", "SGD": "sgd"}.get(type(client).__name__)
-            names = list(FAMILIES.get(fam, ()))
-            if fam == "sgd" and not g.get("momentum"):
-                names = []
-            reads = []
-            for s in spec.segments:
-                if s.length == 0:
-                    continue
-                r = _stage_run(targets, src, fqn, s.global_start, s.length, flat.device, with_opt=True, names=names)
-                reads.append((s, r))
-            entries.append({"param": p, "local": local, "flat": flat, "fqn": fqn, "group": gi, "names": names, "reads": reads})
-    return entries
 
 
 def _install_torch_target(src: Source, view: View, client, entries, saved_step, torch_groups: List[dict]) -> None:
@@ -773,7 +489,9 @@ def _install_torch_target(src: Source, view: View, client, entries, saved_step, 
                 if is_dtensor(p):
                     from torch.distributed.tensor import DTensor
 
-                    t = DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+                    t = DTensor.from_local(
+                        t, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
                 entry[name] = t
             state[idx] = entry
         e["index"] = idx

@@ -112,9 +112,13 @@ def reshard_fsdp2(module: nn.Module) -> int:
 def _unmatched_error(unmatched: List[Tuple[torch.Tensor, int]], params: Dict[str, "ParamInfo"]) -> CheckpointError:
     """The error for optimizer tensors that are not parameters of the model (nothing is written)."""
     shapes = [f"{list(t.shape)} (param group {gi})" for t, gi in unmatched]
-    held = f"{len(unmatched)} optimizer tensor(s) of global shape {', '.join(shapes[:6])}{' ...' if len(shapes) > 6 else ''}"
-    plain = [f for f, pi in params.items() if not is_dtensor(pi.param)
-             and any(list(pi.global_shape) == list(t.shape) for t, _ in unmatched)]
+    more = " ..." if len(shapes) > 6 else ""
+    held = f"{len(unmatched)} optimizer tensor(s) of global shape {', '.join(shapes[:6])}{more}"
+    plain = [
+        f
+        for f, pi in params.items()
+        if not is_dtensor(pi.param) and any(list(pi.global_shape) == list(t.shape) for t, _ in unmatched)
+    ]
     if any(is_dtensor(t) for t, _ in unmatched) and plain:
         return CheckpointError(
             f"the optimizer holds DTensor shards whose parameters are not in their sharded state in the model: "
@@ -281,9 +285,8 @@ def build_view(model, optimizer=None) -> View:
             local = spec.local(t) if spec.local is not None else t
             layout = lay.spec_layout(local, spec, cfg)
             segs = []
-            for seg, soff in zip(layout.segments, layout.scale_offsets):
-                if seg.length == 0:
-                    continue
+            for run in lay.segment_runs(layout):
+                seg = run.segment
                 if _is_padding_key(seg.key):
                     continue  # padding inside a flat partition (DeepSpeed: None, FSDP1: "<fsdp1 padding>")
                 if seg.key is None and deepspeed:
@@ -302,14 +305,15 @@ def build_view(model, optimizer=None) -> View:
                 if seg.global_numel not in (-1, pi.numel):
                     raise CheckpointError(
                         f"optimizer segment of {fqn} says the parameter has {seg.global_numel} elements, "
-                        f"the model says {pi.numel} ({list(pi.global_shape)}); the engine adapter's ShardSpec is inconsistent"
+                        f"the model says {pi.numel} ({list(pi.global_shape)}); the engine adapter's ShardSpec is "
+                        "inconsistent"
                     )
                 if seg.global_start < 0 or seg.global_start + seg.length > pi.numel:
                     raise CheckpointError(
                         f"optimizer segment [{seg.global_start}, {seg.global_start + seg.length}) of {fqn} lies "
                         f"outside the parameter's {pi.numel} elements; the engine adapter's ShardSpec is inconsistent"
                     )
-                segs.append(SegInfo(fqn, seg, soff))
+                segs.append(SegInfo(fqn, seg, run.scale_start))
             tensors.append(TensorInfo(t, local.detach().reshape(-1), layout, gi, segs))
     if unmatched:
         raise _unmatched_error(unmatched, params)

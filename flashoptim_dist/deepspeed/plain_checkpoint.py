@@ -55,11 +55,10 @@ def _dequantized(local: torch.Tensor, layout, st: dict, name: str, kind: str, gr
     out = torch.zeros(local.numel(), dtype=torch.float32)
     fn = nx.dequantize_signed if kind == "signed" else nx.dequantize_sqrt
     scales = st[name + "_scales"]
-    for seg, soff in zip(layout.segments, layout.scale_offsets):
-        if seg.key is None or seg.length == 0:
+    for run in lay.segment_runs(layout):
+        if run.segment.key is None:  # padding of the flat partition
             continue
-        sl = slice(seg.local_start, seg.local_start + seg.length)
-        out[sl] = fn(values[sl], scales[soff: soff + seg.n_groups(group_size)], group_size, seg.phase(group_size))
+        out[run.local] = fn(values[run.local], scales[run.scales], group_size, run.phase)
     return out
 
 

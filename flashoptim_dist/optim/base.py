@@ -7,6 +7,11 @@ hyper-parameters and say how a param group's hyper-parameters become a fp32 row
 (family, dtype) combination per step. Nothing here knows which engine sharded a parameter:
 engines describe shards through :func:`flashoptim_dist.layout.resolve_shard`.
 
+The class lives here; its parts live next to it: :mod:`._plan` (the records the step caches
+between steps, the kernel plan, the reference loop), :mod:`._state` (state tensors: creation,
+validation on load, torch.optim interop), :mod:`._checks` (first-step refusals) and
+:mod:`.state_io` (the state_dict forms).
+
 Per-element state (bf16 params, quantization on):
 
 =====================  ================================  =======================
@@ -24,12 +29,7 @@ FlashAdamW-24: 3.125 bytes of state per element (+ 2 param + 2 grad = 7.125).
 
 from __future__ import annotations
 
-import collections
-import itertools
-import math
-import operator
 import os
-import sys
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -40,8 +40,11 @@ from torch.optim import Optimizer
 from .. import layout as lay
 from .. import numerics as nx
 from ..config import FlashConfig
-from . import state_io
-from ..reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT, SegmentViews, reference_step_segment
+from . import _checks, _plan, _state, state_io
+from ._plan import FastEntry, StepBatch, SteadyChunk, SteadyStep
+from ._plan import TensorInfo as _TensorInfo
+from ._state import allocate_state
+from ..reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT
 
 __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
@@ -61,7 +64,7 @@ def _triton_usable(device: torch.device, backend: str) -> bool:
             import triton  # noqa: F401
         except ImportError:
             if backend == "triton":
-                raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+                raise RuntimeError("backend='triton' needs the triton package: pip install triton") from None
             return False
         return True
     if backend == "triton":
@@ -78,83 +81,10 @@ def _triton_usable(device: torch.device, backend: str) -> bool:
 #: twice the previous one, so the GPU starts early and the host keeps ahead of it.
 FIRST_CHUNK = int(os.environ.get("FLASHOPTIM_FIRST_CHUNK", "8"))
 
-
-def _chunks(entries: list) -> List[list]:
-    """``entries`` cut into runs of FIRST_CHUNK, 2·FIRST_CHUNK, 4·FIRST_CHUNK, ... items."""
-    out, i, n = [], 0, FIRST_CHUNK
-    while i < len(entries):
-        out.append(entries[i : i + n])
-        i += n
-        n *= 2
-    return out
-
-
-_MIXED = object()  # a chunk whose parameters need different accessors
-_dtype_of = operator.attrgetter("dtype")
-_layout_of = operator.attrgetter("layout")
-_plain_grad = operator.attrgetter("grad")
-
-
-def _identity(p):
-    return p
-
-
-def _common(fns: list, default):
-    """The one accessor all of a chunk's parameters share (``default`` for None), else _MIXED."""
-    first = fns[0]
-    if any(f is not first for f in fns):
-        return _MIXED
-    return default if first is None else first
-
-
-def _param_ids(param_groups) -> tuple:
-    """Identity of the parameter lists (the steady path's signature), built at C level."""
-    return tuple(map(id, itertools.chain.from_iterable(g["params"] for g in param_groups)))
-
-
-_step_of = operator.itemgetter("step")
-
-
-def _increment_steps(states: list) -> None:
-    """state["step"] += 1 for every state dict, looped in C (a Python loop costs ~1 µs per
-    parameter on the GPU hosts)."""
-    collections.deque(map(operator.setitem, states, itertools.repeat("step"),
-                          map(operator.add, map(_step_of, states), itertools.repeat(1))), maxlen=0)
-
-
-def allocate_state(layout: lay.StateLayout, family: str, n_states: int, device) -> Dict[str, Any]:
-    """Zero state of one optimizer tensor in its stored dtypes (see the table above):
-    ``step`` 0, ``rho`` (int8/int16) when the layout keeps one, and per moment either int8/uint8
-    codes + bf16 scales (quantized) or fp32 values. The one place that decides state dtypes."""
-    n = layout.numel
-    state: Dict[str, Any] = {"step": 0}
-    if layout.rho_dtype is not None:
-        state["rho"] = torch.zeros(n, dtype=layout.rho_dtype, device=device)
-    for name, kind in FAMILIES[family][:n_states]:
-        if layout.quantized:
-            dt = torch.int8 if kind == "signed" else torch.uint8
-            state[name] = torch.zeros(n, dtype=dt, device=device)
-            state[name + "_scales"] = torch.zeros(layout.n_scales, dtype=torch.bfloat16, device=device)
-        else:
-            state[name] = torch.zeros(n, dtype=torch.float32, device=device)
-    return state
-
-
-class _TensorInfo:
-    """What the optimizer knows about one optimizer tensor (cached at state init): its shard,
-    state layout and, per segment, the parameter's dither identity
-    (:func:`~flashoptim_dist.numerics.parameter_key` of the seed and the global numel)."""
-
-    __slots__ = ("spec", "layout", "keys", "numerics_checked")
-
-    def __init__(self, spec: lay.ShardSpec, layout: lay.StateLayout, seed: int):
-        self.spec = spec
-        self.layout = layout
-        self.keys = tuple(
-            nx.parameter_key(seed, s.global_numel if s.global_numel >= 0 else spec.global_numel)
-            for s in layout.segments
-        )
-        self.numerics_checked = False
+_MIXED = _plan._MIXED
+_identity = _plan.identity
+_dtype_of = _plan._dtype_of
+_layout_of = _plan._layout_of
 
 
 class FlashOptimizer(Optimizer):
@@ -171,12 +101,11 @@ class FlashOptimizer(Optimizer):
         self.config = config
         self._info: Dict[torch.Tensor, _TensorInfo] = {}
         self._plans: Dict[tuple, Any] = {}
-        # id(p) → (weakref(p), spec, info, state, static bucket key, local numel): the per-step fast path
-        # of _step_items; dropped wherever _info changes
-        self._fast: Dict[int, tuple] = {}
-        # The whole step of the last call, when every parameter had a gradient: parameter ids,
-        # per-bucket entries and plans (see _steady_step); dropped when anything differs
-        self._steady: Optional[tuple] = None
+        # id(p) → FastEntry: the per-step fast path of _step_items; dropped wherever _info changes
+        self._fast: Dict[int, FastEntry] = {}
+        # The whole step of the last call, when every parameter had a gradient (see
+        # _steady_step); dropped when anything differs
+        self._steady: Optional[SteadyStep] = None
         self._gradient_release = None  # set by enable_gradient_release
         # (group index, position) -> (dtype, shape) of every bf16/fp16 parameter as the
         # optimizer was built, checked once at the first step (_check_upcast); None after that
@@ -192,7 +121,7 @@ class FlashOptimizer(Optimizer):
             if spec.check is not None:  # refused at construction, e.g. a column split cutting groups
                 spec.check(self.config.group_size)
             local = spec.local(p) if spec.local is not None else p
-            if not (local.dtype in _FLOAT_DTYPES):
+            if local.dtype not in _FLOAT_DTYPES:
                 raise TypeError(
                     f"{type(self).__name__} supports float32, bfloat16 and float16 parameters; got a "
                     f"{local.dtype} parameter of shape {tuple(p.shape)}. Integer and complex tensors "
@@ -213,48 +142,10 @@ class FlashOptimizer(Optimizer):
                     self._built_narrow[(gi, i)] = (dt, tuple(p.shape))
 
     def _check_upcast(self) -> None:
-        """Refuse a step on float32 parameters that were bf16/fp16 when the optimizer was built.
-
-        Frameworks that build the optimizer on the model and then replace its parameters
-        (Accelerate's FSDP2 ``prepare`` remaps the optimizer by ``data_ptr`` to the sharded
-        parameters, and with ``mixed_precision != "no"`` it first upcasts every non-fp32
-        trainable parameter to fp32: accelerate 1.15, ``utils/fsdp_utils.py``,
-        ``fsdp2_prepare_model``) would otherwise turn the bf16 + ρ master into plain fp32
-        parameters without a word. Run once, at the first step (state is created lazily, so
-        nothing of the optimizer goes stale in such a remap); an optimizer built on fp32
-        parameters is never refused. Only a parameter of the same (global) shape in the same
-        place counts: an engine that replaces the parameters by flat partitions of its own
-        (DeepSpeed ZeRO, whose fp32 partitions a user may ask for) changes the shapes, and that
-        is no upcast."""
+        """Refuse a step on float32 parameters that were bf16/fp16 when the optimizer was built
+        (run once, at the first step; :func:`._checks.check_upcast` says why)."""
         built, self._built_narrow = self._built_narrow, None
-        if not built:
-            return
-        upcast = []
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                was = built.get((gi, i))
-                if was is not None and was[1] == tuple(p.shape) and self._local(p).dtype == torch.float32:
-                    upcast.append((tuple(p.shape), was[0]))
-        if not upcast:
-            return
-        n_narrow = len(built)
-        shapes = ", ".join(str(s) for s, _ in upcast[:3]) + (", ..." if len(upcast) > 3 else "")
-        was = upcast[0][1]
-        where = (
-            " Accelerate does this under FSDP when mixed_precision is not \"no\": it upcasts every "
-            "non-fp32 trainable parameter to fp32 inside accelerator.prepare (HF Trainer: bf16=True "
-            "or fp16=True). Fix: keep the model in bf16 and use mixed_precision=\"no\" "
-            "(Accelerator(mixed_precision=\"no\"), `accelerate launch --mixed_precision no`, "
-            "TrainingArguments(bf16=False)); compute then runs in the parameters' bf16."
-            if "accelerate" in sys.modules else ""
-        )
-        raise RuntimeError(
-            f"{type(self).__name__} was built on {n_narrow} {was} parameters, but {len(upcast)} "
-            f"of them are float32 at the first step (shapes {shapes}): something cast the model "
-            "after the optimizer was built, which replaces the narrow parameter + rho master "
-            "(7.1 bytes/param for FlashAdamW) by fp32 parameters and fp32 gradients (10+)."
-            f"{where} To train fp32 parameters on purpose, build the optimizer on the fp32 model."
-        )
+        _checks.check_upcast(type(self).__name__, built, self.param_groups, self._local)
 
     def _validate_group(self, group: Dict[str, Any]) -> None:  # overridden
         pass
@@ -337,26 +228,33 @@ class FlashOptimizer(Optimizer):
         step, and the host time of the step is what is left once the kernel is fast; chunks of
         growing size let the kernels of the first ones run while the host prepares the rest
         (docs/PERFORMANCE.md)."""
-        sig, groups, n_state, chunks, rows = self._steady
-        if (len(self.state) != n_state or sig != _param_ids(self.param_groups)
-                or any(self._n_states(g) != n for g, n in groups)):
+        steady = self._steady
+        if (len(self.state) != steady.n_state or steady.signature != _plan.param_ids(self.param_groups)
+                or any(self._n_states(g) != n for g, n in steady.groups)):
             self._steady = None
             return False
         # hyper-parameter rows of every chunk in one vectorized pass (steps + 1: the chunks
         # increment their steps just before their launch)
-        hyper = self._hyper_table(*rows, step_offset=1)
+        hyper = self._hyper_table(steady.n_rows, steady.by_group, step_offset=1)
         # Chunk by chunk: each chunk's kernel is launched before the next chunk's host work, so
         # on a GPU that work overlaps the kernels already queued and only the first (small)
         # chunk's host time is not hidden. The per-parameter work is map() over C-level
         # accessors where it can be: on the GPU hosts every Python-level operation per
         # parameter costs ~1 µs, ~200 parameters per step.
-        for i, (key, b) in enumerate(chunks):
-            ps = b["params"]
-            gf = b["grad_fn"]
-            grads = list(map(gf, ps)) if gf is not _MIXED else [p.grad if f is None else f(p) for p, f in zip(ps, b["grad_fns"])]
+        chunks = steady.chunks
+        for i, c in enumerate(chunks):
+            ps = c.params
+            gf = c.grad_fn
+            if gf is not _MIXED:
+                grads = list(map(gf, ps))
+            else:
+                grads = [p.grad if f is None else f(p) for p, f in zip(ps, c.grad_fns)]
             try:
-                same = (list(map(_dtype_of, grads)) == b["dtypes"] and list(map(_layout_of, grads)) == b["layouts"]
-                        and list(map(torch.Tensor.numel, grads)) == b["numels"])
+                same = (
+                    list(map(_dtype_of, grads)) == c.dtypes
+                    and list(map(_layout_of, grads)) == c.layouts
+                    and list(map(torch.Tensor.numel, grads)) == c.numels
+                )
             except (AttributeError, TypeError):  # a missing gradient (None)
                 same = False
             if not same:
@@ -366,20 +264,19 @@ class FlashOptimizer(Optimizer):
                 self._steady = None
                 if i == 0:
                     return False
-                self._step_items([(p, g) for _, c in chunks[i:] for p, g in zip(c["params"], c["groups"])])
+                self._step_items([(p, g) for r in chunks[i:] for p, g in zip(r.params, r.groups)])
                 return True
             if not all(map(torch.Tensor.is_contiguous, grads)):
                 grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
-            lf = b["local_fn"]
+            lf = c.local_fn
             if lf is _identity:  # the parameters are their own local tensors
                 locals_ = ps
             elif lf is not _MIXED:
                 locals_ = list(map(lf, ps))
             else:
-                locals_ = [p if f is None else f(p) for p, f in zip(ps, b["local_fns"])]
-            _increment_steps(b["states"])
-            entries = list(zip(ps, b["groups"], locals_, grads, b["infos"], b["states"]))
-            self._launch(key, entries, b, hyper[b["rows"]], locals_, grads)
+                locals_ = [p if f is None else f(p) for p, f in zip(ps, c.local_fns)]
+            _plan.increment_steps(c.states)
+            self._launch(c.key, StepBatch(ps, c.groups, locals_, grads, c.infos, c.states), hyper[c.rows], c)
         return True
 
     @torch.no_grad()
@@ -406,27 +303,28 @@ class FlashOptimizer(Optimizer):
         # Collect the tensors with gradients, bucketed by launch combination. This loop runs
         # for every parameter every step (~200 per step for a 24-layer model, ~1 ms of host time
         # before this cache): a parameter seen before costs one int-keyed dict lookup, one
-        # identity check of its state, its gradient accessor and four attribute reads.
+        # identity check of its state, its gradient accessor and a few attribute reads.
         if self._built_narrow is not None:
             self._check_upcast()
-        buckets: Dict[tuple, list] = {}
+        buckets: Dict[tuple, list] = {}  # launch key -> [(param, group, local, grad, info, state)]
         check = self.config.check_numerics
         fast = self._fast
         state_get = self.state.get
         complete = remember
         for p, group in items:
             ent = fast.get(id(p))
-            if ent is not None and ent[0]() is p and state_get(p) is ent[3]:
-                _, spec, info, state, skey, n = ent
+            if ent is not None and ent.ref() is p and state_get(p) is ent.state:
+                spec, info, state = ent.spec, ent.info, ent.state
                 grad = spec.grad(p) if spec.grad is not None else p.grad
                 if grad is None:
                     complete = False
                     continue
                 local = spec.local(p) if spec.local is not None else p
-                if grad.layout is not torch.strided or grad.dtype not in _FLOAT_DTYPES or grad.numel() != n:
+                if grad.layout is not torch.strided or grad.dtype not in _FLOAT_DTYPES or grad.numel() != ent.numel:
                     grad = self._check_grad(p, grad, local)  # raises with the reason
                 elif not grad.is_contiguous():
                     grad = grad.contiguous()
+                skey = ent.bucket
             else:
                 info = self._info.get(p)
                 spec = info.spec if info is not None else lay.resolve_shard(p)
@@ -442,7 +340,7 @@ class FlashOptimizer(Optimizer):
                 skey = (local.device, local.dtype, info.layout.rho_dtype, info.layout.quantized)
                 if len(fast) > 65536:  # ids of tensors that died; entries hold only weak references
                     fast.clear()
-                fast[id(p)] = (weakref.ref(p), info.spec, info, state, skey, local.numel())
+                fast[id(p)] = FastEntry(weakref.ref(p), info.spec, info, state, skey, local.numel())
             state["step"] += 1
             if check and not info.numerics_checked:
                 self._check_resolution(p, local, grad, group, info)
@@ -451,33 +349,16 @@ class FlashOptimizer(Optimizer):
             if entries is None:
                 entries = buckets[key] = []
             entries.append((p, group, local, grad, info, state))
-        if complete and not (check and not all(e[4].numerics_checked for es in buckets.values() for e in es)):
-            groups = {id(g): g for _, g in items}
-            steady, flat_groups, flat_states = [], [], []
-            for key, bucket in buckets.items():
-                for es in _chunks(bucket):
-                    grad_fns, local_fns = [e[4].spec.grad for e in es], [e[4].spec.local for e in es]
-                    steady.append((key, {
-                        "params": [e[0] for e in es], "groups": [e[1] for e in es], "infos": [e[4] for e in es],
-                        "states": [e[5] for e in es], "grad_fns": grad_fns, "local_fns": local_fns,
-                        "grad_fn": _common(grad_fns, _plain_grad), "local_fn": _common(local_fns, _identity),
-                        "numels": [e[2].numel() for e in es], "dtypes": [e[3].dtype for e in es],
-                        "layouts": [torch.strided] * len(es),
-                        "rows": slice(len(flat_groups), len(flat_groups) + len(es)),
-                    }))
-                    flat_groups += [e[1] for e in es]
-                    flat_states += [e[5] for e in es]
-            self._steady = (
-                _param_ids(self.param_groups),
-                [(g, self._n_states(g)) for g in groups.values()],
-                len(self.state),
-                steady,
-                (len(flat_groups), self._by_group(flat_groups, flat_states)),  # hyper rows of all chunks
+        batches = {key: StepBatch.of(entries) for key, entries in buckets.items()}
+        if complete and not (check and not all(i.numerics_checked for b in batches.values() for i in b.infos)):
+            groups = list({id(g): g for _, g in items}.values())
+            self._steady = _plan.build_steady(
+                batches, self.param_groups, self._n_states, len(self.state), groups, FIRST_CHUNK
             )
         elif remember:
             self._steady = None
-        for key, entries in buckets.items():
-            self._launch(key, entries)
+        for key, batch in batches.items():
+            self._launch(key, batch)
 
     def _check_grad(self, p, grad, local):
         if grad.is_sparse:
@@ -499,26 +380,13 @@ class FlashOptimizer(Optimizer):
             grad = grad.contiguous()
         return grad
 
-    @staticmethod
-    def _by_group(groups: list, states: list) -> List[tuple]:
-        """``(group, positions, state dicts)`` per param group, in first-seen order, of the
-        parallel lists ``groups`` and ``states``: what :meth:`_hyper_table` computes rows from."""
-        by_group: Dict[int, tuple] = {}
-        for i, (g, st) in enumerate(zip(groups, states)):
-            item = by_group.get(id(g))
-            if item is None:
-                item = by_group[id(g)] = (g, [], [])
-            item[1].append(i)
-            item[2].append(st)
-        return list(by_group.values())
-
     def _hyper_table(self, n: int, by_group: List[tuple], step_offset: int = 0) -> np.ndarray:
         """fp64 hyper rows ``[n, N_HYPER]``, one vectorized :meth:`_hyper_rows` call per param
-        group (``by_group`` from :meth:`_by_group`), for the states' step counts plus
+        group (``by_group`` from :func:`._plan.by_group`), for the states' step counts plus
         ``step_offset``."""
         out = np.empty((n, N_HYPER), dtype=np.float64)
         for group, idx, states in by_group:
-            steps = np.fromiter(map(_step_of, states), dtype=np.float64, count=len(idx))
+            steps = np.fromiter(map(_plan.step_of, states), dtype=np.float64, count=len(idx))
             if step_offset:
                 steps = steps + step_offset
             rows = self._hyper_rows(group, steps)
@@ -528,76 +396,32 @@ class FlashOptimizer(Optimizer):
             out[idx] = rows
         return out
 
-    def _launch(self, key, entries, cache: Optional[dict] = None, hyper: Optional[np.ndarray] = None,
-                locals_: Optional[list] = None, grads: Optional[list] = None) -> None:
-        """Step ``entries`` (one launch combination). ``cache`` (the steady path's, per chunk)
-        keeps the kernel plan between steps; ``hyper``, ``locals_`` and ``grads`` give the rows
-        and the entries' local tensors and gradients if the caller has them as lists."""
+    def _launch(
+        self, key, batch: StepBatch, hyper: Optional[np.ndarray] = None, cache: Optional[SteadyChunk] = None
+    ) -> None:
+        """Step ``batch`` (one launch combination ``key``). ``hyper``: its rows, if the caller
+        has them; ``cache`` (the steady path's chunk) keeps the kernel plan between steps."""
         device, _, rho_dtype, quantized, _, n_states = key
-        group_size = self.config.group_size
         if hyper is None:
-            hyper = self._hyper_table(len(entries), self._by_group([e[1] for e in entries], [e[5] for e in entries]))
+            hyper = self._hyper_table(len(batch.params), _plan.by_group(batch.groups, batch.states))
         names = [name for name, _ in FAMILIES[self.family][:n_states]]
         if _triton_usable(device, self.config.backend):
             from ..kernels import fused_step
 
-            plan = cache.get("plan") if cache is not None else None
+            plan = cache.plan if cache is not None else None
             if plan is None:
-                plan_key = (key,) + tuple(map(id, (e[0] for e in entries)))
+                plan_key = (key,) + tuple(map(id, batch.params))
                 plan = self._plans.get(plan_key)
                 if plan is None:
-                    plan = self._build_plan(entries, device, names, quantized, rho_dtype, fused_step)
+                    plan = _plan.build_kernel_plan(batch, device, names, quantized, rho_dtype, self.config, fused_step)
                     if len(self._plans) > 4096:  # bounded: per-param plans of gradient release recur
                         self._plans.clear()
                     self._plans[plan_key] = plan
                 if cache is not None:
-                    cache["plan"] = plan
-            fused_step.launch(
-                plan, self.family, self.decoupled,
-                locals_ if locals_ is not None else [e[2] for e in entries],
-                grads if grads is not None else [e[3] for e in entries], hyper,
-            )
+                    cache.plan = plan
+            fused_step.launch(plan, self.family, self.decoupled, batch.locals, batch.grads, hyper)
             return
-        hyper32 = torch.from_numpy(hyper.astype(np.float32))
-        stochastic = self.config.stochastic
-        for (p, group, local, grad, info, state), row in zip(entries, hyper32):
-            flat, gflat = local.view(-1), grad.view(-1)
-            rho = state.get("rho")
-            for seg, soff, key in zip(info.layout.segments, info.layout.scale_offsets, info.keys):
-                if seg.length == 0:
-                    continue
-                sl = slice(seg.local_start, seg.local_start + seg.length)
-                ng = seg.n_groups(group_size)
-                views = SegmentViews(
-                    param=flat[sl],
-                    grad=gflat[sl],
-                    rho=None if rho is None else rho[sl],
-                    states=[state[n][sl] for n in names],
-                    scales=[state[n + "_scales"][soff : soff + ng] if quantized else None for n in names],
-                    phase=seg.phase(group_size),
-                    global_start=seg.global_start,
-                    key=key,
-                )
-                reference_step_segment(self.family, self.decoupled, views, row, group_size, stochastic)
-
-    def _build_plan(self, entries, device, names, quantized, rho_dtype, fused_step):
-        g = self.config.group_size
-        segs = []
-        for i, (_, _, _, _, info, _) in enumerate(entries):
-            for seg, soff, key in zip(info.layout.segments, info.layout.scale_offsets, info.keys):
-                if seg.length:
-                    segs.append((i, seg.local_start, seg.length, seg.phase(g), soff, seg.global_start, key))
-        states = [e[5] for e in entries]
-        return fused_step.KernelPlan(
-            segs,
-            [st["rho"] for st in states] if rho_dtype is not None else None,
-            [[st[n] for st in states] for n in names],
-            [[st[n + "_scales"] for st in states] for n in names] if quantized else [],
-            quantized,
-            g,
-            device,
-            self.config.stochastic,
-        )
+        _plan.reference_step(self.family, self.decoupled, batch, hyper, names, quantized, self.config)
 
     # ------------------------------------------------------------------ numerics check
     def _update_scale(self, group, grad) -> float:
@@ -610,10 +434,7 @@ class FlashOptimizer(Optimizer):
         Judged once per tensor, on its first step with a non-zero update: at the schedule's peak
         (``initial_lr``, which torch's LR schedulers record) rather than at a warm-up's first
         tiny rate; a zero rate (torch's state initialisation steps with lr = 0) or an all-zero
-        gradient defers the check. The smallest change the stored master can make at
-        |θ| = max|θ| is ρ's step (u/2)/N; stochastic rounding moves it in expectation down to
-        2^-b of that step (the dither's grid, b = 15 for int8 ρ, 7 for int16); without ρ,
-        θ' itself rounds to nearest: u/2."""
+        gradient defers the check (:func:`._checks.check_resolution` has the criterion)."""
         if local.dtype == torch.float32 or local.numel() == 0:
             info.numerics_checked = True
             return
@@ -622,27 +443,7 @@ class FlashOptimizer(Optimizer):
         if update == 0.0:
             return  # nothing to judge yet
         info.numerics_checked = True
-        amax = float(local.detach().abs().float().amax())
-        if not math.isfinite(amax) or amax == 0.0:
-            return
-        mant = 7 if local.dtype == torch.bfloat16 else 10
-        ulp = 2.0 ** (math.floor(math.log2(amax)) - mant)
-        bits = self.config.master_weight_bits
-        levels = {24: 127, 32: 32767, None: 0}[bits]
-        resolution = ulp / (2 * levels) if levels else ulp / 2
-        if levels and self.config.stochastic:
-            resolution /= 2.0 ** (15 if bits == 24 else 7)
-        if update < resolution:
-            fixes = ["master_weight_bits=24 or 32 (an error-correction term)"] if not levels else (
-                ["master_weight_bits=32"] + (["rounding='stochastic' (the default)"] if not self.config.stochastic else []))
-            raise ValueError(
-                f"learning rate {lr:.3g} is too small for a {local.dtype} parameter of shape "
-                f"{tuple(p.shape)} with max |θ| = {amax:.3g}: with master_weight_bits={bits} and "
-                f"rounding={self.config.rounding!r} the master moves in steps of {resolution:.3g}, "
-                f"so the largest weights would never change. Use {', '.join(fixes)}, a larger "
-                "learning rate, or keep this tensor in float32 (cast_model(..., keep_fp32=[...])); "
-                "check_numerics=False turns the check off."
-            )
+        _checks.check_resolution(p, local, lr, update, self.config)
 
     # ------------------------------------------------------------------ memory accounting
     def state_bytes(self) -> int:
@@ -704,26 +505,7 @@ class FlashOptimizer(Optimizer):
             for st in saved_state.values()
         )
         if meta is not None:
-            version = meta.get("format_version")
-            if version not in (1, STATE_FORMAT_VERSION):
-                raise ValueError(
-                    f"optimizer state format version {version} is not supported (this "
-                    f"flashoptim_dist reads versions 1-{STATE_FORMAT_VERSION}); upgrade flashoptim_dist"
-                )
-            if meta.get("family") != self.family:
-                raise ValueError(
-                    f"state dict was written by a {meta.get('family')!r}-family Flash optimizer, "
-                    f"this is {type(self).__name__} ({self.family!r})"
-                )
-            saved = FlashConfig(**meta["config"])
-            for field in ("group_size", "quantize", "master_weight_bits"):
-                if getattr(saved, field) != getattr(self.config, field):
-                    raise ValueError(
-                        f"state dict has {field}={getattr(saved, field)!r} but this optimizer has "
-                        f"{field}={getattr(self.config, field)!r}; convert explicitly with "
-                        "flashoptim_dist.optim.convert_state_dict(...) or construct the optimizer "
-                        "with the saved numeric config"
-                    )
+            _state.check_flash_meta(meta, self, STATE_FORMAT_VERSION)
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         params = [p for g in self.param_groups for p in g["params"]]
         id_to_group = {}
@@ -743,7 +525,11 @@ class FlashOptimizer(Optimizer):
             p = params[i]
             group = id_to_group[i]
             local = self._local(p)
-            st = state_io.import_state(self, p, st, group) if flash_format else self._from_torch_state(p, local, st, group)
+            st = (
+                state_io.import_state(self, p, st, group)
+                if flash_format
+                else self._from_torch_state(p, local, st, group)
+            )
             new = {}
             for k, v in st.items():
                 new[k] = v.to(local.device) if torch.is_tensor(v) else v
@@ -770,73 +556,14 @@ class FlashOptimizer(Optimizer):
         self._steady = None
 
     def _check_loaded_state(self, p, state, layout: lay.StateLayout, group) -> None:
-        n = layout.numel
-        expect = {}
-        if layout.rho_dtype is not None:
-            expect["rho"] = (layout.rho_dtype, n)
-        for name, kind in FAMILIES[self.family][: self._n_states(group)]:
-            if layout.quantized:
-                expect[name] = (torch.int8 if kind == "signed" else torch.uint8, n)
-                expect[name + "_scales"] = (torch.bfloat16, layout.n_scales)
-            else:
-                expect[name] = (torch.float32, n)
-        for k, (dt, size) in expect.items():
-            v = state.get(k)
-            if v is None:
-                raise ValueError(f"loaded optimizer state for a parameter of shape {tuple(p.shape)} lacks {k!r}")
-            if v.dtype != dt or v.numel() != size:
-                raise ValueError(
-                    f"loaded optimizer state {k!r} for a parameter of shape {tuple(p.shape)} is "
-                    f"{v.dtype}[{v.numel()}], expected {dt}[{size}]: the state dict belongs to a "
-                    "different model, sharding or numeric config"
-                )
-            state[k] = v.reshape(-1).contiguous()
+        _state.check_loaded_state(p, state, layout, self.family, self._n_states(group))
 
     # ------------------------------------------------------------------ torch interop
     def _from_torch_state(self, p, local, st, group) -> Dict[str, Any]:
         """Quantize a plain torch.optim state entry into this optimizer's layout."""
-        layout = self._make_info(p).layout
-        step = st.get("step", 0)
-        step = int(step.item()) if torch.is_tensor(step) else int(step)
-        if self.family == "sgd" and st.get("momentum_buffer") is not None:
-            # torch's SGD keeps no step: its state exists only after a first step, which made
-            # the buffer. Step 0 here would make the next step the "first" (buf = grad) and
-            # drop the loaded momentum.
-            step = max(step, 1)
-        out: Dict[str, Any] = {"step": step}
-        if layout.rho_dtype is not None:
-            out["rho"] = torch.zeros(local.numel(), dtype=layout.rho_dtype, device=local.device)
-        for name, kind in FAMILIES[self.family][: self._n_states(group)]:
-            v = st.get(name)
-            if v is None:
-                raise ValueError(
-                    f"plain torch state for a parameter of shape {tuple(p.shape)} has no {name!r}; "
-                    f"it has {sorted(st)} — was it written by a different optimizer?"
-                )
-            mine = state_io.local_elementwise(p, v)  # global shape (DTensor or full): our rows
-            v = mine if mine is not None else v
-            if v.numel() != local.numel():
-                raise ValueError(
-                    f"torch state {name!r} has {v.numel()} elements, the local parameter {local.numel()}"
-                )
-            v = v.detach().reshape(-1).float().to(local.device)
-            if not layout.quantized:
-                out[name] = v.clone()
-                continue
-            codes = torch.empty(local.numel(), dtype=torch.int8 if kind == "signed" else torch.uint8, device=local.device)
-            scales = torch.empty(layout.n_scales, dtype=torch.bfloat16, device=local.device)
-            fn = nx.quantize_signed if kind == "signed" else nx.quantize_sqrt
-            g = self.config.group_size
-            for seg, soff in zip(layout.segments, layout.scale_offsets):
-                if seg.length == 0:
-                    continue
-                sl = slice(seg.local_start, seg.local_start + seg.length)
-                q, s = fn(v[sl], g, seg.phase(g))
-                codes[sl] = q
-                scales[soff : soff + seg.n_groups(g)] = s
-            out[name] = codes
-            out[name + "_scales"] = scales
-        return out
+        return _state.from_torch_state(
+            p, local, st, self._make_info(p).layout, self.family, self._n_states(group), self.config.group_size
+        )
 
     def dequantized_state(self, p: torch.Tensor, group: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
         """fp32 moments (shaped like the local param) and the fp32 master of one parameter."""
@@ -846,21 +573,10 @@ class FlashOptimizer(Optimizer):
             info = self._info[p] = self._make_info(p)
         layout = info.layout
         local = self._local(p)
-        g = self.config.group_size
         out = {"step": st["step"]}
         out["master"] = nx.merge_master(local.reshape(-1), st.get("rho")).view(local.shape)
         for name, kind in FAMILIES[self.family][: self._n_states(group if group is not None else self._group_of(p))]:
-            if not layout.quantized:
-                out[name] = st[name].view(local.shape).clone()
-                continue
-            full = torch.empty(local.numel(), dtype=torch.float32, device=local.device)
-            fn = nx.dequantize_signed if kind == "signed" else nx.dequantize_sqrt
-            for seg, soff in zip(layout.segments, layout.scale_offsets):
-                if seg.length == 0:
-                    continue
-                sl = slice(seg.local_start, seg.local_start + seg.length)
-                full[sl] = fn(st[name][sl], st[name + "_scales"][soff : soff + seg.n_groups(g)], g, seg.phase(g))
-            out[name] = full.view(local.shape)
+            out[name] = _state.dequantize_moment(st, name, kind, layout, local)
         return out
 
     def torch_state_dict(self) -> Dict[str, Any]:

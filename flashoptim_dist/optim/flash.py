@@ -158,7 +158,8 @@ class _AdamBase(FlashOptimizer):
                 "use torch.optim.AdamW(amsgrad=True)"
             )
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
+        config = _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed)
+        super().__init__(params, defaults, config)
 
     def _validate_group(self, group):
         lr = _as_float("learning rate", group["lr"])
@@ -175,18 +176,21 @@ class _AdamBase(FlashOptimizer):
         wd = float(group["weight_decay"])
         bias_correction1 = 1 - np.power(beta1, steps)
         bias_correction2 = 1 - np.power(beta2, steps)
-        rows = _rows(len(steps), [
-            1 - lr * wd if self.decoupled else 1.0,  # decay
-            0.0 if self.decoupled else wd,  # l2
-            1 - beta1,  # w1 (lerp weight)
-            beta2,
-            1 - beta2,  # w2
-            float(group["eps"]),
-            0.0,
-            0.0,
-            -1.0 if group["maximize"] else 1.0,
-            0.0,
-        ])
+        rows = _rows(
+            len(steps),
+            [
+                1 - lr * wd if self.decoupled else 1.0,  # decay
+                0.0 if self.decoupled else wd,  # l2
+                1 - beta1,  # w1 (lerp weight)
+                beta2,
+                1 - beta2,  # w2
+                float(group["eps"]),
+                0.0,
+                0.0,
+                -1.0 if group["maximize"] else 1.0,
+                0.0,
+            ],
+        )
         rows[:, 6] = lr / bias_correction1  # step_size
         rows[:, 7] = 1.0 / np.sqrt(bias_correction2)  # inv_bc2_sqrt
         if self.config.quantize:  # the outlier bound; fp32 moments stay torch's update exactly
@@ -243,9 +247,16 @@ class _SGDBase(FlashOptimizer):
     ):
         _torch_impl_flags(type(self).__name__, kwargs)
         defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
         )
-        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
+        super().__init__(
+            params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed)
+        )
 
     def _validate_group(self, group):
         _check_range("learning rate", _as_float("learning rate", group["lr"]), 0.0, math.inf)
@@ -262,18 +273,21 @@ class _SGDBase(FlashOptimizer):
     def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
         lr = float(group["lr"])
         wd = float(group["weight_decay"])
-        rows = _rows(len(steps), [
-            1 - lr * wd if self.decoupled else 1.0,
-            0.0 if self.decoupled else wd,
-            float(group["momentum"]),
-            1 - float(group["dampening"]),
-            1.0 if group["nesterov"] else 0.0,
-            0.0,
-            lr,
-            0.0,
-            -1.0 if group["maximize"] else 1.0,
-            0.0,
-        ])
+        rows = _rows(
+            len(steps),
+            [
+                1 - lr * wd if self.decoupled else 1.0,
+                0.0 if self.decoupled else wd,
+                float(group["momentum"]),
+                1 - float(group["dampening"]),
+                1.0 if group["nesterov"] else 0.0,
+                0.0,
+                lr,
+                0.0,
+                -1.0 if group["maximize"] else 1.0,
+                0.0,
+            ],
+        )
         rows[:, 5] = steps == 1  # first step: buf = grad (torch clones the grad)
         return rows
 
@@ -327,7 +341,9 @@ class FlashLion(FlashOptimizer):
     ):
         _torch_impl_flags(type(self).__name__, kwargs)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed))
+        super().__init__(
+            params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed)
+        )
 
     def _validate_group(self, group):
         _check_range("learning rate", _as_float("learning rate", group["lr"]), 0.0, math.inf)
@@ -339,18 +355,21 @@ class FlashLion(FlashOptimizer):
     def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
         lr = float(group["lr"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        return _rows(len(steps), [
-            1 - lr * float(group["weight_decay"]),
-            0.0,
-            beta1,
-            1 - beta1,
-            beta2,
-            1 - beta2,
-            lr,
-            0.0,
-            -1.0 if group["maximize"] else 1.0,
-            0.0,
-        ])
+        return _rows(
+            len(steps),
+            [
+                1 - lr * float(group["weight_decay"]),
+                0.0,
+                beta1,
+                1 - beta1,
+                beta2,
+                1 - beta2,
+                lr,
+                0.0,
+                -1.0 if group["maximize"] else 1.0,
+                0.0,
+            ],
+        )
 
 
 def _check_names() -> None:
@@ -359,7 +378,9 @@ def _check_names() -> None:
     for name in FLASH_OPTIMIZER_NAMES:
         cls = globals()[name]
         if cls.family != FAMILY_OF[name] or cls.decoupled != (name in DECOUPLED_DECAY):
-            raise ImportError(f"{name} disagrees with flashoptim_dist._names (family {cls.family}, decoupled {cls.decoupled})")
+            raise ImportError(
+                f"{name} disagrees with flashoptim_dist._names (family {cls.family}, decoupled {cls.decoupled})"
+            )
 
 
 _check_names()

@@ -50,9 +50,10 @@ state as one value per element of the local flat shard, all states of a unit in 
 ``optim_state_dict_to_load`` cuts them back the same way (collectives move them: NCCL and gloo
 have no int16). So: bfloat16 for ρ (int8), the codes (int8/uint8) and each element's group scale
 — all exact in bf16; float32 for all when ρ is int16 (``master_weight_bits=32``) or
-``quantize=False``. 10 bytes per element for FlashAdamW-24 (torch AdamW: 8). Each side of a partial group keeps its scale per
-element; loading reconciles a group whose elements carry different scales (the larger wins, the
-other codes are re-expressed), which only happens on another world size.
+``quantize=False``. 10 bytes per element for FlashAdamW-24 (torch AdamW: 8). Each side of a
+partial group keeps its scale per element; loading reconciles a group whose elements carry
+different scales (the larger wins, the other codes are re-expressed), which only happens on
+another world size.
 
 **Local** (``layout.FORM_LOCAL``): anything else (DeepSpeed flat partitions, custom ShardSpecs):
 the stored tensors themselves, this rank's slice — a per-rank format, exact on the same
@@ -81,7 +82,15 @@ from ..canonical import canonical_run, cut_groups, requantize
 from ..placements import block_at, mesh_dims_sharding
 from ..reference import FAMILIES
 
-__all__ = ["form_of", "scale_rows_shape", "export_states", "import_state", "local_elementwise", "as_global", "is_dtensor"]
+__all__ = [
+    "form_of",
+    "scale_rows_shape",
+    "export_states",
+    "import_state",
+    "local_elementwise",
+    "as_global",
+    "is_dtensor",
+]
 
 
 def _whole(p, spec: lay.ShardSpec) -> bool:
@@ -212,12 +221,11 @@ def _agree_cut_scales(entries: List[dict], G: int) -> Dict[tuple, float]:
             for name, _ in e["quantized"]:
                 sc = e["st"][name + "_scales"]
                 mine: Dict[int, float] = {}  # this rank's scale of each cut group it touches (scales are >= 0)
-                for seg, soff in zip(layout.segments, layout.scale_offsets):
-                    if not seg.length:
-                        continue
+                for run in lay.segment_runs(layout):
+                    seg = run.segment
                     g_lo, g_hi = seg.global_start // G, (seg.global_start + seg.length - 1) // G
                     for g in cuts[bisect.bisect_left(cuts, g_lo) : bisect.bisect_right(cuts, g_hi)]:
-                        mine[g] = max(mine.get(g, 0.0), float(sc[soff + g - g_lo]))
+                        mine[g] = max(mine.get(g, 0.0), float(sc[run.scale_start + g - g_lo]))
                 for g in cuts:
                     slots.append((e["pid"], name, g))
                     vals.append(mine.get(g, 0.0))
@@ -247,8 +255,9 @@ def as_global(p, local: torch.Tensor, shape=None):
     from torch.distributed.tensor import DTensor
 
     shape = tuple(p.shape) if shape is None else tuple(shape)
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape),
-                              stride=_contiguous_stride(shape))
+    return DTensor.from_local(
+        local, p.device_mesh, p.placements, run_check=False, shape=torch.Size(shape), stride=_contiguous_stride(shape)
+    )
 
 
 def _global_geometry(p, spec: lay.ShardSpec, local: torch.Tensor):
@@ -306,7 +315,9 @@ def _scale_split_ok(gshape: tuple, K: int, G: int, mesh, placements: tuple, bloc
         return True
     shape, offset = compute_local_shape_and_global_offset((gshape[0], K), mesh, placements)
     n, w = block.n_rows, block.width // G
-    return tuple(shape) == (n, w) and (n == 0 or w == 0 or (offset[0] == block.row_runs[0][0] and offset[1] == block.lo // G))
+    return tuple(shape) == (n, w) and (
+        n == 0 or w == 0 or (offset[0] == block.row_runs[0][0] and offset[1] == block.lo // G)
+    )
 
 
 def _export_global(e: dict, G: int, agreed: Dict[tuple, float]) -> dict:
@@ -329,8 +340,9 @@ def _export_global(e: dict, G: int, agreed: Dict[tuple, float]) -> dict:
         elif k in kinds:
             codes, sc = v, st[k + "_scales"]
             if agreed:
-                codes, sc = _canonical_runs(codes, sc, kinds[k], layout, spec.global_numel, G,
-                                            lambda g, k=k: agreed.get((e["pid"], k, g)))
+                codes, sc = _canonical_runs(
+                    codes, sc, kinds[k], layout, spec.global_numel, G, lambda g, k=k: agreed.get((e["pid"], k, g))
+                )
             out[k] = as_global(p, codes.view(lshape), gshape)
             out[k + "_scales"] = as_global(p, _block_scale_rows(sc, layout, block, K, G), (R, K))
         elif k.endswith("_scales") and k[: -len("_scales")] in kinds:
@@ -351,18 +363,15 @@ def _canonical_runs(codes, scales, kind, layout, numel: int, G: int, agreed):
     and scales where a cut group's agreed scale differs from the rank's own (the inputs
     otherwise; never modified)."""
     out_c, out_s = codes, scales
-    for seg, soff in zip(layout.segments, layout.scale_offsets):
-        if not seg.length:
-            continue
-        ls, ng = seg.local_start, seg.n_groups(G)
-        cs, ss = codes[ls : ls + seg.length], scales[soff : soff + ng]
-        c, sc = canonical_run(cs, ss, kind, seg.global_start, numel, G, agreed)
+    for run in lay.segment_runs(layout):
+        cs, ss = codes[run.local], scales[run.scales]
+        c, sc = canonical_run(cs, ss, kind, run.segment.global_start, numel, G, agreed)
         if c is cs and sc is ss:  # no cut group of this run changed
             continue
         if out_c is codes:
             out_c, out_s = codes.clone(), scales.clone()
-        out_c[ls : ls + seg.length] = c
-        out_s[soff : soff + ng] = sc
+        out_c[run.local] = c
+        out_s[run.scales] = sc
     return out_c, out_s
 
 
@@ -390,11 +399,8 @@ def _export_elementwise(e: dict, G: int) -> dict:
             out[k] = v
         elif k.endswith("_scales"):
             per = v.new_empty(layout.numel)
-            for seg, soff in zip(layout.segments, layout.scale_offsets):
-                if seg.length:
-                    ng = seg.n_groups(G)
-                    per[seg.local_start : seg.local_start + seg.length] = torch.repeat_interleave(
-                        v[soff : soff + ng], _group_counts(seg, G).to(v.device))
+            for run in lay.segment_runs(layout):
+                per[run.local] = torch.repeat_interleave(v[run.scales], _group_counts(run.segment, G).to(v.device))
             out[k] = per.to(xdt)  # FSDP1 moves one dtype per unit
         else:
             out[k] = v.to(xdt)  # exact (see _elementwise_dtype)
@@ -415,8 +421,18 @@ def export_states(opt, packed: Dict[int, dict]) -> Dict[int, dict]:
         info = opt._info.get(p) or opt._make_info(p)
         local = info.spec.local(p) if info.spec.local is not None else p
         quantized = list(FAMILIES[opt.family][: opt._n_states(group)]) if info.layout.quantized else []
-        entries.append({"pid": idx, "p": p, "spec": info.spec, "layout": info.layout, "st": st, "local": local,
-                        "form": form_of(p, info.spec), "quantized": quantized})
+        entries.append(
+            {
+                "pid": idx,
+                "p": p,
+                "spec": info.spec,
+                "layout": info.layout,
+                "st": st,
+                "local": local,
+                "form": form_of(p, info.spec),
+                "quantized": quantized,
+            }
+        )
     dtensors = [e for e in entries if e["form"] == lay.FORM_GLOBAL and e["quantized"] and is_dtensor(e["p"])]
     agreed = _agree_cut_scales(dtensors, G) if dtensors else {}
     for e in entries:
@@ -511,7 +527,9 @@ def _narrow(v: torch.Tensor, dtype: torch.dtype, k: str) -> torch.Tensor:
         return v
     info = torch.iinfo(dtype)
     if v.numel() and (v.min() < info.min or v.max() > info.max or (v.is_floating_point() and (v != v.round()).any())):
-        raise ValueError(f"loaded optimizer state {k!r} holds values that are not {dtype}: it is not Flash state of this config")
+        raise ValueError(
+            f"loaded optimizer state {k!r} holds values that are not {dtype}: it is not Flash state of this config"
+        )
     return v.to(dtype)
 
 
@@ -549,18 +567,15 @@ def _reconcile(codes: torch.Tensor, per: torch.Tensor, kind: str, layout, G: int
     the group takes the largest and the other elements' codes are re-expressed against it."""
     scales = per.new_zeros(layout.n_scales)
     codes = codes.clone()
-    for seg, soff in zip(layout.segments, layout.scale_offsets):
-        if not seg.length:
-            continue
-        ng = seg.n_groups(G)
-        sl = slice(seg.local_start, seg.local_start + seg.length)
-        s = per[sl].float()
-        gidx = torch.repeat_interleave(torch.arange(ng, device=s.device), _group_counts(seg, G).to(s.device))
+    for run in lay.segment_runs(layout):
+        ng = run.n_groups
+        s = per[run.local].float()
+        gidx = torch.repeat_interleave(torch.arange(ng, device=s.device), _group_counts(run.segment, G).to(s.device))
         smax = s.new_zeros(ng).scatter_reduce(0, gidx, s, "amax", include_self=False)
-        scales[soff : soff + ng] = smax.to(torch.bfloat16)  # exact: each is one of the bf16 inputs
+        scales[run.scales] = smax.to(torch.bfloat16)  # exact: each is one of the bf16 inputs
         low = (s != smax[gidx]).nonzero().flatten()
         for i in low.tolist():  # rare: a formerly cut group, one element at a time keeps it simple
-            j = seg.local_start + i
+            j = run.start + i
             s_new = smax[gidx[i]].reshape(1).to(torch.bfloat16)
             codes[j : j + 1] = requantize(codes[j : j + 1], kind, per[j : j + 1], s_new, G, 0).to(codes.device)
     return codes, scales
