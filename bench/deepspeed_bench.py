@@ -6,7 +6,7 @@ GPU (the numbers that go in docs/PERFORMANCE.md, 2 cards)::
         [--json out.json]
     deepspeed --num_gpus 2 bench/deepspeed_bench.py ...          # the DeepSpeed launcher works too
 
-CPU smoke test (gloo, DS_ACCELERATOR=cpu, a tiny model; what tests/test_bench_deepspeed.py runs)::
+CPU smoke test (gloo, DS_ACCELERATOR=cpu, a tiny model; what tests/bench/test_bench_deepspeed.py runs)::
 
     torchrun --nproc_per_node 2 bench/deepspeed_bench.py --tiny
 

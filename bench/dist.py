@@ -4,7 +4,7 @@ GPU (the numbers that go in docs/PERFORMANCE.md, 2 cards)::
 
     torchrun --nproc_per_node 2 bench/dist.py [--cases torch_adamw,flash,flash_release] [--json out.json]
 
-CPU smoke test (gloo, a tiny model; what tests/test_bench_dist.py runs)::
+CPU smoke test (gloo, a tiny model; what tests/bench/test_fsdp2_bench.py runs)::
 
     torchrun --nproc_per_node 2 bench/dist.py --tiny
 

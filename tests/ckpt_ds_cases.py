@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO cases of the checkpoint tests (one launch of 2 CPU ranks runs them all).
 
-Launched by tests/test_checkpoint_ds.py as
+Launched by tests/checkpoint/test_checkpoint_dist.py as
 ``deepspeed --num_gpus 2 tests/ckpt_ds_cases.py --out RESULTS.json --root DIR --cases a,b``
 with ``DS_ACCELERATOR=cpu``. Rank 0 writes one JSON record per case ({"error": traceback} when a
 case raised); the pytest side asserts on them.

@@ -1,4 +1,4 @@
-"""Multi-process DeepSpeed cases for tests/test_deepspeed.py (one launch runs them all).
+"""Multi-process DeepSpeed cases for tests/deepspeed/test_deepspeed.py (one launch runs them all).
 
 Launched as ``deepspeed --num_gpus 2 tests/ds_cases.py --out RESULTS.json --workdir DIR`` with
 ``DS_ACCELERATOR=cpu``. Rank 0 writes one JSON record per case; the pytest side asserts on them.

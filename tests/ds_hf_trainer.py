@@ -1,6 +1,6 @@
 """register() under a real framework caller: Hugging Face Trainer (-> Accelerate -> deepspeed.initialize).
 
-Launched by tests/test_deepspeed.py as ``deepspeed --num_gpus 2 tests/ds_hf_trainer.py --out R.json
+Launched by tests/deepspeed/test_deepspeed.py as ``deepspeed --num_gpus 2 tests/ds_hf_trainer.py --out R.json
 --workdir DIR`` with DS_ACCELERATOR=cpu. The DeepSpeed config (configs/ds_hf_zero3.json) names
 ``"optimizer": {"type": "FlashAdamW"}`` with HF's "auto" values; neither Trainer nor Accelerate
 know the name, only the register() hook does.

@@ -2,7 +2,7 @@
 against fp32 ``torch.optim`` on the same gradients.
 
 Each probe returns plain numbers (ratios of a Flash optimizer's behaviour to torch's; 1.0 is
-perfect). ``tests/test_fidelity.py`` asserts them with bounds from ``tests/tolerances.py``;
+perfect). ``tests/optim/test_fidelity.py`` asserts them with bounds from ``tests/tolerances.py``;
 ``python tests/fidelity_probes.py`` prints the table in docs/QUALITY.md for both rounding modes.
 
 The probes (issue 13):

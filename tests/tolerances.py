@@ -14,7 +14,7 @@ TOLERANCES = {
     # ≈2^-24 relative error per step (u/(4·32767) for a bf16 ULP u), 50 steps of random walk.
     "vs_torch_rel_bf16_32bit": 2e-6,
     # Quantized FlashX-24 vs fp32 torch X on a small MLP, same gradients, 400 steps whose second
-    # phase has 100x smaller gradients and idle rows (tests/test_fidelity.py): cosine of the
+    # phase has 100x smaller gradients and idle rows (tests/optim/test_fidelity.py): cosine of the
     # parameter change over the whole run and over the second phase. Stochastic rounding
     # measured 0.9997-1.0000 (3 seeds); nearest rounding 0.9970 in the second phase (AdamW).
     "quantized_traj_cosine": 0.999,
@@ -92,7 +92,7 @@ TOLERANCES = {
     # ("zero_weight_sensitivity": the test asserts the wrong variants land outside it).
     "zero_weight_rtol": 0.05,
     "zero_weight_sensitivity": 0.2,
-    # ---- tensor parallelism (tests/test_tp.py)
+    # ---- tensor parallelism (tests/distributed/test_tp.py)
     # grad_norm over DTensor shards (fp32 local norms, summed per mesh then over meshes) vs one
     # torch.linalg.vector_norm of the concatenated fp32 gradient: only the summation order
     # differs (~2.3e4 log-normal elements; measured 8.2e-7 for the total, ≤ 1.7e-7 per tensor).

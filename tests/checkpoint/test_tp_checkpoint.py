@@ -8,7 +8,7 @@ The model is ckpt_common's with torchtitan's plan: the embedding rowwise (its ta
 ``(_StridedShard(0, 2), Shard(0))``, ``(Shard(0), Shard(1))``, and ``(Shard(0),)`` on the dp mesh
 for what TP leaves alone (norms, ``bias2``, and ``cut``/``vec``, whose dim-0 shards cut groups).
 
-Oracles (independent of the code under test), as in tests/test_torch_state_dict.py:
+Oracles (independent of the code under test), as in tests/checkpoint/test_torch_state_dict.py:
 
 * the uninterrupted (dp 2 × tp 2) run's next step, written by ``flashoptim_dist.checkpoint.save``
   — every parameter whose shards cut no group must match bit for bit on every loading layout

@@ -268,7 +268,7 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "kernel_sass.py")], capture_output=True,
                           text=True, timeout=300, env=env)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import (  # noqa: E402
     TINY, bytes_per_param, checkpoint_steps, preserved_environ, read_metrics, summary, train_losses,
 )

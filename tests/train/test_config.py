@@ -13,7 +13,7 @@ import pytest
 from flashoptim_dist.train import config as C
 from flashoptim_dist.train.config import ConfigError, load_config
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import CONFIGS, clean_env  # noqa: E402
 
 

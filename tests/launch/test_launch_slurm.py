@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import (  # noqa: E402
     EXPECTED_BYTES_PER_PARAM, LAUNCH, REPO, TINY, bytes_per_param, checkpoint_steps, clean_env, summary, train_losses,
 )

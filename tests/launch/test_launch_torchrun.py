@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import (  # noqa: E402
     EXPECTED_BYTES_PER_PARAM, LAUNCH, OPTIMIZER, TINY, bytes_per_param, checkpoint_steps, clean_env, copy_checkpoint,
     free_port, preserved_environ,

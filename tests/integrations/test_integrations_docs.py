@@ -6,7 +6,7 @@
 * deepspeed: launched by the deepspeed launcher (``DS_ACCELERATOR=cpu``), then the same
   teardown the CPU launcher needs (notes: without it ~1 run in 4 aborts at exit);
 * own-trainer: the command, with the tests' tiny-run overrides appended;
-* torchtitan-command and torchtitan-config: run by tests/test_integrations_torchtitan.py (the
+* torchtitan-command and torchtitan-config: run by tests/integrations/test_integrations_torchtitan.py (the
   command is parsed by torchtitan's ConfigManager there).
 """
 

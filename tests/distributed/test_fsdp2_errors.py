@@ -5,7 +5,7 @@
   (the fp32 layer in its own unit) then trains;
 * a parameter sharded on dim 1 (``shard_placement_fn``) into pieces that cut quantization groups
   (16 of 32 columns) → ValueError naming ``Shard(dim=1)``, the column split and the fixes (an
-  aligned dim-1 split is accepted: tests/test_tp.py);
+  aligned dim-1 split is accepted: tests/distributed/test_tp.py);
 * a gradient whose placements differ from its parameter's (never reduced) → RuntimeError at step;
 * CPU-offloaded shards (``CPUOffloadPolicy``) work: the step equals the non-offloaded one bit for bit.
 """

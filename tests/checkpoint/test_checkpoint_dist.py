@@ -393,7 +393,7 @@ def ds_results(fsdp2_4rank):
     import sys
 
     root, _ = fsdp2_4rank
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/: the helper scripts
     out = os.path.join(root, "ds_results.json")
     log = os.path.join(root, "ds.log")
     env = dict(os.environ)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import LAUNCH, REPO  # noqa: E402
 from optional_deps import missing  # noqa: E402
 

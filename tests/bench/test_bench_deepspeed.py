@@ -23,7 +23,7 @@ import time
 
 from optional_deps import require_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 
 require_module("deepspeed", module_level=True)
 

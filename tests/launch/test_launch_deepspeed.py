@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import CONFIGS, LAUNCH, REPO, TINY, checkpoint_steps, clean_env, run, summary, train_losses  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import LAUNCH, REPO, TINY, clean_env, free_port  # noqa: E402
 
 CHECK = [sys.executable, "-m", "flashoptim_dist.launch_env", "--check"]

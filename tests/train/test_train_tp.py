@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from dist_utils import run_distributed  # noqa: E402
 from launch_helpers import TINY, preserved_environ, summary, train_losses  # noqa: E402
 from tolerances import TOLERANCES  # noqa: E402

@@ -111,4 +111,4 @@ def test_sgdw_is_sgd_with_decoupled_decay():
 
 
 # The quantized-trajectory test (direction and size of the change, non-stationary gradients)
-# is in tests/test_fidelity.py with the other fidelity probes.
+# is in tests/optim/test_fidelity.py with the other fidelity probes.
