@@ -134,8 +134,8 @@ class GradientReleaseHandle:
             h.remove()
         self._hooks = []
         self.active = False
-        if getattr(self.optimizer, "_gradient_release", None) is self:
-            self.optimizer._gradient_release = None
+        if getattr(self.optimizer, "gradient_release", None) is self:
+            self.optimizer.gradient_release = None
 
 
 def enable_gradient_release(model: torch.nn.Module, optimizer) -> GradientReleaseHandle:
@@ -153,7 +153,7 @@ def enable_gradient_release(model: torch.nn.Module, optimizer) -> GradientReleas
         )
     for check in _RELEASE_CHECKS:
         check(model, optimizer)
-    if getattr(optimizer, "_gradient_release", None) is not None:
+    if getattr(optimizer, "gradient_release", None) is not None:
         raise RuntimeError("gradient release is already enabled on this optimizer; remove() the first handle")
     model_params = {id(p) for p in model.parameters()}
     hooks, params, entries = [], [], []
@@ -181,5 +181,5 @@ def enable_gradient_release(model: torch.nn.Module, optimizer) -> GradientReleas
         hooks.append(p.register_post_accumulate_grad_hook(lambda param, _group=group: batcher.add(param, _group)))
     handle = GradientReleaseHandle(optimizer, hooks, params)
     handle._batcher = batcher
-    optimizer._gradient_release = handle
+    optimizer.gradient_release = handle
     return handle

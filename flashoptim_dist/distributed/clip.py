@@ -156,7 +156,7 @@ class ClippedReleaseHandle:
         norm_type = float(norm_type)
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type}")
-        if getattr(optimizer, "_gradient_release", None) is not None:
+        if getattr(optimizer, "gradient_release", None) is not None:
             raise RuntimeError(
                 "gradient release is already enabled on this optimizer: the clipping hooks must run "
                 "before the release hooks. remove() the existing handle and call "

@@ -5,6 +5,7 @@ stored master can resolve. Both raise with the reason and the fix."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 from typing import Callable, Dict, Tuple
 
@@ -85,3 +86,27 @@ def check_resolution(p, local: torch.Tensor, lr: float, update: float, config) -
             "learning rate, or keep this tensor in float32 (cast_model(..., keep_fp32=[...])); "
             "check_numerics=False turns the check off."
         )
+
+
+def _triton_usable(device: torch.device, backend: str) -> bool:
+    """Whether the fused Triton kernel runs for tensors on ``device`` under ``config.backend``;
+    raises when ``backend="triton"`` was asked for and cannot be had (no triton on CUDA, or a
+    CPU tensor without ``TRITON_INTERPRET=1``) rather than silently using the reference."""
+    if backend == "reference":
+        return False
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            if backend == "triton":
+                raise RuntimeError("backend='triton' needs the triton package: pip install triton") from None
+            return False
+        return True
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
+                "triton is imported (CPU interpretation, for tests); use backend='auto' on CPU"
+            )
+        return True
+    return False

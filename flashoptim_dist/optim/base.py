@@ -9,7 +9,7 @@ engines describe shards through :func:`flashoptim_dist.layout.resolve_shard`.
 
 The class lives here; its parts live next to it: :mod:`._plan` (the records the step caches
 between steps, the kernel plan, the reference loop), :mod:`._state` (state tensors: creation,
-validation on load, torch.optim interop), :mod:`._checks` (first-step refusals) and
+validation on load, torch.optim interop), :mod:`._checks` (first-step refusals, whether the kernel can run) and
 :mod:`.state_io` (the state_dict forms).
 
 Per-element state (bf16 params, quantization on):
@@ -43,6 +43,7 @@ from ..config import FlashConfig
 from . import _checks, _plan, _state, state_io
 from ._plan import FastEntry, StepBatch, SteadyChunk, SteadyStep
 from ._plan import TensorInfo as _TensorInfo
+from ._checks import _triton_usable  # looked up here at each call: bench/host_step.py patches it
 from ._state import allocate_state
 from ..reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT
 
@@ -54,27 +55,6 @@ __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 STATE_FORMAT_VERSION = 2
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _triton_usable(device: torch.device, backend: str) -> bool:
-    if backend == "reference":
-        return False
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            if backend == "triton":
-                raise RuntimeError("backend='triton' needs the triton package: pip install triton") from None
-            return False
-        return True
-    if backend == "triton":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(
-                f"backend='triton' on a {device.type} tensor needs TRITON_INTERPRET=1 set before "
-                "triton is imported (CPU interpretation, for tests); use backend='auto' on CPU"
-            )
-        return True
-    return False
 
 
 #: Parameters in the first chunk of the steady path (see ``_steady_step``); each next chunk is
@@ -106,7 +86,10 @@ class FlashOptimizer(Optimizer):
         # The whole step of the last call, when every parameter had a gradient (see
         # _steady_step); dropped when anything differs
         self._steady: Optional[SteadyStep] = None
-        self._gradient_release = None  # set by enable_gradient_release
+        #: The active :class:`~flashoptim_dist.release.GradientReleaseHandle` (``None``: off).
+        #: Set by ``enable_gradient_release``, cleared by the handle's ``remove()``; while set,
+        #: ``step()`` refuses (every parameter was already updated during backward).
+        self.gradient_release = None
         # (group index, position) -> (dtype, shape) of every bf16/fp16 parameter as the
         # optimizer was built, checked once at the first step (_check_upcast); None after that
         self._built_narrow: Optional[Dict[Tuple[int, int], Tuple[torch.dtype, tuple]]] = {}
@@ -199,7 +182,7 @@ class FlashOptimizer(Optimizer):
         """One optimizer step over every parameter that has a gradient."""
         # With no state at all this is the first step ever: with release on, only torch's
         # _init_optim_state (zero gradients, lr 0; get/set_state_dict run it) gets here.
-        if self._gradient_release is not None and self.state:
+        if self.gradient_release is not None and self.state:
             raise RuntimeError(
                 "optimizer.step() was called while gradient release is active: every parameter "
                 "was already updated during backward. Remove the call (gradient accumulation, "
