@@ -1,4 +1,4 @@
-"""Shared pieces of the framework integration tests (tests/test_integrations_*.py).
+"""Shared pieces of the framework integration tests (tests/integrations/test_integrations_*.py).
 
 CPU adaptations. Two frameworks refuse to shard on a CPU machine although everything they run
 afterwards works on CPU/gloo; the tests patch exactly that refusal and nothing else, so the
