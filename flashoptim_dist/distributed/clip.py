@@ -214,6 +214,29 @@ class ClippedReleaseHandle:
             self._measuring = False
             self._measured = True
 
+    def state_dict(self) -> Dict[str, Optional[float]]:
+        """What a resumed run needs to clip as this one would: the last measured global norm
+        (``mode="previous"`` clips the next updating backward with the coefficient that follows
+        from it). A plain float, so it can go into a JSON train state; an fp32 norm round-trips
+        exactly through a Python float."""
+        self._finish_if_pending()
+        return {"last_norm": None if self._last_norm is None else float(self._last_norm)}
+
+    def load_state_dict(self, state: Dict[str, Optional[float]]) -> None:
+        """Restore :meth:`state_dict`: the next updating backward is clipped with the saved norm's
+        coefficient (without it, a resumed ``mode="previous"`` run would not clip its first
+        step, and would leave the uninterrupted trajectory). ``two_pass`` measures every step
+        anew, so the restored value only shows in :attr:`last_norm`."""
+        if set(state) != {"last_norm"}:
+            raise ValueError(f"not a ClippedReleaseHandle state: keys {sorted(state)} (expected ['last_norm'])")
+        self._finish_if_pending()
+        v = state["last_norm"]
+        if v is None:
+            self._last_norm = self._coef = None
+            return
+        self._last_norm = torch.tensor(float(v), dtype=torch.float32)
+        self._coef = clip_coefficient(self._last_norm, self.max_norm, self.eps)
+
     def remove(self) -> None:
         """Remove the clipping hooks and the release hooks."""
         for h in self._hooks:

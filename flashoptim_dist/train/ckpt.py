@@ -179,10 +179,11 @@ def _prune(ckpt_dir: Path, keep: Optional[int]) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load_latest(ckpt_dir, model, optimizer) -> Optional[int]:
+def load_latest(ckpt_dir, model, optimizer, extra_out: Optional[dict] = None) -> Optional[int]:
     """Load the newest complete checkpoint in ``ckpt_dir`` into ``model``/``optimizer``.
 
-    Collective. Returns its step, or None when there is none (nothing is changed then). A Flash
+    Collective. Returns its step, or None when there is none (nothing is changed then); with
+    ``extra_out`` (a dict) the ``extra`` saved with the checkpoint is put into it. A Flash
     checkpoint loads at any world size and under any engine (ZeRO included); a torch baseline's
     DCP checkpoint at any world size under single/DDP/FSDP2/FSDP1.
     """
@@ -215,7 +216,9 @@ def load_latest(ckpt_dir, model, optimizer) -> Optional[int]:
             )
         import flashoptim_dist.checkpoint as fckpt
 
-        fckpt.load(path, model, optimizer)
+        loaded = fckpt.load(path, model, optimizer)
+        if extra_out is not None:
+            extra_out.update(loaded.get("extra") or {})
         _barrier()
         return step
     if flash:
@@ -224,6 +227,8 @@ def load_latest(ckpt_dir, model, optimizer) -> Optional[int]:
             "optimizer "
             f"is a Flash optimizer; resume with the same optimizer (optim.name) or start a new train.out_dir"
         )
+    if extra_out is not None:
+        extra_out.update(read_train_state(path).get("extra") or {})
     if _is_deepspeed(model):
         load_path, _ = model.load_checkpoint(path, tag="state")
         if load_path is None:

@@ -249,7 +249,11 @@ class Trainer:
         self.start, self.resumed, self.resume_s = 0, None, None
         if self.cfg.train.resume:
             t_load = time.perf_counter()
-            self.resumed = ckpt.load_latest(self.ckpt_dir, self.ck_model, self.ck_opt)
+            extra: dict = {}
+            self.resumed = ckpt.load_latest(self.ckpt_dir, self.ck_model, self.ck_opt, extra_out=extra)
+            clip = extra.get("grad_clip")  # clipping with gradient release: the last measured norm
+            if clip is not None and hasattr(self.engine.grad_release, "load_state_dict"):
+                self.engine.grad_release.load_state_dict(clip)
             self.resume_s = time.perf_counter() - t_load if self.resumed is not None else None
             self.start = self.resumed or 0
 
@@ -380,6 +384,14 @@ class Trainer:
         every = self.cfg.train.ckpt_every
         return bool(every) and (completed % every == 0 or is_final)
 
+    def checkpoint_extra(self) -> dict:
+        """The JSON data saved with a checkpoint: the config, the last losses and, with gradient
+        release and clipping, the clipping state the next step needs (``_resume`` restores it)."""
+        extra = {"config": config_to_dict(self.cfg), "loss": self.last_loss, "val_loss": self.last_val}
+        if hasattr(self.engine.grad_release, "state_dict"):
+            extra["grad_clip"] = self.engine.grad_release.state_dict()
+        return extra
+
     def save_checkpoint(self, completed: int) -> None:
         """Save the train state of step ``completed`` (see ckpt.py); rank 0 records its size."""
         cfg = self.cfg
@@ -389,7 +401,7 @@ class Trainer:
             completed,
             self.ck_model,
             self.ck_opt,
-            extra={"config": config_to_dict(cfg), "loss": self.last_loss, "val_loss": self.last_val},
+            extra=self.checkpoint_extra(),
             keep=cfg.train.keep_checkpoints,
         )
         save_s = time.perf_counter() - t_save

@@ -115,6 +115,23 @@ def test_resume_continues_identically_and_rewrites_metrics(tmp_path):
     assert checkpoint_steps(part) == [3, 6]
 
 
+def test_resume_with_release_and_clipping_continues_identically(tmp_path):
+    """Gradient release clips each step with the previous step's global norm: the checkpoint
+    carries that norm (train state ``grad_clip``), so the first step after resuming is clipped as
+    in the uninterrupted run. Without it the first resumed step is unclipped: step 5's loss was
+    5.0012 instead of 5.0678 here (code before the fix, 2026-12-03)."""
+    common = ["optim.gradient_release=true", "train.max_grad_norm=0.05", "train.steps=5", "train.ckpt_every=3",
+              "data.global_batch_size=4"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    _train(full, *common)
+    _train(part, *common, "train.stop_after=4")  # interrupted after step 4, before its save
+    res = _train(part, *common)
+    assert res["resumed_from"] == 3
+    a, b = train_losses(full), train_losses(part)
+    for step in (4, 5):
+        assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a, b)
+
+
 def test_nothing_to_do_when_already_at_the_last_step(tmp_path):
     out = tmp_path / "run"
     _train(out, "train.steps=2", "train.ckpt_every=2")
