@@ -2,6 +2,8 @@
 
     python bench/step.py            # ~0.97e9 params in Llama-like shapes + 10k small tensors
     python bench/step.py --tiny     # seconds, for a smoke test
+    python bench/step.py --capture  # + host time of an eager step, and opt.step() captured in a
+                                    #   CUDA graph (capturable=True): replay GPU and host time
 
 Prints persistent bytes/param, median step time (CUDA events after warm-up), effective
 bandwidth (bytes the step must move / time) and its share of a measured device-to-device copy.
@@ -63,12 +65,22 @@ def copy_bandwidth(nbytes=2 << 30):
     return 2 * nbytes / statistics.median(times)
 
 
-def make(name, shapes):
+def make(name, shapes, capturable=False):
     flash = name.startswith("Flash")
     dtype = torch.bfloat16 if flash else torch.float32
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=dtype) * 0.02) for s in shapes]
     for p in params:
         p.grad = torch.randn_like(p) * 1e-3
+    if capturable:  # lr as a device tensor, as a scheduler would update it between replays
+        if not flash:
+            return params, torch.optim.AdamW(params, lr=torch.tensor(1e-4, device="cuda"), capturable=True,
+                                             fused=name.endswith("fused-fp32"), foreach=name.endswith("foreach-fp32"))
+        kw = dict(capturable=True)
+        lr = {"FlashSGD-mom": 1e-3, "FlashLion": 1e-5}.get(name, 1e-4)
+        cls = {"FlashSGD-mom": F.FlashSGD, "FlashLion": F.FlashLion}.get(name, F.FlashAdamW)
+        kw.update({"FlashAdamW-24-nearest": dict(rounding="nearest"), "FlashAdamW-32": dict(master_weight_bits=32),
+                   "FlashSGD-mom": dict(momentum=0.9)}.get(name, {}))
+        return params, cls(params, lr=torch.tensor(lr, dtype=torch.float64, device="cuda"), **kw)
     if name == "FlashAdamW-24":
         opt = F.FlashAdamW(params, lr=1e-4)
     elif name == "FlashAdamW-24-nearest":  # round-to-nearest codes and ρ (the pre-0.2 numerics)
@@ -101,6 +113,51 @@ def time_step(opt, warmup=3, reps=10):
         torch.cuda.synchronize()
         times.append(s.elapsed_time(e))
     return statistics.median(times)
+
+
+def host_time(opt, reps=10):
+    """Median host time of one eager ``opt.step()`` call (until it returns, GPU not waited for)."""
+    import time
+
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return 1e3 * statistics.median(times)
+
+
+def time_capture(opt, reps=10):
+    """``opt.step()`` (capturable) captured in a CUDA graph after an eager warm-up on a side
+    stream: median GPU time per replay (events, ms) and host time per ``replay()`` call (µs)."""
+    import time
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    gpu, host = [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record()
+        t0 = time.perf_counter()
+        graph.replay()
+        host.append(time.perf_counter() - t0)
+        b.record()
+        torch.cuda.synchronize()
+        gpu.append(a.elapsed_time(b))
+    del graph
+    return statistics.median(gpu), 1e6 * statistics.median(host)
 
 
 def persistent_bytes(params, opt):
@@ -149,6 +206,9 @@ def main():
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true", help="time FlashAdamW-24 over block/warp configs first")
+    ap.add_argument("--capture", action="store_true",
+                    help="per case also: host time of an eager step, and capturable=True captured in a CUDA graph "
+                         "(GPU time and host time per replay)")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth(256 << 20 if args.tiny else 2 << 30)
@@ -198,6 +258,13 @@ def main():
             gbs = TRAFFIC[name] * n / (ms / 1e3)
             rows.append(dict(case=case, optimizer=name, params=n, tensors=len(shapes), ms=ms,
                              bytes_per_param=pb, eff_TBps=gbs / 1e12, share_of_copy=gbs / bw))
+            if args.capture:
+                rows[-1]["host_ms"] = host_time(opt)
+                del params, opt
+                torch.cuda.empty_cache()
+                params, opt = make(name, shapes, capturable=True)
+                rows[-1]["capturable_ms"] = time_step(opt)
+                rows[-1]["replay_ms"], rows[-1]["replay_host_us"] = time_capture(opt)
             print(json.dumps(rows[-1]), flush=True)
             del params, opt
             torch.cuda.empty_cache()
@@ -206,6 +273,12 @@ def main():
     for r in rows:
         print(f"| {r['case']} | {r['optimizer']} | {r['params'] / 1e9:.3f}e9 | {r['tensors']} | {r['ms']:.2f} | "
               f"{r['bytes_per_param']:.2f} | {r['eff_TBps']:.2f} | {100 * r['share_of_copy']:.0f}% |")
+    if args.capture:  # kernel (event) time, host time and captured-replay time per case
+        print("\n| case | optimizer | step ms | host ms (eager) | capturable eager ms | replay ms | host µs/replay |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['case']} | {r['optimizer']} | {r['ms']:.2f} | {r['host_ms']:.2f} | {r['capturable_ms']:.2f} | "
+                  f"{r['replay_ms']:.2f} | {r['replay_host_us']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": dev, "copy_TBps": bw / 1e12, "check": check, "rows": rows}, f, indent=1)

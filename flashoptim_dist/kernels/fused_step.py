@@ -176,6 +176,9 @@ class KernelPlan:
         self._hyper_dev = torch.empty_like(self._hyper_host, device=device)
         self._copied = None
         self._ptrs = None  # (param addresses, grad addresses) of the last launch
+        # capturable step: offsets staged while a CUDA graph was being captured; each buffer is
+        # read by its graph's copy at every replay, so it is kept and never written again
+        self._graph_offs = []
         self._kwargs = {}
 
 
@@ -224,40 +227,73 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
     return kw
 
 
-def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows: np.ndarray) -> None:
+def _stage_offsets(plan: KernelPlan, ptrs, params, grads) -> None:
+    """Rebuild the offsets table for moved params/grads and copy it to the device."""
+    capturing = plan._offs_dev.is_cuda and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        # a graph replays this copy from the same host buffer: give it one of its own (pinned
+        # memory, allocated outside the stream; no event is recorded while capturing)
+        host = torch.empty(plan._offs_host.shape, dtype=plan._offs_host.dtype, pin_memory=True)
+        plan._graph_offs.append(host)
+    else:
+        if plan._copied is not None:
+            plan._copied.synchronize()
+        host = plan._offs_host
+    offs = host.numpy()
+    if capturing:
+        offs[:] = plan.offs
+    st = plan.seg_tensor
+    offs[:, _P] = _offsets(ptrs[0], params[0].element_size())[st] + plan.seg_origin
+    offs[:, _G] = _offsets(ptrs[1], grads[0].element_size())[st] + plan.seg_origin
+    # blocks of a segment whose every origin is 16-element aligned load and store vectorized
+    offs[:, _ALIGNED] = np.all(offs[:, _ROLES_ALIGN] % 16 == 0, axis=1)
+    plan._offs_dev.copy_(host, non_blocking=True)
+    plan._ptrs = None if capturing else ptrs  # the next eager launch restages its own
+    if plan._offs_dev.is_cuda and not capturing:
+        if plan._copied is None:
+            plan._copied = torch.cuda.Event()
+        plan._copied.record()
+
+
+def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows,
+           maximize=None) -> None:
     """Run one fused step over every segment of ``plan``.
 
     ``params``/``grads`` are the flat local tensors (one per optimizer tensor, in plan order);
-    ``hyper_rows`` is ``[n_tensors, N_HYPER]`` (float64 or float32; rounded to fp32 here).
-    Host work per call: the tensors' addresses are compared with the previous call's, and the
-    offsets table is rebuilt and copied only when one moved (gradients usually come back at
-    the same addresses from the caching allocator); the hyper-parameter rows are copied every
-    call.
+    ``hyper_rows`` is ``[n_tensors, N_HYPER]`` (float64 or float32 numpy; rounded to fp32
+    here). Host work per call: the tensors' addresses are compared with the previous call's,
+    and the offsets table is rebuilt and copied only when one moved (gradients usually come
+    back at the same addresses from the caching allocator); the hyper-parameter rows are copied
+    every call.
+
+    Capturable step: ``hyper_rows`` is an fp32 tensor on the device (computed there from the
+    step and lr tensors) and ``maximize`` the groups' flag; the rows are copied device to device
+    into the plan's preallocated buffer, and nothing is read or staged on the host unless a
+    param/grad moved (then the offsets are staged as above; under graph capture from a pinned
+    buffer of the graph's own, since the replay re-reads it).
     """
     if plan.n_blocks == 0:
         return
-    # Wait (normally no wait at all) until the previous step's copies have left the pinned
-    # staging buffers before overwriting them; this does not wait for the previous kernel.
-    if plan._copied is not None:
-        plan._copied.synchronize()
     ptrs = (list(map(_data_ptr, params)), list(map(_data_ptr, grads)))
-    if ptrs != plan._ptrs:
-        st = plan.seg_tensor
-        offs = plan._offs_host.numpy()
-        offs[:, _P] = _offsets(ptrs[0], params[0].element_size())[st] + plan.seg_origin
-        offs[:, _G] = _offsets(ptrs[1], grads[0].element_size())[st] + plan.seg_origin
-        # blocks of a segment whose every origin is 16-element aligned load and store vectorized
-        offs[:, _ALIGNED] = np.all(offs[:, _ROLES_ALIGN] % 16 == 0, axis=1)
-        plan._offs_dev.copy_(plan._offs_host, non_blocking=True)
-        plan._ptrs = ptrs
-    hyper = plan._hyper_host.numpy()
-    hyper[:] = hyper_rows[: plan.n_tensors]
-    maximize = bool((hyper[:, _SIGN] != 1.0).any())
-    plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
-    if plan._offs_dev.is_cuda:
-        if plan._copied is None:  # one event per plan, re-recorded every step
-            plan._copied = torch.cuda.Event()
-        plan._copied.record()
+    if torch.is_tensor(hyper_rows):
+        if ptrs != plan._ptrs:
+            _stage_offsets(plan, ptrs, params, grads)
+        plan._hyper_dev.copy_(hyper_rows[: plan.n_tensors])
+    else:
+        if ptrs != plan._ptrs:
+            _stage_offsets(plan, ptrs, params, grads)
+        # Wait (normally no wait at all) until the previous step's copies have left the pinned
+        # staging buffers before overwriting them; this does not wait for the previous kernel.
+        elif plan._copied is not None:
+            plan._copied.synchronize()
+        hyper = plan._hyper_host.numpy()
+        hyper[:] = hyper_rows[: plan.n_tensors]
+        maximize = bool((hyper[:, _SIGN] != 1.0).any())
+        plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
+        if plan._offs_dev.is_cuda:
+            if plan._copied is None:  # one event per plan, re-recorded every step
+                plan._copied = torch.cuda.Event()
+            plan._copied.record()
 
     kw = _kernel_kwargs(plan, family, decoupled, params[0].dtype, maximize)
     dummy = params[0]

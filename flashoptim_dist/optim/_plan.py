@@ -139,6 +139,7 @@ class SteadyChunk:
     layouts: list  # gradient layouts (all torch.strided)
     rows: slice  # this chunk's rows of the step's hyper-parameter table
     plan: Any = None  # the kernel plan, once the first replay built or found it
+    by_group: Any = None  # by_group() of this chunk (the capturable step computes rows per chunk)
 
 
 class SteadyStep(NamedTuple):
@@ -163,6 +164,19 @@ def by_group(groups: list, states: list) -> List[tuple]:
         item[1].append(i)
         item[2].append(st)
     return list(out.values())
+
+
+def runs(idx: list) -> List[tuple]:
+    """``(start, stop, offset)`` per run of consecutive positions in ``idx``: position
+    ``idx[offset + k]`` is ``start + k``."""
+    out, j = [], 0
+    while j < len(idx):
+        k = j + 1
+        while k < len(idx) and idx[k] == idx[k - 1] + 1:
+            k += 1
+        out.append((idx[j], idx[k - 1] + 1, j))
+        j = k
+    return out
 
 
 def build_steady(buckets: Dict[tuple, StepBatch], param_groups, n_states: Callable, n_state: int,
@@ -215,7 +229,8 @@ def reference_step(family: str, decoupled: bool, batch: StepBatch, hyper: np.nda
     """Step ``batch`` with the pure-PyTorch reference, segment by segment (CPU, no Triton)."""
     group_size = config.group_size
     stochastic = config.stochastic
-    hyper32 = torch.from_numpy(hyper.astype(np.float32))
+    # the capturable step hands fp32 rows already on the device (here: CPU)
+    hyper32 = hyper if torch.is_tensor(hyper) else torch.from_numpy(hyper.astype(np.float32))
     for local, grad, info, state, row in zip(batch.locals, batch.grads, batch.infos, batch.states, hyper32):
         flat, gflat = local.view(-1), grad.view(-1)
         rho = state.get("rho")

@@ -25,10 +25,18 @@ state key              dtype / size                      bytes per element
 =====================  ================================  =======================
 
 FlashAdamW-24: 3.125 bytes of state per element (+ 2 param + 2 grad = 7.125).
+
+Capturable step (``capturable=True``, docs/design.md §4.4): ``state["step"]`` is a 0-d float32
+tensor on the parameter's device, incremented there (``torch._foreach_add_``); the hyper rows
+are computed from the step tensors and the (float or 0-d tensor) lr by ``_hyper_rows_t`` on the
+device, in float64 like the host's numpy rows, and rounded to fp32 once (``_hyper_table_dev``);
+nothing in ``step()`` reads a tensor value on the host, so a CUDA graph can capture it after one
+eager (warm-up) step has allocated the state, compiled the kernel and built its plan.
 """
 
 from __future__ import annotations
 
+import operator
 import os
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -62,6 +70,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FIRST_CHUNK = int(os.environ.get("FLASHOPTIM_FIRST_CHUNK", "8"))
 
 _MIXED = _plan._MIXED
+_maximize_of = operator.itemgetter("maximize")
 _identity = _plan.identity
 _dtype_of = _plan._dtype_of
 _layout_of = _plan._layout_of
@@ -76,6 +85,9 @@ class FlashOptimizer(Optimizer):
 
     family: str = ""
     decoupled: bool = True
+    #: ``capturable=True`` of the public classes: device step counters and hyper rows, no host
+    #: read in ``step()`` (see "Capturable step" in the module doc).
+    capturable: bool = False
 
     def __init__(self, params, defaults: Dict[str, Any], config: FlashConfig):
         self.config = config
@@ -157,6 +169,11 @@ class FlashOptimizer(Optimizer):
         """fp64 rows ``[len(steps), N_HYPER]`` for tensors of ``group`` at the given step counts."""
         raise NotImplementedError
 
+    def _hyper_rows_t(self, group: Dict[str, Any], steps: torch.Tensor) -> torch.Tensor:  # overridden
+        """:meth:`_hyper_rows` with torch ops on a float64 tensor of step counts, on its device
+        (the capturable step): the same fp64 operations in the same order."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------------ state
     def _make_info(self, p: torch.Tensor) -> _TensorInfo:
         spec = lay.resolve_shard(p)
@@ -167,6 +184,16 @@ class FlashOptimizer(Optimizer):
         local = self._local(p)
         # the current narrow value is exact, so ρ starts at zero like the moments
         self.state[p].update(allocate_state(info.layout, self.family, self._n_states(group), local.device))
+        if self.capturable:
+            self.state[p]["step"] = self._step_tensor(0, local.device)
+
+    @staticmethod
+    def _step_tensor(step, device) -> torch.Tensor:
+        """A capturable step counter: 0-d float32 on the parameter's device (torch.optim's
+        capturable convention; exact up to 2^24 steps)."""
+        if torch.is_tensor(step):
+            return step.detach().reshape(()).to(device=device, dtype=torch.float32).clone()
+        return torch.full((), float(step), dtype=torch.float32, device=device)
 
     def _info_for(self, p: torch.Tensor, group: Dict[str, Any]) -> _TensorInfo:
         info = self._info.get(p)
@@ -217,8 +244,9 @@ class FlashOptimizer(Optimizer):
             self._steady = None
             return False
         # hyper-parameter rows of every chunk in one vectorized pass (steps + 1: the chunks
-        # increment their steps just before their launch)
-        hyper = self._hyper_table(steady.n_rows, steady.by_group, step_offset=1)
+        # increment their steps just before their launch); capturable: per chunk, on the device
+        capturable = self.capturable
+        hyper = None if capturable else self._hyper_table(steady.n_rows, steady.by_group, step_offset=1)
         # Chunk by chunk: each chunk's kernel is launched before the next chunk's host work, so
         # on a GPU that work overlaps the kernels already queued and only the first (small)
         # chunk's host time is not hidden. The per-parameter work is map() over C-level
@@ -258,8 +286,12 @@ class FlashOptimizer(Optimizer):
                 locals_ = list(map(lf, ps))
             else:
                 locals_ = [p if f is None else f(p) for p, f in zip(ps, c.local_fns)]
-            _plan.increment_steps(c.states)
-            self._launch(c.key, StepBatch(ps, c.groups, locals_, grads, c.infos, c.states), hyper[c.rows], c)
+            if capturable:
+                rows = self._capturable_rows(c.key[0], c.groups, c.states, c)
+            else:
+                _plan.increment_steps(c.states)
+                rows = hyper[c.rows]
+            self._launch(c.key, StepBatch(ps, c.groups, locals_, grads, c.infos, c.states), rows, c)
         return True
 
     @torch.no_grad()
@@ -291,6 +323,7 @@ class FlashOptimizer(Optimizer):
             self._check_upcast()
         buckets: Dict[tuple, list] = {}  # launch key -> [(param, group, local, grad, info, state)]
         check = self.config.check_numerics
+        capturable = self.capturable
         fast = self._fast
         state_get = self.state.get
         complete = remember
@@ -324,7 +357,8 @@ class FlashOptimizer(Optimizer):
                 if len(fast) > 65536:  # ids of tensors that died; entries hold only weak references
                     fast.clear()
                 fast[id(p)] = FastEntry(weakref.ref(p), info.spec, info, state, skey, local.numel())
-            state["step"] += 1
+            if not capturable:
+                state["step"] += 1
             if check and not info.numerics_checked:
                 self._check_resolution(p, local, grad, group, info)
             key = skey + (grad.dtype, self._n_states(group))
@@ -335,13 +369,18 @@ class FlashOptimizer(Optimizer):
         batches = {key: StepBatch.of(entries) for key, entries in buckets.items()}
         if complete and not (check and not all(i.numerics_checked for b in batches.values() for i in b.infos)):
             groups = list({id(g): g for _, g in items}.values())
+            # capturable: one chunk per launch combination (a replay has no host work to overlap)
             self._steady = _plan.build_steady(
-                batches, self.param_groups, self._n_states, len(self.state), groups, FIRST_CHUNK
+                batches, self.param_groups, self._n_states, len(self.state), groups,
+                FIRST_CHUNK if not capturable else 1 << 62,
             )
         elif remember:
             self._steady = None
         for key, batch in batches.items():
-            self._launch(key, batch)
+            if capturable:
+                self._launch(key, batch, self._capturable_rows(key[0], batch.groups, batch.states))
+            else:
+                self._launch(key, batch)
 
     def _check_grad(self, p, grad, local):
         if grad.is_sparse:
@@ -379,15 +418,49 @@ class FlashOptimizer(Optimizer):
             out[idx] = rows
         return out
 
+    def _capturable_rows(self, device, groups: list, states: list, cache: Optional[SteadyChunk] = None):
+        """The capturable step's part before a launch: every state's step counter incremented on
+        the device (one foreach add) and the fp32 hyper rows computed from them there
+        (:meth:`_hyper_table_dev`). Reads nothing on the host."""
+        by = cache.by_group if cache is not None else None
+        if by is None:
+            by = _plan.by_group(groups, states)
+            if cache is not None:
+                cache.by_group = by
+        torch._foreach_add_(list(map(_plan.step_of, states)), 1)
+        return self._hyper_table_dev(len(states), by, device)
+
+    def _hyper_table_dev(self, n: int, by_group: List[tuple], device) -> torch.Tensor:
+        """:meth:`_hyper_table` for the capturable step: fp32 rows ``[n, N_HYPER]`` on ``device``,
+        computed by :meth:`_hyper_rows_t` in float64 from the states' step tensors and rounded
+        to fp32 once, as the host path rounds its rows. A group's rows are written by slices
+        (runs of consecutive positions), so no index tensor is copied from the host."""
+        out = torch.empty((n, N_HYPER), dtype=torch.float64, device=device)
+        for group, idx, states in by_group:
+            steps = torch.stack(list(map(_plan.step_of, states))).to(torch.float64)
+            rows = self._hyper_rows_t(group, steps)
+            rows[:, STEP_LO_COLUMN] = torch.fmod(steps, STEP_SPLIT)
+            rows[:, STEP_HI_COLUMN] = torch.floor(steps / STEP_SPLIT)
+            for a, b, j in _plan.runs(idx):
+                out[a:b] = rows[j : j + b - a]
+        return out.to(torch.float32)
+
     def _launch(
-        self, key, batch: StepBatch, hyper: Optional[np.ndarray] = None, cache: Optional[SteadyChunk] = None
+        self, key, batch: StepBatch, hyper=None, cache: Optional[SteadyChunk] = None
     ) -> None:
         """Step ``batch`` (one launch combination ``key``). ``hyper``: its rows, if the caller
-        has them; ``cache`` (the steady path's chunk) keeps the kernel plan between steps."""
+        has them (fp64 numpy, or the capturable step's fp32 device tensor); ``cache`` (the
+        steady path's chunk) keeps the kernel plan between steps."""
         device, _, rho_dtype, quantized, _, n_states = key
         if hyper is None:
             hyper = self._hyper_table(len(batch.params), _plan.by_group(batch.groups, batch.states))
         names = [name for name, _ in FAMILIES[self.family][:n_states]]
+        if self.capturable and device.type == "cuda" and not _triton_usable(device, self.config.backend):
+            raise RuntimeError(
+                f"{type(self).__name__}(capturable=True) on {device} needs the fused Triton kernel (the "
+                "reference math reads hyper-parameters on the host); install triton and use backend='auto' "
+                "or 'triton'"
+            )
         if _triton_usable(device, self.config.backend):
             from ..kernels import fused_step
 
@@ -402,7 +475,8 @@ class FlashOptimizer(Optimizer):
                     self._plans[plan_key] = plan
                 if cache is not None:
                     cache.plan = plan
-            fused_step.launch(plan, self.family, self.decoupled, batch.locals, batch.grads, hyper)
+            maximize = any(map(_maximize_of, batch.groups)) if self.capturable else None
+            fused_step.launch(plan, self.family, self.decoupled, batch.locals, batch.grads, hyper, maximize)
             return
         _plan.reference_step(self.family, self.decoupled, batch, hyper, names, quantized, self.config)
 
@@ -532,6 +606,13 @@ class FlashOptimizer(Optimizer):
         """
         info = self._make_info(p)
         self._check_loaded_state(p, state, info.layout, group)
+        # the step counter in this optimizer's convention, whatever wrote it: a 0-d float32
+        # device tensor when capturable (as torch saves capturable steps), else a Python int
+        step = state.get("step", 0)
+        if self.capturable:
+            state["step"] = self._step_tensor(step, self._local(p).device)
+        else:
+            state["step"] = int(step.item()) if torch.is_tensor(step) else int(step)
         self.state[p] = state
         self._info[p] = info
         self._plans.clear()

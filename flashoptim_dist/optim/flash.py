@@ -4,7 +4,14 @@ Every class is a :class:`torch.optim.Optimizer` with the same hyper-parameters a
 as its ``torch.optim`` counterpart, plus the numeric options of :class:`~flashoptim_dist.FlashConfig`
 (``master_weight_bits``, ``quantize``, ``group_size``, ``backend``, ``check_numerics``).
 ``torch.optim``'s implementation switches ``fused``/``foreach`` are accepted and ignored,
-``capturable=True`` and ``differentiable=True`` refused with the reason (:func:`_torch_impl_flags`).
+``differentiable=True`` refused with the reason (:func:`_torch_impl_flags`).
+
+``capturable=True`` (as in ``torch.optim``) makes ``step()`` capturable in a CUDA graph: step
+counters are 0-d float32 tensors on the parameter's device, ``lr`` may be a 0-d tensor (a
+scheduler updates it in place), and the hyper-parameter rows are computed by torch ops on the
+device, so nothing in the step reads a value on the host (:mod:`.base`, "Capturable step";
+docs/design.md). It cannot be combined with ``check_numerics=True``, which reads the learning
+rate and gradients on the host at a tensor's first step.
 
 Persistent bytes per parameter with bf16 params and bf16 grads (params 2 + grads 2 + state):
 
@@ -67,9 +74,6 @@ def _torch_impl_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
 
     * ``fused``, ``foreach`` (any value): accepted and ignored — a Flash step is always one
       fused kernel launch per (family, dtype) over every tensor, whatever they say;
-    * ``capturable``: ``False``/``None`` accepted; ``True`` refused — the step keeps step
-      counters and hyper-parameter rows on the host and picks kernels per step, which a CUDA
-      graph cannot capture;
     * ``differentiable``: ``False``/``None`` accepted; ``True`` refused — the update writes
       8-bit codes and ρ in place under ``no_grad``, so no gradient can flow through it.
 
@@ -77,12 +81,6 @@ def _torch_impl_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
     """
     for flag in ("fused", "foreach"):
         kwargs.pop(flag, None)
-    if kwargs.pop("capturable", None):
-        raise ValueError(
-            f"{cls_name} cannot run with capturable=True: its step keeps step counters and hyper-parameter "
-            "rows on the host and chooses kernel launches per step, which a CUDA graph cannot capture. Remove "
-            "capturable=True (and keep optimizer.step() outside torch.cuda.graph / torch.compile regions)."
-        )
     if kwargs.pop("differentiable", None):
         raise ValueError(
             f"{cls_name} cannot run with differentiable=True: the step is not differentiable (it writes "
@@ -91,6 +89,20 @@ def _torch_impl_flags(cls_name: str, kwargs: Dict[str, Any]) -> None:
         )
     if kwargs:
         raise TypeError(f"{cls_name} got unexpected keyword arguments: {sorted(kwargs)}")
+
+
+def _capturable(cls_name: str, capturable, check_numerics: bool) -> bool:
+    """Validate ``capturable`` (``None`` counts as False, as in ``torch.optim``)."""
+    capturable = bool(capturable)
+    if capturable and check_numerics:
+        raise ValueError(
+            f"{cls_name} cannot combine capturable=True with check_numerics=True: the numerics check reads "
+            "the learning rate and the gradient on the host at each tensor's first step, which a captured "
+            "(host-sync-free) step must not do. Run the check once with a non-capturable optimizer (same "
+            "model and lr, check_numerics=True, one step), then build the capturable one with "
+            "check_numerics=False."
+        )
+    return capturable
 
 
 def _rows(n: int, values: List[float]) -> np.ndarray:
@@ -129,6 +141,53 @@ def adam_ratio_bound(beta1: float, beta2: float, steps: np.ndarray) -> np.ndarra
     return (1.0 - beta1) * np.sqrt(geo) * np.sqrt(-np.expm1(steps * np.log(beta2))) / math.sqrt(1.0 - beta2)
 
 
+def adam_ratio_bound_t(beta1: float, beta2: float, steps: torch.Tensor) -> torch.Tensor:
+    """:func:`adam_ratio_bound` with torch ops on a float64 tensor of step counts (the capturable
+    step): the same operations in the same order, the step-independent logarithms taken by numpy
+    as there."""
+    if beta2 <= 0.0:
+        return torch.full_like(steps, math.inf)
+    r = beta1 * beta1 / beta2
+    if r == 0.0:
+        geo = torch.ones_like(steps)
+    elif r == 1.0:
+        geo = steps
+    else:
+        geo = -torch.expm1(steps * float(np.log(r))) / (1.0 - r)
+    return (1.0 - beta1) * torch.sqrt(geo) * torch.sqrt(-torch.expm1(steps * float(np.log(beta2)))) / math.sqrt(
+        1.0 - beta2
+    )
+
+
+def _rows_t(steps: torch.Tensor, values: list) -> torch.Tensor:
+    """:func:`_rows` on the device of ``steps`` (float64): ``values`` are Python floats or 0-d
+    float64 tensors (the lr); filled column by column, nothing is copied from the host."""
+    rows = torch.zeros((steps.shape[0], N_HYPER), dtype=torch.float64, device=steps.device)
+    for i, v in enumerate(values):
+        if torch.is_tensor(v) or v != 0.0:
+            rows[:, i] = v
+    return rows
+
+
+def _lr_t(group, device) -> Any:
+    """The group's lr for the capturable rows: a Python float, or its 0-d tensor as float64 (a
+    dtype conversion on its own device). A CPU tensor with parameters on an accelerator is read
+    as a float (host memory: no device sync, but fixed in a captured graph; torch's
+    ``_init_optim_state`` sets such an lr of 0 for its one state-creating step); a tensor on
+    another accelerator is refused, since moving it would be a copy between devices in the step."""
+    lr = group["lr"]
+    if not torch.is_tensor(lr):
+        return float(lr)
+    if lr.device != device and lr.device.type == "cpu":
+        return float(lr.item())
+    if lr.device != device:
+        raise RuntimeError(
+            f"capturable step: the learning rate tensor is on {lr.device} but the parameters are on {device}; "
+            "create it on the parameters' device (e.g. torch.tensor(lr, device='cuda'))"
+        )
+    return lr.reshape(()).to(torch.float64)
+
+
 class _AdamBase(FlashOptimizer):
     family = "adam"
 
@@ -149,9 +208,11 @@ class _AdamBase(FlashOptimizer):
         check_numerics: bool = False,
         rounding: str = "stochastic",
         seed: int = 0,
+        capturable: bool = False,
         **kwargs,
     ):
         _torch_impl_flags(type(self).__name__, kwargs)
+        self.capturable = _capturable(type(self).__name__, capturable, check_numerics)
         if amsgrad:
             raise ValueError(
                 f"{type(self).__name__} does not implement amsgrad (it would need a third state); "
@@ -197,6 +258,32 @@ class _AdamBase(FlashOptimizer):
             rows[:, 9] = 1.0 / adam_ratio_bound(beta1, beta2, steps)
         return rows
 
+    def _hyper_rows_t(self, group, steps: torch.Tensor) -> torch.Tensor:
+        # _hyper_rows with torch ops on the step tensors' device (the capturable step)
+        lr = _lr_t(group, steps.device)
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        rows = _rows_t(
+            steps,
+            [
+                1 - lr * wd if self.decoupled else 1.0,
+                0.0 if self.decoupled else wd,
+                1 - beta1,
+                beta2,
+                1 - beta2,
+                float(group["eps"]),
+                0.0,
+                0.0,
+                -1.0 if group["maximize"] else 1.0,
+                0.0,
+            ],
+        )
+        rows[:, 6] = lr / (1 - torch.pow(beta1, steps))
+        rows[:, 7] = 1.0 / torch.sqrt(1 - torch.pow(beta2, steps))
+        if self.config.quantize:
+            rows[:, 9] = 1.0 / adam_ratio_bound_t(beta1, beta2, steps)
+        return rows
+
 
 class FlashAdamW(_AdamBase):
     """AdamW (decoupled weight decay, ``θ ← θ(1 − lr·wd)``) with FlashOptim storage.
@@ -206,6 +293,8 @@ class FlashAdamW(_AdamBase):
     moment (1 B) + uint8 sqrt-companded second moment (1 B) + 2 bf16 scales per 32 elements
     (0.125 B) = 3.125 bytes. ``master_weight_bits=32`` makes ρ int16 (4.125 B);
     ``quantize=False`` keeps fp32 moments (8 B + ρ).
+    ``capturable=True``: CUDA-graph-capturable step (device step counters, lr a float or 0-d
+    tensor; module doc).
     """
 
     decoupled = True
@@ -243,9 +332,11 @@ class _SGDBase(FlashOptimizer):
         check_numerics: bool = False,
         rounding: str = "stochastic",
         seed: int = 0,
+        capturable: bool = False,
         **kwargs,
     ):
         _torch_impl_flags(type(self).__name__, kwargs)
+        self.capturable = _capturable(type(self).__name__, capturable, check_numerics)
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -291,6 +382,27 @@ class _SGDBase(FlashOptimizer):
         rows[:, 5] = steps == 1  # first step: buf = grad (torch clones the grad)
         return rows
 
+    def _hyper_rows_t(self, group, steps: torch.Tensor) -> torch.Tensor:
+        lr = _lr_t(group, steps.device)
+        wd = float(group["weight_decay"])
+        rows = _rows_t(
+            steps,
+            [
+                1 - lr * wd if self.decoupled else 1.0,
+                0.0 if self.decoupled else wd,
+                float(group["momentum"]),
+                1 - float(group["dampening"]),
+                1.0 if group["nesterov"] else 0.0,
+                0.0,
+                lr,
+                0.0,
+                -1.0 if group["maximize"] else 1.0,
+                0.0,
+            ],
+        )
+        rows[:, 5] = (steps == 1).to(torch.float64)
+        return rows
+
     def _update_scale(self, group, grad) -> float:
         # SGD moves θ by lr·|g|; use the mean |g| of the tensor as the typical update
         return float(grad.detach().float().abs().mean()) if grad.numel() else 0.0
@@ -301,6 +413,8 @@ class FlashSGD(_SGDBase):
 
     State per element with bf16 params: ρ int8 (1 B) + int8 companded momentum (1 B, only when
     ``momentum > 0``) + one bf16 scale per 32 elements.
+    ``capturable=True``: CUDA-graph-capturable step (device step counters, lr a float or 0-d
+    tensor; module doc).
     """
 
     decoupled = False
@@ -317,6 +431,8 @@ class FlashLion(FlashOptimizer):
 
     ``θ ← θ(1 − lr·wd) − lr·sign(β1·m + (1−β1)·g)``, then ``m ← β2·m + (1−β2)·g``. Defaults
     ``lr=1e-4, betas=(0.9, 0.99), weight_decay=0``. State: ρ (1 B) + int8 momentum (1 B) + scales.
+    ``capturable=True``: CUDA-graph-capturable step (device step counters, lr a float or 0-d
+    tensor; module doc).
     """
 
     family = "lion"
@@ -337,9 +453,11 @@ class FlashLion(FlashOptimizer):
         check_numerics: bool = False,
         rounding: str = "stochastic",
         seed: int = 0,
+        capturable: bool = False,
         **kwargs,
     ):
         _torch_impl_flags(type(self).__name__, kwargs)
+        self.capturable = _capturable(type(self).__name__, capturable, check_numerics)
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(
             params, defaults, _config(master_weight_bits, quantize, group_size, backend, check_numerics, rounding, seed)
@@ -353,10 +471,15 @@ class FlashLion(FlashOptimizer):
         _check_range("weight_decay", _as_float("weight_decay", group["weight_decay"]), 0.0, math.inf)
 
     def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
-        lr = float(group["lr"])
+        return self._lion_rows(group, float(group["lr"]), lambda values: _rows(len(steps), values))
+
+    def _hyper_rows_t(self, group, steps: torch.Tensor) -> torch.Tensor:
+        return self._lion_rows(group, _lr_t(group, steps.device), lambda values: _rows_t(steps, values))
+
+    @staticmethod
+    def _lion_rows(group, lr, rows):
         beta1, beta2 = (float(b) for b in group["betas"])
-        return _rows(
-            len(steps),
+        return rows(
             [
                 1 - lr * float(group["weight_decay"]),
                 0.0,

@@ -501,7 +501,8 @@ def test_framework_constructor_flags_are_accepted():
                        for a, b in zip(ms[0].parameters(), ms[1].parameters())), (cls, kw)
 
 
-@pytest.mark.parametrize("kw,match", [(dict(capturable=True), "capturable=True.*CUDA graph"),
+@pytest.mark.parametrize("kw,match", [(dict(capturable=True, check_numerics=True),
+                                       "capturable=True with check_numerics"),
                                       (dict(differentiable=True), "differentiable=True.*not differentiable")])
 def test_framework_constructor_flags_that_cannot_be_honoured_are_refused(kw, match):
     import flashoptim_dist as fo
