@@ -29,6 +29,7 @@ vocabularies they are the largest activation of a step with activation checkpoin
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -344,8 +345,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = _norm(cfg)
         self.head = LMHead(cfg.d_model, cfg.vocab_size)
-        if cfg.tie_embeddings:
-            self.head.weight = self.tok_emb.weight
+        self.tie_weights()
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -368,6 +368,34 @@ class GPT(nn.Module):
         self.norm.reset_parameters()
         if not self.cfg.tie_embeddings:
             nn.init.normal_(self.head.weight, 0.0, std)
+
+    def tie_weights(self) -> None:
+        """With ``tie_embeddings``: make the head's weight the token embedding's (again: moving a
+        meta-built model with ``to_empty`` gives each module a parameter of its own)."""
+        if self.cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+
+    @torch.no_grad()
+    def replay_constructor_rng(self) -> None:
+        """Draw from the CPU generator what building this model on the CPU draws before
+        :meth:`init_weights` — the default initialisation (``reset_parameters``) of every module
+        with parameters, in construction order, on a throw-away fp32 CPU copy of that one module —
+        and keep none of it.
+
+        For a model built on the ``meta`` device: ``replay_constructor_rng()``, then
+        ``to_empty(device='cpu')`` and ``init_weights()`` leave exactly the weights (and the CPU
+        generator state) that ``GPT(cfg)`` built on the CPU from the same seed has, cast to the
+        parameters' dtype (bf16 from ``normal_`` equals fp32 ``normal_`` rounded on the CPU). Memory:
+        one module's fp32 weights at a time (the largest is the embedding or the head), never the
+        model's."""
+        for m in self.modules():
+            if next(m.parameters(recurse=False), None) is None or not hasattr(m, "reset_parameters"):
+                continue
+            if any(True for _ in m.children()):  # pragma: no cover - GPT's modules with parameters are leaves
+                raise TypeError(f"{type(m).__name__} has parameters and sub-modules; cannot replay its initialisation")
+            if not all(p.is_meta for p in m.parameters(recurse=False)):
+                raise ValueError("replay_constructor_rng is for a model built on the meta device")
+            copy.deepcopy(m).float().to_empty(device="cpu").reset_parameters()
 
     def fsdp_units(self) -> list[nn.Module]:
         """Sub-modules to shard as separate FSDP units (one per block)."""

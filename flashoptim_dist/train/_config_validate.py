@@ -15,6 +15,8 @@ from ._config_parse import ConfigError
 #: Engines under which gradient release (step in the post-accumulate-grad hook) is supported:
 #: the hook must see the final, reduced gradient of the parameter.
 GRADIENT_RELEASE_ENGINES = ("single", "fsdp2")
+#: engines that materialise a model built on the meta device (model.init_device=meta)
+META_INIT_ENGINES = ("single", "fsdp2")
 
 #: Integer keys (in whichever of model/data/train has them) that must be >= 1 when set.
 _POSITIVE_INTS = (
@@ -126,9 +128,10 @@ def validate(cfg) -> None:
     )
     if m.init_device == "meta":
         need(
-            en.name == "fsdp2" and m.source == "gpt",
+            en.name in META_INIT_ENGINES and m.source == "gpt",
             f"model.init_device='meta' is invalid with engine.name={en.name!r}/model.source={m.source!r}: it needs "
-            "engine.name=fsdp2 and model.source=gpt",
+            f"engine.name in ({', '.join(META_INIT_ENGINES)}) and model.source=gpt (Hugging Face models load their "
+            "weights; ddp, fsdp1 and zero* are not wired for it: use init_device=cpu there, or fsdp2)",
         )
 
     flash = o.name in FLASH_OPTIMIZERS

@@ -40,7 +40,7 @@ from .._names import BASELINE_OF, OPTIMIZER_NAMES
 from .._names import FLASH_OPTIMIZER_NAMES as FLASH_OPTIMIZERS
 from .._names import TORCH_BASELINE_NAMES as TORCH_OPTIMIZERS
 from ._config_parse import ConfigError, _Bad, _coerce, _parse_scalar_or_list, _type_desc
-from ._config_validate import _format_errors, validate
+from ._config_validate import META_INIT_ENGINES, _format_errors, validate
 
 __all__ = [
     "ConfigError",
@@ -62,6 +62,7 @@ __all__ = [
     "TORCH_OPTIMIZERS",
     "BASELINE_OF",
     "ENGINES",
+    "META_INIT_ENGINES",
 ]
 
 ENGINES = ("single", "ddp", "fsdp2", "fsdp1", "zero1", "zero2", "zero3")
@@ -113,8 +114,11 @@ class ModelConfig:
     gradients take ~14 bytes x tokens x vocab at once with 1 slice (7 GiB at 4096 tokens and vocab 128256), 1/k of
     that with k; costs a second forward of the head (recomputed in backward)."""
     init_device: Literal["auto", "cpu", "meta"] = "auto"
-    """Where the built-in GPT is first built: 'meta' builds without memory and initialises after sharding (FSDP2 only);
-    'auto' uses meta for presets of 1B parameters and more under FSDP2."""
+    """Where the built-in GPT is first built. 'cpu': in fp32 on the host, then moved to the device and cast (bf16 for
+    Flash optimizers). 'meta': without memory, then allocated on the device in the final dtype and initialised there
+    (engine.name=fsdp2: after sharding, each rank its shards; engine.name=single: the whole model, so no fp32 copy and,
+    on CUDA, no host copy exists; on the CPU the weights equal init_device=cpu's bit for bit). Not with ddp, fsdp1,
+    zero* or model.source=hf. 'auto': meta for presets of 1B parameters and more under single and fsdp2, else cpu."""
 
 
 @dataclass

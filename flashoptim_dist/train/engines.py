@@ -259,11 +259,35 @@ class _Build:
     reduce_dtype: torch.dtype
 
 
-def _build_single_or_ddp(b: _Build) -> Engine:
-    model, name = b.model, b.cfg.engine.name
-    model.to(b.device)
+def _materialise(b: _Build) -> None:
+    """engine single, model built on the meta device: cast there to the final dtype (bf16 for Flash
+    optimizers; a meta tensor holds no memory), allocate on ``b.device`` (``to_empty``) and initialise
+    there (``init_weights``). No full fp32 copy of the weights ever exists, and with a CUDA device no
+    host copy at all.
+
+    On the CPU the weights are bit-identical to the model built on the CPU (init_device=cpu) from the
+    same seed: ``replay_constructor_rng`` first draws what that model's constructor draws. On another
+    device ``init_weights`` draws from that device's generator: same distribution (init_weights), other
+    values — as under FSDP2, where ``init_weights`` runs on the shards after ``to_empty``."""
+    model = b.model
+    if b.device.type == "cpu" and hasattr(model, "replay_constructor_rng"):
+        model.replay_constructor_rng()
     if b.flash:
         _bf16_cast(model)
+    model.to_empty(device=b.device)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()  # to_empty from meta unties the head from the embedding
+    model.init_weights()
+
+
+def _build_single_or_ddp(b: _Build) -> Engine:
+    model, name = b.model, b.cfg.engine.name
+    if b.meta:
+        _materialise(b)
+    else:
+        model.to(b.device)
+        if b.flash:
+            _bf16_cast(model)
     module = model
     if name == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -385,7 +409,8 @@ def _enable_gradient_release(cfg: Config, eng: Engine) -> None:
 
 def build_engine(cfg: Config, model: nn.Module, device: torch.device, grad_accum: int, meta: bool = False) -> Engine:
     """Wrap ``model`` for ``cfg.engine.name`` and build the optimizer. ``meta``: ``model`` lives on
-    the meta device and is materialised (``to_empty`` + ``init_weights``) after sharding."""
+    the meta device and is materialised (``to_empty`` + ``init_weights``): after sharding (fsdp2), or
+    directly on the device in the final dtype (single)."""
     name = cfg.engine.name
     rank, world = rank_world()
     _check_launch(cfg, world, grad_accum)

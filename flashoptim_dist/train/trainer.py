@@ -38,7 +38,7 @@ from ..data import BatchSampler, ByteTokenizer, EvalSet, build_corpus
 from ..models import build_model, count_params
 from ..utils import fmt_bytes
 from . import ckpt
-from .config import Config, config_to_dict
+from .config import META_INIT_ENGINES, Config, config_to_dict
 from .engines import build_engine, parallel_dims
 from .memory import breakdown, cpu_count, format_table, peak_memory_bytes, peak_report, record_allocations
 from .optimizers import baseline_of, is_flash
@@ -234,7 +234,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         flash = is_flash(cfg.optim.name)
         meta = cfg.model.init_device == "meta"
-        if cfg.model.init_device == "auto" and cfg.model.source == "gpt" and cfg.engine.name == "fsdp2":
+        if cfg.model.init_device == "auto" and cfg.model.source == "gpt" and cfg.engine.name in META_INIT_ENGINES:
             from ..models import gpt_config_for
 
             meta = gpt_config_for(cfg.model, self.corpus.vocab_size, cfg.data.seq_len).num_params() >= 1_000_000_000
