@@ -110,3 +110,26 @@ def _triton_usable(device: torch.device, backend: str) -> bool:
             )
         return True
     return False
+
+
+def check_grad(opt_name: str, p, grad, local):
+    """The gradient the kernel reads for ``p``: refused with the fix when it is sparse, complex or
+    not the local shard's size (an engine adapter bug); made contiguous otherwise."""
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"{opt_name} does not support sparse gradients (parameter of shape "
+            f"{tuple(p.shape)}); use a dense embedding (sparse=False) or torch.optim.SparseAdam"
+        )
+    if grad.is_complex():
+        raise RuntimeError(
+            f"{opt_name} does not support complex gradients; view complex parameters "
+            "as real (torch.view_as_real) before passing them to the optimizer"
+        )
+    if grad.numel() != local.numel():
+        raise RuntimeError(
+            f"gradient has {grad.numel()} elements but the local parameter has {local.numel()}; "
+            "the engine adapter's ShardSpec.grad returned the wrong tensor"
+        )
+    if not grad.is_contiguous():
+        grad = grad.contiguous()
+    return grad

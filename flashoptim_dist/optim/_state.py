@@ -136,3 +136,20 @@ def dequantize_moment(st: dict, name: str, kind: str, layout: lay.StateLayout, l
     for run in lay.segment_runs(layout):
         full[run.local] = fn(st[name][run.local], st[name + "_scales"][run.scales], g, run.phase)
     return full.view(local.shape)
+
+
+def torch_state_dict(opt, base: Dict[str, Any]) -> Dict[str, Any]:
+    """:meth:`FlashOptimizer.torch_state_dict` from ``base`` (torch's own ``state_dict()`` of the
+    optimizer, for its param groups): per parameter with state, ``step`` as a float tensor and the
+    dequantized fp32 moments shaped like the parameter (DTensors for DTensor parameters)."""
+    params = [(p, g) for g in opt.param_groups for p in g["params"]]
+    state = {}
+    for i, (p, group) in enumerate(params):
+        if p not in opt.state or "step" not in opt.state[p]:
+            continue
+        dq = opt.dequantized_state(p, group)
+        entry = {"step": torch.tensor(float(dq["step"]))}
+        for name, _ in FAMILIES[opt.family][: opt._n_states(group)]:
+            entry[name] = state_io.as_global(p, dq[name])
+        state[i] = entry
+    return {"state": state, "param_groups": base["param_groups"]}

@@ -29,7 +29,7 @@ FlashAdamW-24: 3.125 bytes of state per element (+ 2 param + 2 grad = 7.125).
 Capturable step (``capturable=True``, docs/design.md §4.4): ``state["step"]`` is a 0-d float32
 tensor on the parameter's device, incremented there (``torch._foreach_add_``); the hyper rows
 are computed from the step tensors and the (float or 0-d tensor) lr by ``_hyper_rows_t`` on the
-device, in float64 like the host's numpy rows, and rounded to fp32 once (``_hyper_table_dev``);
+device, in float64 like the host's numpy rows, and rounded to fp32 once (:mod:`._hyper`);
 nothing in ``step()`` reads a tensor value on the host, so a CUDA graph can capture it after one
 eager (warm-up) step has allocated the state, compiled the kernel and built its plan.
 """
@@ -48,12 +48,12 @@ from torch.optim import Optimizer
 from .. import layout as lay
 from .. import numerics as nx
 from ..config import FlashConfig
-from . import _checks, _plan, _state, state_io
+from . import _checks, _hyper, _plan, _state, state_io
 from ._plan import FastEntry, StepBatch, SteadyChunk, SteadyStep
 from ._plan import TensorInfo as _TensorInfo
 from ._checks import _triton_usable  # looked up here at each call: bench/host_step.py patches it
 from ._state import allocate_state
-from ..reference import FAMILIES, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT
+from ..reference import FAMILIES
 
 __all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
@@ -185,15 +185,7 @@ class FlashOptimizer(Optimizer):
         # the current narrow value is exact, so ρ starts at zero like the moments
         self.state[p].update(allocate_state(info.layout, self.family, self._n_states(group), local.device))
         if self.capturable:
-            self.state[p]["step"] = self._step_tensor(0, local.device)
-
-    @staticmethod
-    def _step_tensor(step, device) -> torch.Tensor:
-        """A capturable step counter: 0-d float32 on the parameter's device (torch.optim's
-        capturable convention; exact up to 2^24 steps)."""
-        if torch.is_tensor(step):
-            return step.detach().reshape(()).to(device=device, dtype=torch.float32).clone()
-        return torch.full((), float(step), dtype=torch.float32, device=device)
+            self.state[p]["step"] = _hyper.step_tensor(0, local.device)
 
     def _info_for(self, p: torch.Tensor, group: Dict[str, Any]) -> _TensorInfo:
         info = self._info.get(p)
@@ -246,7 +238,9 @@ class FlashOptimizer(Optimizer):
         # hyper-parameter rows of every chunk in one vectorized pass (steps + 1: the chunks
         # increment their steps just before their launch); capturable: per chunk, on the device
         capturable = self.capturable
-        hyper = None if capturable else self._hyper_table(steady.n_rows, steady.by_group, step_offset=1)
+        hyper = None
+        if not capturable:
+            hyper = _hyper.host_table(self._hyper_rows, steady.n_rows, steady.by_group, step_offset=1)
         # Chunk by chunk: each chunk's kernel is launched before the next chunk's host work, so
         # on a GPU that work overlaps the kernels already queued and only the first (small)
         # chunk's host time is not hidden. The per-parameter work is map() over C-level
@@ -287,7 +281,7 @@ class FlashOptimizer(Optimizer):
             else:
                 locals_ = [p if f is None else f(p) for p, f in zip(ps, c.local_fns)]
             if capturable:
-                rows = self._capturable_rows(c.key[0], c.groups, c.states, c)
+                rows = _hyper.capturable_rows(self._hyper_rows_t, c.key[0], c.groups, c.states, c)
             else:
                 _plan.increment_steps(c.states)
                 rows = hyper[c.rows]
@@ -337,7 +331,7 @@ class FlashOptimizer(Optimizer):
                     continue
                 local = spec.local(p) if spec.local is not None else p
                 if grad.layout is not torch.strided or grad.dtype not in _FLOAT_DTYPES or grad.numel() != ent.numel:
-                    grad = self._check_grad(p, grad, local)  # raises with the reason
+                    grad = _checks.check_grad(type(self).__name__, p, grad, local)  # raises with the reason
                 elif not grad.is_contiguous():
                     grad = grad.contiguous()
                 skey = ent.bucket
@@ -349,7 +343,7 @@ class FlashOptimizer(Optimizer):
                     complete = False
                     continue
                 local = spec.local(p) if spec.local is not None else p
-                grad = self._check_grad(p, grad, local)
+                grad = _checks.check_grad(type(self).__name__, p, grad, local)
                 if info is None or "step" not in self.state[p]:
                     info = self._info_for(p, group)
                 state = self.state[p]
@@ -371,89 +365,28 @@ class FlashOptimizer(Optimizer):
             groups = list({id(g): g for _, g in items}.values())
             # capturable: one chunk per launch combination (a replay has no host work to overlap)
             self._steady = _plan.build_steady(
-                batches, self.param_groups, self._n_states, len(self.state), groups,
+                batches,
+                self.param_groups,
+                self._n_states,
+                len(self.state),
+                groups,
                 FIRST_CHUNK if not capturable else 1 << 62,
             )
         elif remember:
             self._steady = None
         for key, batch in batches.items():
             if capturable:
-                self._launch(key, batch, self._capturable_rows(key[0], batch.groups, batch.states))
+                self._launch(key, batch, _hyper.capturable_rows(self._hyper_rows_t, key[0], batch.groups, batch.states))
             else:
                 self._launch(key, batch)
 
-    def _check_grad(self, p, grad, local):
-        if grad.is_sparse:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support sparse gradients (parameter of shape "
-                f"{tuple(p.shape)}); use a dense embedding (sparse=False) or torch.optim.SparseAdam"
-            )
-        if grad.is_complex():
-            raise RuntimeError(
-                f"{type(self).__name__} does not support complex gradients; view complex parameters "
-                "as real (torch.view_as_real) before passing them to the optimizer"
-            )
-        if grad.numel() != local.numel():
-            raise RuntimeError(
-                f"gradient has {grad.numel()} elements but the local parameter has {local.numel()}; "
-                "the engine adapter's ShardSpec.grad returned the wrong tensor"
-            )
-        if not grad.is_contiguous():
-            grad = grad.contiguous()
-        return grad
-
-    def _hyper_table(self, n: int, by_group: List[tuple], step_offset: int = 0) -> np.ndarray:
-        """fp64 hyper rows ``[n, N_HYPER]``, one vectorized :meth:`_hyper_rows` call per param
-        group (``by_group`` from :func:`._plan.by_group`), for the states' step counts plus
-        ``step_offset``."""
-        out = np.empty((n, N_HYPER), dtype=np.float64)
-        for group, idx, states in by_group:
-            steps = np.fromiter(map(_plan.step_of, states), dtype=np.float64, count=len(idx))
-            if step_offset:
-                steps = steps + step_offset
-            rows = self._hyper_rows(group, steps)
-            # the step count for the dither, split so both halves are exact in fp32
-            rows[:, STEP_LO_COLUMN] = np.fmod(steps, STEP_SPLIT)
-            rows[:, STEP_HI_COLUMN] = np.floor(steps / STEP_SPLIT)
-            out[idx] = rows
-        return out
-
-    def _capturable_rows(self, device, groups: list, states: list, cache: Optional[SteadyChunk] = None):
-        """The capturable step's part before a launch: every state's step counter incremented on
-        the device (one foreach add) and the fp32 hyper rows computed from them there
-        (:meth:`_hyper_table_dev`). Reads nothing on the host."""
-        by = cache.by_group if cache is not None else None
-        if by is None:
-            by = _plan.by_group(groups, states)
-            if cache is not None:
-                cache.by_group = by
-        torch._foreach_add_(list(map(_plan.step_of, states)), 1)
-        return self._hyper_table_dev(len(states), by, device)
-
-    def _hyper_table_dev(self, n: int, by_group: List[tuple], device) -> torch.Tensor:
-        """:meth:`_hyper_table` for the capturable step: fp32 rows ``[n, N_HYPER]`` on ``device``,
-        computed by :meth:`_hyper_rows_t` in float64 from the states' step tensors and rounded
-        to fp32 once, as the host path rounds its rows. A group's rows are written by slices
-        (runs of consecutive positions), so no index tensor is copied from the host."""
-        out = torch.empty((n, N_HYPER), dtype=torch.float64, device=device)
-        for group, idx, states in by_group:
-            steps = torch.stack(list(map(_plan.step_of, states))).to(torch.float64)
-            rows = self._hyper_rows_t(group, steps)
-            rows[:, STEP_LO_COLUMN] = torch.fmod(steps, STEP_SPLIT)
-            rows[:, STEP_HI_COLUMN] = torch.floor(steps / STEP_SPLIT)
-            for a, b, j in _plan.runs(idx):
-                out[a:b] = rows[j : j + b - a]
-        return out.to(torch.float32)
-
-    def _launch(
-        self, key, batch: StepBatch, hyper=None, cache: Optional[SteadyChunk] = None
-    ) -> None:
+    def _launch(self, key, batch: StepBatch, hyper=None, cache: Optional[SteadyChunk] = None) -> None:
         """Step ``batch`` (one launch combination ``key``). ``hyper``: its rows, if the caller
         has them (fp64 numpy, or the capturable step's fp32 device tensor); ``cache`` (the
         steady path's chunk) keeps the kernel plan between steps."""
         device, _, rho_dtype, quantized, _, n_states = key
         if hyper is None:
-            hyper = self._hyper_table(len(batch.params), _plan.by_group(batch.groups, batch.states))
+            hyper = _hyper.host_table(self._hyper_rows, len(batch.params), _plan.by_group(batch.groups, batch.states))
         names = [name for name, _ in FAMILIES[self.family][:n_states]]
         if self.capturable and device.type == "cuda" and not _triton_usable(device, self.config.backend):
             raise RuntimeError(
@@ -610,7 +543,7 @@ class FlashOptimizer(Optimizer):
         # device tensor when capturable (as torch saves capturable steps), else a Python int
         step = state.get("step", 0)
         if self.capturable:
-            state["step"] = self._step_tensor(step, self._local(p).device)
+            state["step"] = _hyper.step_tensor(step, self._local(p).device)
         else:
             state["step"] = int(step.item()) if torch.is_tensor(step) else int(step)
         self.state[p] = state
@@ -651,18 +584,7 @@ class FlashOptimizer(Optimizer):
         tensor. The fp32 masters are not part of a torch optimizer state; get them with
         :meth:`master_params` (θ' + ρ correction).
         """
-        sd = super().state_dict()
-        params = [(p, g) for g in self.param_groups for p in g["params"]]
-        state = {}
-        for i, (p, group) in enumerate(params):
-            if p not in self.state or "step" not in self.state[p]:
-                continue
-            dq = self.dequantized_state(p, group)
-            entry = {"step": torch.tensor(float(dq["step"]))}
-            for name, _ in FAMILIES[self.family][: self._n_states(group)]:
-                entry[name] = state_io.as_global(p, dq[name])
-            state[i] = entry
-        return {"state": state, "param_groups": sd["param_groups"]}
+        return _state.torch_state_dict(self, super().state_dict())
 
     @torch.no_grad()
     def master_params(self) -> List[torch.Tensor]:

@@ -362,46 +362,30 @@ class _SGDBase(FlashOptimizer):
         return 1 if float(group["momentum"]) != 0.0 else 0
 
     def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
-        lr = float(group["lr"])
-        wd = float(group["weight_decay"])
-        rows = _rows(
-            len(steps),
-            [
-                1 - lr * wd if self.decoupled else 1.0,
-                0.0 if self.decoupled else wd,
-                float(group["momentum"]),
-                1 - float(group["dampening"]),
-                1.0 if group["nesterov"] else 0.0,
-                0.0,
-                lr,
-                0.0,
-                -1.0 if group["maximize"] else 1.0,
-                0.0,
-            ],
-        )
+        rows = _rows(len(steps), self._sgd_columns(group, float(group["lr"])))
         rows[:, 5] = steps == 1  # first step: buf = grad (torch clones the grad)
         return rows
 
     def _hyper_rows_t(self, group, steps: torch.Tensor) -> torch.Tensor:
-        lr = _lr_t(group, steps.device)
-        wd = float(group["weight_decay"])
-        rows = _rows_t(
-            steps,
-            [
-                1 - lr * wd if self.decoupled else 1.0,
-                0.0 if self.decoupled else wd,
-                float(group["momentum"]),
-                1 - float(group["dampening"]),
-                1.0 if group["nesterov"] else 0.0,
-                0.0,
-                lr,
-                0.0,
-                -1.0 if group["maximize"] else 1.0,
-                0.0,
-            ],
-        )
+        rows = _rows_t(steps, self._sgd_columns(group, _lr_t(group, steps.device)))
         rows[:, 5] = (steps == 1).to(torch.float64)
         return rows
+
+    def _sgd_columns(self, group, lr) -> list:
+        """The row's values but the first-step flag (column 5); ``lr`` a float or a 0-d tensor."""
+        wd = float(group["weight_decay"])
+        return [
+            1 - lr * wd if self.decoupled else 1.0,
+            0.0 if self.decoupled else wd,
+            float(group["momentum"]),
+            1 - float(group["dampening"]),
+            1.0 if group["nesterov"] else 0.0,
+            0.0,
+            lr,
+            0.0,
+            -1.0 if group["maximize"] else 1.0,
+            0.0,
+        ]
 
     def _update_scale(self, group, grad) -> float:
         # SGD moves θ by lr·|g|; use the mean |g| of the tensor as the typical update
