@@ -83,6 +83,7 @@ from ._launch.base import (  # noqa: E402, F401
     LAUNCHER_VAR,
     MASTER_IFNAME_VAR,
     MPI_LAUNCHERS,
+    MPI_PASS_RDZV,
     RDZV_TIMEOUT_VAR,
     LaunchEnv,
     LaunchEnvError,
@@ -171,8 +172,7 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         else:
             raise LaunchEnvError(
                 f"{launcher}: ranks span several nodes but MASTER_ADDR is not set; pass it explicitly, "
-                "e.g. `mpirun -x MASTER_ADDR=<address of rank 0's node> -x MASTER_PORT=29500 ...`, "
-                f"{_NO_MPI4PY_HINT} (launch/mpirun.sh does either)"
+                f"e.g. `{MPI_PASS_RDZV[launcher]}`, {_NO_MPI4PY_HINT} (launch/mpirun.sh does either)"
             )
         if discover and "MASTER_PORT" not in env:
             source = "mpi4py"  # rank 0 picks a free port even when the address was given

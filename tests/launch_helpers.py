@@ -159,6 +159,33 @@ def free_port() -> int:
     return _free("")
 
 
+def _fake_ssh(tmp_path: Path) -> Path:
+    """A stand-in for ssh: skips options and the host name, runs the remote command on this machine."""
+    agent = tmp_path / "fake_ssh"
+    agent.write_text(
+        "#!/usr/bin/env bash\n"
+        "# ssh stand-in: skip options and the host name, run the remote command on this machine\n"
+        'while [[ "${1:-}" == -* ]]; do shift; done\n'
+        "shift\n"
+        'exec /bin/sh -c "$*"\n'
+    )
+    agent.chmod(0o755)
+    return agent
+
+
+def emulated_hydra_hosts(tmp_path: Path, slots: tuple[int, ...] = (2, 2)) -> dict:
+    """Environment for launch/mpirun.sh under MPICH's Hydra (``MPIRUN=mpiexec.hydra``) that starts
+    ``len(slots)`` "nodes" on this machine: a Hydra machine file (``nodeA:2`` lines) and
+    ``-launcher ssh -launcher-exec`` the ssh stand-in, so that Hydra starts one ``hydra_pmi_proxy``
+    per host as on a cluster; each proxy's ranks form one node for MPI (``MPI_LOCALNRANKS``,
+    ``COMM_TYPE_SHARED``). Unlike Open MPI's emulation nothing else is needed (MPICH 4.0.2, 2026-12-03).
+    """
+    agent = _fake_ssh(tmp_path)
+    hosts = tmp_path / "hydra_hosts"
+    hosts.write_text("".join(f"node{chr(65 + i)}:{n}\n" for i, n in enumerate(slots)))
+    return {"HOSTFILE": str(hosts), "MPIRUN_ARGS": f"-launcher ssh -launcher-exec {agent}"}
+
+
 def emulated_mpi_hosts(tmp_path: Path, slots: tuple[int, ...] = (2, 2)) -> dict:
     """Environment for launch/mpirun.sh that makes Open MPI start ``len(slots)`` "nodes" on this machine.
 
@@ -175,15 +202,7 @@ def emulated_mpi_hosts(tmp_path: Path, slots: tuple[int, ...] = (2, 2)) -> dict:
     segfaults in ``hwloc_shmem_topology_write`` (seen on the CI machine 2026-12-03, exit 139;
     the daemons only lose the shared copy of the topology, nothing the ranks use).
     """
-    agent = tmp_path / "fake_ssh"
-    agent.write_text(
-        "#!/usr/bin/env bash\n"
-        "# ssh stand-in: skip options and the host name, run the remote command on this machine\n"
-        'while [[ "${1:-}" == -* ]]; do shift; done\n'
-        "shift\n"
-        'exec /bin/sh -c "$*"\n'
-    )
-    agent.chmod(0o755)
+    agent = _fake_ssh(tmp_path)
     hosts = tmp_path / "hostfile"
     hosts.write_text("".join(f"node{chr(65 + i)} slots={n}\n" for i, n in enumerate(slots)))
     return {

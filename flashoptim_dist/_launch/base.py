@@ -21,6 +21,29 @@ DEFAULT_RDZV_TIMEOUT = 600.0
 MASTER_IFNAME_VAR = "FLASHOPTIM_MASTER_IFNAME"
 MPI_LAUNCHERS = ("openmpi", "mpich")
 _NO_MPI4PY_HINT = "or `pip install mpi4py` and let rank 0 broadcast them"
+#: How each MPI launcher passes the rendezvous to every rank: Hydra (MPICH's mpiexec) has no
+#: ``-x``; it forwards the whole environment by default and takes ``-genv NAME VALUE``.
+MPI_PASS_RDZV = {
+    "openmpi": "mpirun -x MASTER_ADDR=<address of rank 0's node> -x MASTER_PORT=29500 ...",
+    "mpich": "mpiexec -genv MASTER_ADDR <address of rank 0's node> -genv MASTER_PORT 29500 ...",
+}
+#: The compiler wrapper of each MPI under Debian/Ubuntu's names, where both can be installed and
+#: plain ``mpicc`` is whichever ``update-alternatives`` chose (Open MPI's when both are there).
+MPI_MPICC = {"openmpi": "mpicc.openmpi", "mpich": "mpicc.mpich"}
+
+
+def mpi4py_rebuild_hint(launcher: str) -> str:
+    """The command that rebuilds mpi4py against ``launcher``'s MPI.
+
+    ``MPICC`` names that MPI's compiler wrapper (``mpicc`` on ``PATH`` may belong to the other
+    MPI); ``--no-cache-dir`` because pip (>= 23.1, even with ``--no-binary``) would otherwise
+    reinstall the wheel it built earlier, against the other MPI, from its wheel cache.
+    """
+    mpicc = MPI_MPICC.get(launcher, "mpicc")
+    return (
+        f"`MPICC=<the mpicc of the MPI that launched the job, e.g. {mpicc} on Debian/Ubuntu> "
+        "pip install --force-reinstall --no-binary=mpi4py --no-cache-dir mpi4py`"
+    )
 
 
 class LaunchEnvError(RuntimeError):

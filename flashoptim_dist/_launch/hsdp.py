@@ -25,16 +25,16 @@ def hsdp_mesh_shape(replicas: Union[int, str], nodes: Sequence[int]) -> tuple[in
                 f"engine.replicas=nodes needs the same number of ranks on every node, but the {len(counts)} nodes "
                 f"run {counts} ranks: {len(counts)} nodes do not divide the {world} ranks evenly. Start as many ranks "
                 "on each node (torchrun: the same NPROC_PER_NODE everywhere; srun: --ntasks-per-node; mpirun: "
-                "equal slots per host or --map-by ppr:N:node), or set engine.replicas to a divisor of "
-                f"{world} ({_divisors(world)})"
+                "equal slots per host or --map-by ppr:N:node; MPICH's mpiexec: -ppn N), or set engine.replicas to a "
+                f"divisor of {world} ({_divisors(world)})"
             )
         per_node = counts[0]
         for r, node in enumerate(nodes):
             if order.index(node) != r // per_node:
                 raise LaunchEnvError(
                     f"engine.replicas=nodes needs each node's ranks to be consecutive, but rank {r} runs on node "
-                    f"{node}: place ranks node by node (srun --distribution=block, mpirun --map-by slot), or set "
-                    "engine.replicas to an integer"
+                    f"{node}: place ranks node by node (srun --distribution=block, mpirun --map-by slot, MPICH's "
+                    "mpiexec -ppn N), or set engine.replicas to an integer"
                 )
         return len(order), per_node
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1 or world % replicas:

@@ -7,7 +7,7 @@ import dataclasses
 import sys
 from typing import Mapping
 
-from .base import MASTER_IFNAME_VAR, LaunchEnv, LaunchEnvError
+from .base import MASTER_IFNAME_VAR, LaunchEnv, LaunchEnvError, mpi4py_rebuild_hint
 from .net import _interface_addresses, _reserve_port, choose_master_addr
 
 
@@ -18,20 +18,20 @@ def _mpi_discover(le: LaunchEnv, environ: Mapping[str, str]) -> LaunchEnv:
         from mpi4py import MPI
     except ImportError as e:
         raise LaunchEnvError(
-            f"{le.launcher}: mpi4py is installed but cannot load its MPI library ({e}); reinstall it against "
-            "this machine's MPI (`pip install --force-reinstall --no-binary=mpi4py mpi4py`), or set MASTER_ADDR "
-            "and MASTER_PORT for every rank"
+            f"{le.launcher}: mpi4py is installed but cannot load its MPI library ({e}); rebuild it against "
+            f"this machine's MPI: {mpi4py_rebuild_hint(le.launcher)}, or set MASTER_ADDR and MASTER_PORT for "
+            "every rank"
         ) from None
     comm = MPI.COMM_WORLD
     try:
         if comm.Get_size() != le.world_size or comm.Get_rank() != le.rank:
-            library = MPI.Get_library_version().splitlines()[0].strip()
+            library = " ".join(MPI.Get_library_version().splitlines()[0].split())  # MPICH's has a tab
             raise LaunchEnvError(
                 f"ranks disagree on the world size: the launcher ({le.launcher}) says rank {le.rank} of "
                 f"{le.world_size}, but mpi4py's MPI ({library}) says rank {comm.Get_rank()} of {comm.Get_size()}. "
-                "mpi4py was built against another MPI than the launcher that started this job; rebuild it with "
-                "this launcher's mpicc on PATH (`pip install --force-reinstall --no-binary=mpi4py mpi4py`), or "
-                "set MASTER_ADDR and MASTER_PORT for every rank"
+                "mpi4py was built against another MPI than the launcher that started this job; rebuild it "
+                f"against the launcher's MPI: {mpi4py_rebuild_hint(le.launcher)}, or set MASTER_ADDR and "
+                "MASTER_PORT for every rank"
             )
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
         local_rank, local_world = node.Get_rank(), node.Get_size()

@@ -83,6 +83,64 @@ def test_mpich():
     assert (le.launcher, le.rank, le.world_size, le.node_rank) == ("mpich", 2, 4, 2)
 
 
+def test_mpich_multi_node_without_mpi4py_names_hydras_flag(no_mpi4py):
+    # Hydra (MPICH's mpiexec) has no `-x`: the hint must be its own -genv (found under a real
+    # mpiexec.hydra with two emulated hosts, 2026-12-03: the message told MPICH users `mpirun -x`)
+    env = {"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"}
+    with pytest.raises(LaunchEnvError) as e:
+        detect(env)
+    assert "`mpiexec -genv MASTER_ADDR <address of rank 0's node> -genv MASTER_PORT 29500 ...`" in str(e.value)
+    assert "-x MASTER_ADDR" not in str(e.value)
+    assert detect({**env, "MASTER_ADDR": "10.0.0.1"}).master_port == 29500
+
+
+class _FakeMPI:
+    """mpi4py.MPI of a library that started as a singleton: a world of one process."""
+
+    def __init__(self, library):
+        self._library = library
+        self.COMM_WORLD = self
+
+    def Get_size(self):
+        return 1
+
+    def Get_rank(self):
+        return 0
+
+    def Get_library_version(self):
+        return self._library
+
+    def Is_finalized(self):
+        return False
+
+
+@pytest.mark.parametrize("launcher_env, library, mpicc", [
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2"},
+     "Open MPI v4.1.4, package: Debian OpenMPI, ident: 4.1.4, repo rev: v4.1.4, May 26, 2022\n", "mpicc.mpich"),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, "MPICH Version:\t4.0.2\nMPICH Release date: ...\n", "mpicc.openmpi"),
+], ids=["openmpi-mpi4py-under-hydra", "mpich-mpi4py-under-openmpi"])
+def test_mpi4py_of_the_other_mpi_names_a_rebuild_that_works(monkeypatch, with_mpi4py, launcher_env, library, mpicc):
+    """mpi4py built against Open MPI under MPICH's mpiexec (and the reverse), as run for real on
+    2026-12-03: each process sees a world of 1. The fix must name the other MPI's compiler wrapper
+    (plain `mpicc` on PATH is Open MPI's on Debian with both installed) and --no-cache-dir (pip
+    >= 23.1 reuses its cached wheel, built against the wrong MPI, even with --no-binary)."""
+    import sys
+    import types
+
+    fake = types.ModuleType("mpi4py")
+    fake.MPI = _FakeMPI(library)
+    monkeypatch.setitem(sys.modules, "mpi4py", fake)
+    monkeypatch.setitem(sys.modules, "mpi4py.MPI", fake.MPI)
+    with pytest.raises(LaunchEnvError) as e:
+        launch_env.resolve(launcher_env)
+    text = str(e.value)
+    assert "ranks disagree on the world size" in text and "says rank 0 of 1" in text
+    assert f"MPICC=<the mpicc of the MPI that launched the job, e.g. {mpicc} on Debian/Ubuntu>" in text, text
+    assert "pip install --force-reinstall --no-binary=mpi4py --no-cache-dir mpi4py" in text, text
+    assert "\t" not in text  # MPICH's version line has a tab
+
+
 def test_slurm_step():
     env = {"SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NTASKS": "8",
            "SLURM_LOCALID": "1", "SLURM_NODEID": "2", "SLURM_STEP_TASKS_PER_NODE": "2(x4)",
