@@ -275,16 +275,16 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
     if plan.n_blocks == 0:
         return
     ptrs = (list(map(_data_ptr, params)), list(map(_data_ptr, grads)))
+    restaged = ptrs != plan._ptrs
+    if restaged:
+        _stage_offsets(plan, ptrs, params, grads)
     if torch.is_tensor(hyper_rows):
-        if ptrs != plan._ptrs:
-            _stage_offsets(plan, ptrs, params, grads)
         plan._hyper_dev.copy_(hyper_rows[: plan.n_tensors])
     else:
-        if ptrs != plan._ptrs:
-            _stage_offsets(plan, ptrs, params, grads)
         # Wait (normally no wait at all) until the previous step's copies have left the pinned
-        # staging buffers before overwriting them; this does not wait for the previous kernel.
-        elif plan._copied is not None:
+        # staging buffers before overwriting them (_stage_offsets already waited if it ran);
+        # this does not wait for the previous kernel.
+        if not restaged and plan._copied is not None:
             plan._copied.synchronize()
         hyper = plan._hyper_host.numpy()
         hyper[:] = hyper_rows[: plan.n_tensors]

@@ -125,38 +125,32 @@ def _config(master_weight_bits, quantize, group_size, backend, check_numerics, r
     )
 
 
-def adam_ratio_bound(beta1: float, beta2: float, steps: np.ndarray) -> np.ndarray:
-    """R_t: the largest |m_t|·√(1−β2^t)/√v_t exact Adam can reach at step t, for any gradients
-    (Cauchy–Schwarz, see :mod:`flashoptim_dist.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
-    steps = np.asarray(steps, dtype=np.float64)
+def _ratio_bound(xp, beta1: float, beta2: float, steps):
+    """R_t on float64 ``steps`` with the array namespace ``xp`` (numpy on the host, torch for the
+    capturable step on the steps' device): one formula, so both paths take the same operations
+    in the same order (the step-independent logarithms taken by numpy in both, as before)."""
     if beta2 <= 0.0:
-        return np.full(steps.shape, np.inf)
+        return xp.full_like(steps, math.inf)
     r = beta1 * beta1 / beta2
     if r == 0.0:  # β1 = 0: m_t = g_t, one term
-        geo = np.ones_like(steps)
+        geo = xp.ones_like(steps)
     elif r == 1.0:
         geo = steps
     else:  # Σ_{j<t} r^j
-        geo = -np.expm1(steps * np.log(r)) / (1.0 - r)
-    return (1.0 - beta1) * np.sqrt(geo) * np.sqrt(-np.expm1(steps * np.log(beta2))) / math.sqrt(1.0 - beta2)
+        geo = -xp.expm1(steps * float(np.log(r))) / (1.0 - r)
+    return (1.0 - beta1) * xp.sqrt(geo) * xp.sqrt(-xp.expm1(steps * float(np.log(beta2)))) / math.sqrt(1.0 - beta2)
+
+
+def adam_ratio_bound(beta1: float, beta2: float, steps: np.ndarray) -> np.ndarray:
+    """R_t: the largest |m_t|·√(1−β2^t)/√v_t exact Adam can reach at step t, for any gradients
+    (Cauchy–Schwarz, see :mod:`flashoptim_dist.reference`); ``inf`` where nothing bounds it (β2 = 0)."""
+    return _ratio_bound(np, beta1, beta2, np.asarray(steps, dtype=np.float64))
 
 
 def adam_ratio_bound_t(beta1: float, beta2: float, steps: torch.Tensor) -> torch.Tensor:
     """:func:`adam_ratio_bound` with torch ops on a float64 tensor of step counts (the capturable
-    step): the same operations in the same order, the step-independent logarithms taken by numpy
-    as there."""
-    if beta2 <= 0.0:
-        return torch.full_like(steps, math.inf)
-    r = beta1 * beta1 / beta2
-    if r == 0.0:
-        geo = torch.ones_like(steps)
-    elif r == 1.0:
-        geo = steps
-    else:
-        geo = -torch.expm1(steps * float(np.log(r))) / (1.0 - r)
-    return (1.0 - beta1) * torch.sqrt(geo) * torch.sqrt(-torch.expm1(steps * float(np.log(beta2)))) / math.sqrt(
-        1.0 - beta2
-    )
+    step)."""
+    return _ratio_bound(torch, beta1, beta2, steps)
 
 
 def _rows_t(steps: torch.Tensor, values: list) -> torch.Tensor:
@@ -234,26 +228,9 @@ class _AdamBase(FlashOptimizer):
     def _hyper_rows(self, group, steps: np.ndarray) -> np.ndarray:
         lr = float(group["lr"])
         beta1, beta2 = (float(b) for b in group["betas"])
-        wd = float(group["weight_decay"])
-        bias_correction1 = 1 - np.power(beta1, steps)
-        bias_correction2 = 1 - np.power(beta2, steps)
-        rows = _rows(
-            len(steps),
-            [
-                1 - lr * wd if self.decoupled else 1.0,  # decay
-                0.0 if self.decoupled else wd,  # l2
-                1 - beta1,  # w1 (lerp weight)
-                beta2,
-                1 - beta2,  # w2
-                float(group["eps"]),
-                0.0,
-                0.0,
-                -1.0 if group["maximize"] else 1.0,
-                0.0,
-            ],
-        )
-        rows[:, 6] = lr / bias_correction1  # step_size
-        rows[:, 7] = 1.0 / np.sqrt(bias_correction2)  # inv_bc2_sqrt
+        rows = _rows(len(steps), self._adam_columns(group, lr))
+        rows[:, 6] = lr / (1 - np.power(beta1, steps))  # step_size
+        rows[:, 7] = 1.0 / np.sqrt(1 - np.power(beta2, steps))  # inv_bc2_sqrt
         if self.config.quantize:  # the outlier bound; fp32 moments stay torch's update exactly
             rows[:, 9] = 1.0 / adam_ratio_bound(beta1, beta2, steps)
         return rows
@@ -262,27 +239,30 @@ class _AdamBase(FlashOptimizer):
         # _hyper_rows with torch ops on the step tensors' device (the capturable step)
         lr = _lr_t(group, steps.device)
         beta1, beta2 = (float(b) for b in group["betas"])
-        wd = float(group["weight_decay"])
-        rows = _rows_t(
-            steps,
-            [
-                1 - lr * wd if self.decoupled else 1.0,
-                0.0 if self.decoupled else wd,
-                1 - beta1,
-                beta2,
-                1 - beta2,
-                float(group["eps"]),
-                0.0,
-                0.0,
-                -1.0 if group["maximize"] else 1.0,
-                0.0,
-            ],
-        )
+        rows = _rows_t(steps, self._adam_columns(group, lr))
         rows[:, 6] = lr / (1 - torch.pow(beta1, steps))
         rows[:, 7] = 1.0 / torch.sqrt(1 - torch.pow(beta2, steps))
         if self.config.quantize:
             rows[:, 9] = 1.0 / adam_ratio_bound_t(beta1, beta2, steps)
         return rows
+
+    def _adam_columns(self, group, lr) -> list:
+        """The row's step-independent values (columns 6, 7 and 9 are filled per step);
+        ``lr`` a float or a 0-d tensor."""
+        beta1, beta2 = (float(b) for b in group["betas"])
+        wd = float(group["weight_decay"])
+        return [
+            1 - lr * wd if self.decoupled else 1.0,  # decay
+            0.0 if self.decoupled else wd,  # l2
+            1 - beta1,  # w1 (lerp weight)
+            beta2,
+            1 - beta2,  # w2
+            float(group["eps"]),
+            0.0,
+            0.0,
+            -1.0 if group["maximize"] else 1.0,
+            0.0,
+        ]
 
 
 class FlashAdamW(_AdamBase):
