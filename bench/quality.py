@@ -49,6 +49,8 @@ ADAMW_VARIANTS = {
     "bf16-no-master": ["optim.name=FlashAdamW", "optim.master_weight_bits=null", "optim.quantize=false",
                        "optim.check_numerics=false"],
     "FlashAdamW-32": ["optim.name=FlashAdamW", "optim.master_weight_bits=32"],
+    # 24-bit master, moments in fp32: separates the 8-bit moments from the master's precision
+    "FlashAdamW-fp32-states": ["optim.name=FlashAdamW", "optim.quantize=false"],
 }
 SMALL_VARIANTS = {
     "Lion": ["optim.name=Lion", "optim.lr=1e-4", "optim.betas=[0.9,0.99]"],
@@ -86,6 +88,8 @@ def plan(args) -> list[tuple[str, list[str]]]:
                 ov = base_overrides(args.group, args.steps, args.tiny) + variants[name] + [f"train.seed={seed}"]
                 if beta2 is not None:
                     ov.append(f"optim.betas=[0.9,{beta2}]")
+                if args.stop_after is not None:  # one step more: the trainer stops before evaluating its last step
+                    ov.append(f"train.stop_after={args.stop_after + 1}")
                 ov.append(f"train.out_dir={Path(args.out) / tag}")
                 runs.append((tag, ov))
     return runs
@@ -138,7 +142,8 @@ def summarize(root: Path) -> str:
                  "| run | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---:|" * len(steps)]
         for k in sorted(members):
             lines.append(f"| {k} | " + " | ".join(f"{members[k].get(s, float('nan')):.4f}" for s in steps) + " |")
-        for base, others in (("AdamW", ("FlashAdamW", "FlashAdamW-nearest", "bf16-no-master", "FlashAdamW-32")),
+        for base, others in (("AdamW", ("FlashAdamW", "FlashAdamW-nearest", "bf16-no-master", "FlashAdamW-32",
+                                        "FlashAdamW-fp32-states")),
                              ("Lion", ("FlashLion",)), ("SGD", ("FlashSGD",))):
             ref = [v for k, v in members.items() if k.split("_")[1] == base]
             if not ref:
@@ -166,6 +171,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--variants", nargs="+", default=None, help="subset of the group's variants")
     ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--stop-after", type=int, default=None,
+                    help="leave every run after this step (the schedule stays that of --steps): early evaluations only")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (one GPU can take several)")
     ap.add_argument("--out", default="runs/quality")
     ap.add_argument("--tiny", action="store_true", help="a tiny model for a CPU smoke test")

@@ -196,6 +196,11 @@ class FlashOptimizer(Optimizer):
         return info
 
     # ------------------------------------------------------------------ stepping
+    # Not traced by torch.compile: the step plans launches from Python state (gradient addresses,
+    # dicts of records) that dynamo cannot guard on, and its work is one Triton kernel anyway. A
+    # compiled training step that calls opt.step() graph-breaks here and runs the step eagerly
+    # (docs/design.md 4.4); without this, dynamo fails inside the planner.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One optimizer step over every parameter that has a gradient."""

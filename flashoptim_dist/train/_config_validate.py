@@ -15,6 +15,8 @@ from ._config_parse import ConfigError
 #: Engines under which gradient release (step in the post-accumulate-grad hook) is supported:
 #: the hook must see the final, reduced gradient of the parameter.
 GRADIENT_RELEASE_ENGINES = ("single", "fsdp2")
+#: torch optimizers with a ``fused=True`` implementation (optim.fused)
+TORCH_FUSED = ("AdamW", "Adam", "SGD")
 #: engines that materialise a model built on the meta device (model.init_device=meta)
 META_INIT_ENGINES = ("single", "fsdp2")
 
@@ -65,6 +67,10 @@ def validate(cfg) -> None:
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} is invalid: must be >= 0")
     need(
         t.max_grad_norm >= 0.0, f"train.max_grad_norm={t.max_grad_norm} is invalid: must be >= 0 (0 disables clipping)"
+    )
+    need(
+        t.peak_tflops is None or t.peak_tflops > 0,
+        f"train.peak_tflops={t.peak_tflops} is invalid: must be > 0 (TFLOP/s of one device) or null (from the device)",
     )
     need(en.timeout_minutes > 0, f"engine.timeout_minutes={en.timeout_minutes} is invalid: must be > 0")
     if en.replicas != "nodes":
@@ -135,6 +141,11 @@ def validate(cfg) -> None:
         )
 
     flash = o.name in FLASH_OPTIMIZERS
+    need(
+        not o.fused or o.name in TORCH_FUSED,
+        f"optim.fused=true is invalid with optim.name={o.name!r}: torch has a fused implementation of "
+        f"{', '.join(TORCH_FUSED)} only (Flash optimizers always run their own fused kernel); remove optim.fused",
+    )
     if o.gradient_release:
         need(
             flash,

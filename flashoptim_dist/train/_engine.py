@@ -56,7 +56,11 @@ class Engine:
     # -- forward/backward ---------------------------------------------------------------------
     def _autocast(self):
         if self.autocast:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            # No weight cache: it keeps a bf16 copy of every fp32 weight alive until the whole
+            # forward ends (2 bytes/param more at the peak), which is what activation
+            # checkpointing tries to avoid; without checkpointing autograd saves each cast for
+            # backward anyway, so the cache buys nothing but a cast per reuse (the sliced loss's head).
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, cache_enabled=False)
         return contextlib.nullcontext()
 
     def micro_context(self, is_last: bool):

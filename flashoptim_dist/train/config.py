@@ -186,6 +186,10 @@ class OptimConfig:
     """Flash only: on each tensor's first step with a non-zero learning rate (the schedule's peak, not its warm-up,
     where known), fail if that rate cannot move the tensor's largest weights at all with the chosen
     master_weight_bits and rounding."""
+    fused: bool = False
+    """torch AdamW/Adam/SGD only: torch's fused implementation (one kernel, no per-step temporaries: the baseline at
+    its leanest, as torchtitan runs it); false: torch's default (foreach on CUDA, which allocates temporaries of the
+    size of a parameter group)."""
     gradient_release: bool = False
     """Flash only: step each parameter in its post-accumulate-grad hook and free its gradient at once (engines: single,
     fsdp2; no gradient accumulation). With train.max_grad_norm > 0 each step is clipped with the previous step's
@@ -265,6 +269,9 @@ class TrainConfig:
     """torch CPU threads per rank; 0: cores / ranks on this node (at least 1)."""
     stop_after: Optional[int] = None
     """Leave the loop after this step as if interrupted (no final checkpoint); for demos of resuming."""
+    peak_tflops: Optional[float] = None
+    """Dense bf16 peak TFLOP/s of one device, for the MFU on the log line (train/flops.py counts model FLOPs as
+    torchtitan does); null: from the CUDA device name (H100/H200 SXM 989, A100 312), no MFU on CPU or unknown cards."""
     peak_report_step: Optional[int] = None
     """CUDA: record the allocator during this step on rank 0 and print the largest allocations alive at the step's peak
     (what to shrink first; sizes only, FLASHOPTIM_PEAK_STACKS=1 adds Python stacks). null: off."""

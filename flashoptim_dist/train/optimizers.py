@@ -78,6 +78,8 @@ def optimizer_kwargs(cfg: OptimConfig) -> dict:
     if is_flash(cfg.name):
         kw.update(master_weight_bits=cfg.master_weight_bits, quantize=cfg.quantize, rounding=cfg.rounding,
                   seed=cfg.rounding_seed, check_numerics=cfg.check_numerics)
+    elif cfg.fused:
+        kw["fused"] = True
     return kw
 
 

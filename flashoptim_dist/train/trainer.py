@@ -40,6 +40,7 @@ from ..utils import fmt_bytes
 from . import ckpt
 from .config import META_INIT_ENGINES, Config, config_to_dict
 from .engines import build_engine, parallel_dims
+from .flops import flops_per_token, mfu, peak_flops
 from .memory import breakdown, cpu_count, format_table, peak_memory_bytes, peak_report, record_allocations
 from .optimizers import baseline_of, is_flash
 
@@ -206,6 +207,7 @@ class Trainer:
         self.mem: Optional[dict] = None
         self.final_step = self.start
         self.tps = 0.0
+        self.mfu: Optional[float] = None
         self.printer: Optional[_Printer] = None
 
     # -- setup ----------------------------------------------------------------------------------
@@ -241,6 +243,9 @@ class Trainer:
         hf_dtype = torch.bfloat16 if flash else torch.float32
         model = build_model(cfg.model, self.corpus.vocab_size, cfg.data.seq_len, meta=meta, dtype=hf_dtype)
         self.n_params = count_params(model)
+        # MFU as torchtitan reports it (train/flops.py): counted on the unwrapped model (meta works)
+        self.flops_token = flops_per_token(model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device, cfg.train.peak_tflops)
         self.engine = build_engine(cfg, model, self.device, self.accum, meta=meta)
         self.ck_model, self.ck_opt = self.engine.ckpt_targets()
 
@@ -345,6 +350,7 @@ class Trainer:
             dist.all_reduce(self.loss_window)
         self.last_loss = float(self.loss_window[0] / self.loss_window[1])
         self.tps = self.window_tokens / max(self.step_time, 1e-9)
+        self.mfu = mfu(self.flops_token, self.tps, self.peak_flops, self.world)
         peak = peak_memory_bytes(self.device)
         self.metrics.write(
             kind="train",
@@ -353,13 +359,15 @@ class Trainer:
             lr=self.lr,
             grad_norm=self.grad_norm,
             tokens_per_s=self.tps,
+            mfu=self.mfu,
             peak_mem_bytes=peak,
             elapsed_s=time.time() - self.t_begin,
         )
         if self.printer.bar is None:
             self.printer.line(
                 f"step {completed}/{self.cfg.train.steps} loss {self.last_loss:.4f} lr {self.lr:.2e} "
-                f"tok/s {self.tps:,.0f} mem {fmt_bytes(peak, sep='')}"
+                f"tok/s {self.tps:,.0f}{'' if self.mfu is None else f' mfu {100 * self.mfu:.1f}%'} "
+                f"mem {fmt_bytes(peak, sep='')}"
             )
         self.loss_window.zero_()
         self.step_time, self.window_tokens = 0.0, 0
@@ -482,6 +490,8 @@ class Trainer:
             "final_loss": self.last_loss,
             "final_val_loss": self.last_val,
             "tokens_per_s": self.tps,
+            "mfu": self.mfu,
+            "flops_per_token": self.flops_token,
             "rows": rows,
             "last_checkpoint": self.last_ckpt_step,
             "checkpoint": self.last_ckpt,

@@ -290,3 +290,37 @@ def test_cuda_graph_replay_matches_eager_steps(cls, kw):
                 assert torch.equal(oe.state[a][k], oc.state[b][k]), k
         assert float(oc.state[b]["step"]) == n + 1
     print(f"{cls} {kw}: host time per replay {1e6 * sorted(host)[len(host) // 2]:.1f} us (median)")
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_compiled_training_step_graph_breaks_at_the_optimizer(capturable):
+    """torch.compile of a whole training step (forward, backward, opt.step(), zero_grad): dynamo
+    breaks the graph at the Flash step (``torch.compiler.disable``), which runs eagerly — the
+    same bits as the uncompiled step. Before the step was excluded, dynamo failed inside the
+    launch planner (InternalTorchDynamoError)."""
+    x = torch.randn(8, 40, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+
+    def run(compiled):
+        m = _model()
+        lr = torch.tensor(1e-3, dtype=torch.float64) if capturable else 1e-3
+        opt = F.FlashAdamW(m.parameters(), lr=lr, capturable=capturable, backend="reference")
+
+        def train_step():
+            loss = m(x).float().pow(2).mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss.detach()
+
+        fn = torch.compile(train_step, backend="aot_eager") if compiled else train_step
+        losses = [float(fn()) for _ in range(3)]
+        return losses, [p.detach().clone() for p in m.parameters()], opt
+
+    torch._dynamo.reset()
+    (le, pe, oe), (lc, pc, oc) = run(False), run(True)
+    assert le == lc
+    for a, b in zip(pe, pc):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+    for a, b in zip(oe.state.values(), oc.state.values()):
+        for k in a:
+            assert torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])), k

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import preserved_environ, summary, train_losses  # noqa: E402
 
 from flashoptim_dist.models import gpt_config_for  # noqa: E402
-from flashoptim_dist.train.config import load_config  # noqa: E402
+from flashoptim_dist.train.config import config_to_dict, load_config  # noqa: E402
 from flashoptim_dist.train.trainer import main_train  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -38,7 +38,17 @@ def test_recipe_sizes_and_settings(name, low, high):
     assert cfg.model.init_device == "meta" and cfg.model.activation_checkpointing and cfg.model.loss_chunks == 8
 
 
-@pytest.mark.parametrize("name", ["one_gpu_8b", "one_gpu_20b"])
+def test_fast_8b_recipe_is_the_8b_one_without_recomputation():
+    """one_gpu_8b_fast.yaml extends one_gpu_8b.yaml: only activation checkpointing (off), the
+    sequences per step (2) and the output folder differ."""
+    base = config_to_dict(load_config(str(CONFIGS / "one_gpu_8b.yaml")))
+    fast = config_to_dict(load_config(str(CONFIGS / "one_gpu_8b_fast.yaml")))
+    diff = {(sec, k) for sec in base for k in base[sec] if base[sec][k] != fast[sec][k]}
+    assert diff == {("model", "activation_checkpointing"), ("data", "micro_batch_size"), ("train", "out_dir")}
+    assert fast["model"]["activation_checkpointing"] is False and fast["data"]["micro_batch_size"] == 2
+
+
+@pytest.mark.parametrize("name", ["one_gpu_8b", "one_gpu_8b_fast", "one_gpu_20b"])
 def test_recipe_trains_when_shrunk(tmp_path, name):
     """Every setting of the recipe but the shapes, sequence length and step count, on CPU."""
     tiny = ["model.preset=tiny", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4",
