@@ -76,6 +76,14 @@ _dtype_of = _plan._dtype_of
 _layout_of = _plan._layout_of
 
 
+
+#: torch.optim's own way to keep dynamo out of a method (Optimizer.zero_grad uses it): the wrapper
+#: imports torch._dynamo at the first call, not at definition. torch.compiler.disable imports it
+#: at once, and torch._dynamo imports torch.distributed.fsdp and .tensor, which
+#: ``import flashoptim_dist`` must not pull in (tests/distributed/test_fsdp2_errors.py).
+_not_compiled = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
 class FlashOptimizer(Optimizer):
     """Base class of the Flash optimizers (a :class:`torch.optim.Optimizer`).
 
@@ -200,7 +208,7 @@ class FlashOptimizer(Optimizer):
     # dicts of records) that dynamo cannot guard on, and its work is one Triton kernel anyway. A
     # compiled training step that calls opt.step() graph-breaks here and runs the step eagerly
     # (docs/design.md 4.4); without this, dynamo fails inside the planner.
-    @torch.compiler.disable
+    @_not_compiled
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
         """One optimizer step over every parameter that has a gradient."""
