@@ -4,7 +4,7 @@ A checkpoint is one directory::
 
     PATH/
       .metadata              DCP metadata (tensor chunks and where they live)
-      __<rank>_<i>.distcp    DCP data files, one (or a few) per writing rank
+      __<rank>_<i>.distcp    DCP data files, one per tensor (older checkpoints: one per rank)
       flashoptim.json        our metadata: format version, numeric config, model fingerprint,
                              param groups, step counters, world size and engine it was written with
       COMPLETE               written last: size and CRC-32 of every other file

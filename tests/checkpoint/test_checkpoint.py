@@ -491,3 +491,20 @@ def test_optimizer_tensor_outside_the_model_is_refused_before_writing(tmp_path):
     ck.save(path, model, C.make_opt(model))
     with pytest.raises(ck.CheckpointError, match="not a parameter of the model"):
         ck.load(path, model, opt)
+
+
+def test_each_data_file_holds_one_tensor_so_host_staging_is_bounded(tmp_path):
+    """torch's FileSystemWriter keeps the host copy of every tensor of a data file until the file
+    is written; with one file per rank a GPU save staged the whole checkpoint in host RAM (44 GiB
+    at 8B on one H200). One file per tensor bounds that by the largest tensor: no data file may
+    be larger than the largest tensor saved plus the format's per-file overhead."""
+    model, opt, _ = _trained()
+    ck.save(tmp_path / "a", model, opt)
+    tensors = [p for p in model.parameters()] + [v for st in opt.state.values() for v in st.values()
+                                                  if torch.is_tensor(v)]
+    largest = max(t.numel() * t.element_size() for t in tensors)
+    files = [f for f in os.listdir(tmp_path / "a") if f.endswith(".distcp")]
+    total = sum(os.path.getsize(tmp_path / "a" / f) for f in files)
+    biggest = max(os.path.getsize(tmp_path / "a" / f) for f in files)
+    assert total > 3 * largest  # the check below means something: several tensors' worth of data
+    assert biggest <= largest + 64 * 1024, (biggest, largest)
