@@ -4,7 +4,7 @@
 #
 #   OUT=/tmp/out bash bench/integrations_gpu_device.sh
 #
-# .gpu_carry/ (untracked, in .git/info/exclude; .gpu_carry/README.txt says what and from where):
+# .gpu_carry/ (untracked, in .git/info/exclude; bench/gpu_carry.txt says what it holds and from where):
 #   whl/             torchtitan 0.3.0 and the requirements the image lacks, installed with --no-deps
 #                    into /tmp/site unless torchtitan 0.3.0 is importable already;
 #   torchtitan_src/  TORCHTITAN_REPO: torchtitan's tests/assets/tokenizer and a STAND-IN
