@@ -76,7 +76,6 @@ _dtype_of = _plan._dtype_of
 _layout_of = _plan._layout_of
 
 
-
 #: torch.optim's own way to keep dynamo out of a method (Optimizer.zero_grad uses it): the wrapper
 #: imports torch._dynamo at the first call, not at definition. torch.compiler.disable imports it
 #: at once, and torch._dynamo imports torch.distributed.fsdp and .tensor, which

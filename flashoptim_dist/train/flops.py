@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..models import count_params
+
 #: Dense (no sparsity) bf16 tensor-core peak in FLOP/s by device-name substring, first match
 #: wins. NVIDIA data sheets: H100/H200 SXM 989.4 TFLOP/s (the H200 is the H100's GH100 die
 #: with more and faster memory), H100 PCIe 756, H100 NVL 835, A100 312. torchtitan uses the same
@@ -53,18 +55,10 @@ def flops_per_token(model: nn.Module, seq_len: int) -> Optional[float]:
     shape = attention_shape(model)
     if shape is None:
         return None
-    seen: set[int] = set()
-    n = n_emb = 0
-    for mod in model.modules():
-        for p in mod.parameters(recurse=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            n += p.numel()
-            if isinstance(mod, nn.Embedding):
-                n_emb += p.numel()
+    emb = {id(p): p.numel() for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     layers, heads, head_dim = shape
-    return 6.0 * (n - n_emb) + 12.0 * layers * heads * head_dim * seq_len
+    n = count_params(model)  # tied weights once: a head tied to the embedding is the embedding's
+    return 6.0 * (n - sum(emb.values())) + 12.0 * layers * heads * head_dim * seq_len
 
 
 def peak_flops(device: torch.device, override_tflops: Optional[float] = None) -> Optional[float]:

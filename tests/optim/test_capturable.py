@@ -295,7 +295,7 @@ def test_cuda_graph_replay_matches_eager_steps(cls, kw):
 @pytest.mark.parametrize("capturable", [False, True])
 def test_compiled_training_step_graph_breaks_at_the_optimizer(capturable):
     """torch.compile of a whole training step (forward, backward, opt.step(), zero_grad): dynamo
-    breaks the graph at the Flash step (``torch.compiler.disable``), which runs eagerly — the
+    breaks the graph at the Flash step (kept out of dynamo by ``torch._disable_dynamo``), which runs eagerly — the
     same bits as the uncompiled step. Before the step was excluded, dynamo failed inside the
     launch planner (InternalTorchDynamoError)."""
     x = torch.randn(8, 40, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)

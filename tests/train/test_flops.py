@@ -11,6 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/: the shared helpers
 from launch_helpers import preserved_environ  # noqa: E402
+from optional_deps import require_module  # noqa: E402
 
 from flashoptim_dist.models.gpt import GPT, GPTConfig  # noqa: E402
 from flashoptim_dist.train import flops  # noqa: E402
@@ -40,7 +41,7 @@ def test_gpt_flops_per_token_is_torchtitans_count(tie):
 
 
 def test_hf_decoder_attention_shape():
-    transformers = pytest.importorskip("transformers")
+    transformers = require_module("transformers")  # a test extra: CI fails rather than skips without it
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=6, num_key_value_heads=2)
     model = transformers.LlamaForCausalLM(cfg)
