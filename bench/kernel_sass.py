@@ -60,6 +60,31 @@ def compile_kernel(groups: int, warps: int, maxnreg: int, family: str, rounding:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
+def fast_path(lines: list[str]) -> collections.Counter:
+    """Opcodes *executed* on the aligned fast path, in program order from the entry to the first
+    EXIT: an unconditional branch is followed, ``@!P`` branches (the in-range tests that skip
+    the slow paths of ``div.rn``/``sqrt.rn``, taken on normal operands) are taken, ``@P``
+    branches (to the masked edge path) are not. Unlike the static count up to the first EXIT,
+    this leaves out the slow-path calls that sit inline and never run on normal data."""
+    parsed, where = [], {}
+    for ln in lines:
+        m = re.match(r"\s*/\*([0-9a-f]+)\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)\s*([^;]*);", ln)
+        if m:
+            where[int(m.group(1), 16)] = len(parsed)
+            parsed.append((m.group(2), m.group(3), m.group(4)))
+    ops, pc = collections.Counter(), 0
+    while pc < len(parsed):
+        pred, op, args = parsed[pc]
+        ops[op.split(".")[0]] += 1
+        if op.startswith("EXIT"):
+            break
+        if op.startswith("BRA") and (pred is None or pred.strip().startswith("@!")):
+            pc = where[int(args.split()[0].rstrip(","), 16)]
+            continue
+        pc += 1
+    return ops
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, default=fs.GROUPS_PER_BLOCK)
@@ -95,6 +120,9 @@ def main(argv=None) -> None:
         print(f"registers/thread {m.group(1)}, stack bytes {m.group(2)} (non-zero: spills)")
     print(f"SASS instructions: {sum(ops.values())} in all; {fast} up to the first EXIT "
           f"(aligned fast path, ~{fast / per_thread:.0f} per element)" if fast else "")
+    executed = fast_path(lines)
+    n_exec = sum(executed.values())
+    print(f"executed on the aligned fast path (slow paths not taken): {n_exec}, ~{n_exec / per_thread:.1f} per element")
     print(f"layout conversions in TTGIR: {ttgir.count('convert_layout')}")
     print("opcodes:", ", ".join(f"{o} {n}" for o, n in ops.most_common(24)))
     if a.dump:

@@ -209,6 +209,8 @@ def main():
     ap.add_argument("--capture", action="store_true",
                     help="per case also: host time of an eager step, and capturable=True captured in a CUDA graph "
                          "(GPU time and host time per replay)")
+    ap.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep (and torch fused "
+                    "AdamW on the same shapes, the baseline of the same run)")
     args = ap.parse_args()
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth(256 << 20 if args.tiny else 2 << 30)
@@ -222,7 +224,9 @@ def main():
         shapes = llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336)
         knobs = ("MAXNREG", "GROUPS_PER_BLOCK", "NUM_WARPS")
         defaults = tuple(getattr(fused_step, k) for k in knobs)
-        configs = [(None, 32, 4), (64, 32, 4), (56, 32, 4), (None, 16, 4), (None, 64, 8)]
+        # (register cap, groups per program, warps): 32 x 4 = 8 elements per thread; 64 x 4 and 32 x 2
+        # = 16 (the per-program set-up spread over twice the elements, 147 registers uncapped)
+        configs = [(64, 32, 4), (None, 64, 4), (128, 64, 4), (None, 32, 2), (128, 32, 2)]
         for rnd in range(2):  # two interleaved rounds: machine drift shows as round-to-round change
             for cfg in configs:
                 for k, v in zip(knobs, cfg):
@@ -242,6 +246,10 @@ def main():
         del params, opt
         torch.cuda.empty_cache()
         fused_step.EXACT = True
+        if args.sweep_only:
+            params, opt = make("torch-AdamW-fused-fp32", shapes)
+            print(f"torch AdamW fused fp32, same shapes: {time_step(opt, warmup=2, reps=5):.2f} ms", flush=True)
+            return
     cases = [
         ("llama", llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336),
          ["FlashAdamW-24", "FlashAdamW-24-nearest", "FlashAdamW-32", "FlashSGD-mom", "FlashLion",

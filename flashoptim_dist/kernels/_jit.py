@@ -221,8 +221,11 @@ def _quant_sqrt(mask, sqrt_v, dith, MASKED: tl.constexpr, SR: tl.constexpr, INTE
         # low byte of ⌊z⌋ + 1.5·2^23's bits, plus one
         z = tl.minimum(z, 255.0)
         tb, lo_f = _floor_bits(z, INTERPRET)
-        up = tl.fma(lo_f, lo_f + (dith + dith), dith) < z * z
-        q = tb + up.to(tl.int32)
+        # up = t < z², taken as the sign bit of fl(t − z²): a correctly rounded difference of
+        # two non-negative floats is negative exactly when t < z² (and +0 when they are equal),
+        # so one subtract and one shift-add (LEA.HI) do what a compare and a select did
+        diff = tl.fma(lo_f, lo_f + (dith + dith), dith) - z * z
+        q = tb + (diff.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
     else:
         q = _round_int(z)
     return q.to(tl.uint8), sbits
@@ -431,6 +434,9 @@ def _step_block(
         # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
         # and the reference's clamp to [-1, 1] never acts; ρ = 0 for ±inf/NaN θ'
         r = (theta - pf) * _rho_scale(pf, EMIN, RHO_ENC, True)
+        # ρ = 0 for ±inf/NaN θ', chosen on the float (r = 0 rounds to code 0 either way, ⌊0 + u⌋ = 0):
+        # selecting on the packed int8 codes instead cost ~3 byte shuffles per element
+        r = tl.where(_finite(pf), r, 0.0)
         if SR:  # |r| ≤ N exactly (above): ⌊r + u⌋ stays in [−N, N]
             if RHO_N == 127:
                 rq = _sr_floor(r, (words & 0x7FFF).to(tl.int32), 384.0, 15)
@@ -438,7 +444,6 @@ def _step_block(
                 rq = _sr_floor(r, (words & 0x7F).to(tl.int32), 98304.0, 7)
         else:
             rq = _round_int(r)
-        rq = tl.where(_finite(pf), rq, 0)
         if RHO_N == 127:
             rq = rq.to(tl.int8)
         else:
