@@ -205,7 +205,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sweep", action="store_true", help="time FlashAdamW-24 over block/warp configs first")
+    ap.add_argument("--sweep", action="store_true", help="time one optimizer over block/warp configs first")
+    ap.add_argument("--sweep-optimizer", default="FlashAdamW-24",
+                    choices=("FlashAdamW-24", "FlashAdamW-24-nearest", "FlashAdamW-32", "FlashSGD-mom", "FlashLion"),
+                    help="the optimizer --sweep times (default FlashAdamW-24)")
     ap.add_argument("--capture", action="store_true",
                     help="per case also: host time of an eager step, and capturable=True captured in a CUDA graph "
                          "(GPU time and host time per replay)")
@@ -231,17 +234,17 @@ def main():
             for cfg in configs:
                 for k, v in zip(knobs, cfg):
                     setattr(fused_step, k, v)
-                params, opt = make("FlashAdamW-24", shapes)
+                params, opt = make(args.sweep_optimizer, shapes)
                 ms = time_step(opt, warmup=2, reps=5)
-                print(f"sweep round {rnd} " + " ".join(f"{k.lower()}={v}" for k, v in zip(knobs, cfg))
-                      + f": {ms:.2f} ms", flush=True)
+                knob_text = " ".join(f"{k.lower()}={v}" for k, v in zip(knobs, cfg))
+                print(f"sweep {args.sweep_optimizer} round {rnd} {knob_text}: {ms:.2f} ms", flush=True)
                 del params, opt
                 torch.cuda.empty_cache()
         for k, v in zip(knobs, defaults):
             setattr(fused_step, k, v)
         fused_step.EXACT = False  # what bit-exactness costs (not a mode the optimizer offers)
-        params, opt = make("FlashAdamW-24", shapes)
-        print(f"inexact (approx div/sqrt + FMA) at the defaults {defaults}: "
+        params, opt = make(args.sweep_optimizer, shapes)
+        print(f"{args.sweep_optimizer} inexact (approx div/sqrt + FMA) at the defaults {defaults}: "
               f"{time_step(opt, warmup=2, reps=5):.2f} ms", flush=True)
         del params, opt
         torch.cuda.empty_cache()

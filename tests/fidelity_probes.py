@@ -189,6 +189,70 @@ def lion_idle(steps: int = 300, groups: int = 8, seed: int = 0, **flash_kw) -> D
     return {"idle_momentum_ratio": sum(ratios) / len(ratios)}
 
 
+def gpt_update_trace(beta2: float, steps: int, seed: int = 0, preset_name: str = "tiny", windows: int = 2,
+                     variants: Dict[str, dict] = None, seq: int = 64, batch: int = 8):
+    """A real model's gradients: a small GPT (``preset_name``) on the bytes of this package's
+    source, AdamW (fp32) trained as usual at lr 1e-3 (10% warm-up, then flat: the largest steps
+    are the test), and one FlashAdamW per entry of ``variants`` (constructor keywords; bf16
+    params) fed the *same* gradient each step, computed at AdamW's weights, so all see one
+    gradient stream however far their weights drift. Per window of ``steps // windows`` steps
+    and variant: the mean over steps of Σ|Δθ| of the Flash master over AdamW's (update size; 1.0
+    is perfect) and of the cosine between the two updates (direction), weight matrices only."""
+    import glob
+    import os
+
+    from flashoptim_dist.models.gpt import GPT, preset
+
+    variants = {"default": {}} if variants is None else variants
+    torch.manual_seed(seed)
+    files = sorted(glob.glob(os.path.join(os.path.dirname(F.__file__), "**", "*.py"), recursive=True))
+    data = torch.tensor(list(b"".join(open(f, "rb").read() for f in files)), dtype=torch.long)
+    model = GPT(preset(preset_name, vocab_size=256))
+    params = list(model.parameters())
+    kw = dict(lr=1e-3, betas=(0.9, beta2), weight_decay=0.1)
+    t_opt = torch.optim.AdamW(params, **kw)
+    flash = {}
+    for name, flash_kw in variants.items():
+        fl = [torch.nn.Parameter(p.detach().clone().bfloat16()) for p in params]
+        flash[name] = (fl, F.FlashAdamW(fl, **kw, **flash_kw))
+    gen = torch.Generator().manual_seed(seed)
+    per_window = max(1, steps // windows)
+    out = {name: [[0.0, 0.0] for _ in range(windows)] for name in variants}
+    for t in range(windows * per_window):
+        lr = kw["lr"] * min(1.0, (t + 1) / max(1, steps // 10))
+        for opt in [t_opt] + [o for _, o in flash.values()]:
+            for group in opt.param_groups:
+                group["lr"] = lr
+        start = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
+        x = torch.stack([data[i:i + seq] for i in start])
+        y = torch.stack([data[i + 1:i + seq + 1] for i in start])
+        model.zero_grad(set_to_none=True)
+        model(x, y).backward()
+        before_t = [p.detach().clone() for p in params]
+        before_f = {name: [m.clone() for m in opt.master_params()] for name, (_, opt) in flash.items()}
+        t_opt.step()
+        d_t = [p.detach() - b for p, b in zip(params, before_t)]
+        for name, (fl, opt) in flash.items():
+            for p, q in zip(params, fl):
+                q.grad = p.grad.bfloat16()
+            opt.step()
+            mats = [(dt, m - b) for dt, m, b in zip(d_t, opt.master_params(), before_f[name]) if dt.dim() == 2]
+            size = sum(float(df.abs().sum()) for _, df in mats) / sum(float(dt.abs().sum()) for dt, _ in mats)
+            dot = sum(float((dt * df).sum()) for dt, df in mats)
+            norms = sum(float(dt.square().sum()) for dt, _ in mats) * sum(float(df.square().sum()) for _, df in mats)
+            acc = out[name][t // per_window]
+            acc[0] += size / per_window
+            acc[1] += dot / norms ** 0.5 / per_window
+    return out
+
+
+def gpt_updates(beta2: float = 0.999, steps: int = 80, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    """:func:`gpt_update_trace` of the ``tiny`` GPT for one Flash configuration, second half of
+    the run: ``update_size_ratio`` and ``update_cosine``."""
+    size, cos = gpt_update_trace(beta2, steps, seed, variants={"flash": flash_kw})["flash"][-1]
+    return {"update_size_ratio": size, "update_cosine": cos}
+
+
 PROBES = {
     "v_decay β2=0.95": lambda **k: v_decay(0.95, **k),
     "v_decay β2=0.99": lambda **k: v_decay(0.99, **k),
@@ -199,10 +263,32 @@ PROBES = {
     "spike ×10^4 (β2=0.95)": lambda **k: spike(0.95, **k),
     "idle (SGD momentum 0.9)": sgd_idle,
     "idle (Lion β2=0.99)": lion_idle,
+    "tiny GPT, same gradients (β2=0.999)": gpt_updates,
+    "tiny GPT, same gradients (β2=0.95)": lambda **k: gpt_updates(0.95, **k),
 }
 
 
+def gpt_trace_main(preset_name: str, steps: int) -> None:
+    """``python tests/fidelity_probes.py --gpt-trace mini 1000``: the same-gradient trace of
+    :func:`gpt_update_trace` at both β2 for the defaults, nearest rounding, fp32 moments and a
+    32-bit master, 8 windows (docs/QUALITY.md)."""
+    variants = {"defaults": {}, "nearest": {"rounding": "nearest"}, "fp32 moments": {"quantize": False},
+                "32-bit master": {"master_weight_bits": 32}}
+    for beta2 in (0.999, 0.95):
+        trace = gpt_update_trace(beta2, steps, preset_name=preset_name, windows=8, variants=variants)
+        bounds = [f"{w * steps // 8 + 1}-{(w + 1) * steps // 8}" for w in range(8)]
+        print(f"\n{preset_name} GPT, β2 = {beta2}: update size / cosine against AdamW, per window of steps")
+        print("| variant | " + " | ".join(bounds) + " |")
+        print("|---|" + "---|" * 8)
+        for name, rows in trace.items():
+            print(f"| {name} | " + " | ".join(f"{a:.4f} / {c:.4f}" for a, c in rows) + " |", flush=True)
+
+
 def main() -> None:
+    import sys
+
+    if len(sys.argv) == 4 and sys.argv[1] == "--gpt-trace":
+        return gpt_trace_main(sys.argv[2], int(sys.argv[3]))
     modes = [("nearest", {"rounding": "nearest"}), ("stochastic", {"rounding": "stochastic"})]
     print("| probe | metric | " + " | ".join(f"{m} (seeds 0-2)" for m, _ in modes) + " |")
     print("|---|---|" + "---|" * len(modes))
