@@ -34,10 +34,11 @@ for case in "$@"; do
     rows+=("$(${PYTHON:-python} - "$out/$name" "$out/$name.log" "$name" "$rc" "$secs" <<'EOF'
 import json, sys
 from pathlib import Path
+from flashoptim_dist.train.trainer import read_metrics
 run, log, name, rc, secs = Path(sys.argv[1]), Path(sys.argv[2]), *sys.argv[3:]
 text = log.read_text(errors="replace")
 status = "ok" if rc == "0" else ("OOM" if "OutOfMemoryError" in text or "out of memory" in text else f"rc {rc}")
-lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (run / "metrics.jsonl").exists() else []
+lines = read_metrics(run / "metrics.jsonl")
 train = [x for x in lines if x.get("kind") == "train"]
 summ = json.loads((run / "summary.json").read_text()) if (run / "summary.json").exists() else {}
 n = summ.get("n_params")

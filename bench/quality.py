@@ -40,6 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from flashoptim_dist.train.trainer import read_metrics  # noqa: E402
 
 ADAMW_VARIANTS = {
     "AdamW": ["optim.name=AdamW"],
@@ -109,18 +111,9 @@ def run_one(tag: str, overrides: list[str], out: Path) -> dict:
 
 
 def read_evals(run_dir: Path) -> dict[int, float]:
-    out = {}
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return out
-    for line in path.read_text().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if r.get("kind") == "eval":
-            out[int(r["step"])] = float(r["val_loss"])
-    return out
+    """Validation loss per evaluated step of one run (the trainer's metrics.jsonl)."""
+    return {int(r["step"]): float(r["val_loss"]) for r in read_metrics(run_dir / "metrics.jsonl")
+            if r.get("kind") == "eval"}
 
 
 def summarize(root: Path) -> str:

@@ -24,21 +24,9 @@ import torch.distributed as dist
 
 from .config import Config, validate
 from .optimizers import baseline_of, is_flash
-from .trainer import in_process_group, run_training
+from .trainer import in_process_group, read_metrics, run_training
 
 __all__ = ["run_compare", "main_compare", "plot_compare", "compare_table"]
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
 
 
 def compare_table(results: list[dict]) -> str:
@@ -132,7 +120,7 @@ def run_compare(cfg: Config) -> dict:
         sub.compare.baseline = None
         validate(sub)
         results.append(run_training(sub))
-        metrics.append(_read_metrics(out / name / "metrics.jsonl"))
+        metrics.append(read_metrics(out / name / "metrics.jsonl"))
     report = {"runs": results}
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:

@@ -111,6 +111,21 @@ class _Printer:
             self.bar.close()
 
 
+def read_metrics(path) -> list:
+    """The records of a run's ``metrics.jsonl`` (module doc), in order; [] when there is none.
+    A line that does not parse (cut by a crash mid-write) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 class _Metrics:
     def __init__(self, path: Path, enabled: bool, resume_step: Optional[int]) -> None:
         self.path = path
@@ -119,16 +134,9 @@ class _Metrics:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue  # a line cut by a crash
-                if resume_step is None or rec.get("step", 0) > resume_step:
-                    continue
-                keep.append(json.dumps(rec))
-            path.write_text("".join(k + "\n" for k in keep))
+            # a resumed run keeps the records up to its checkpoint's step; a fresh run starts over
+            keep = [rec for rec in read_metrics(path) if resume_step is not None and rec.get("step", 0) <= resume_step]
+            path.write_text("".join(json.dumps(k) + "\n" for k in keep))
 
     def write(self, **rec) -> None:
         if self.enabled:
