@@ -44,7 +44,7 @@ from .flops import flops_per_token, mfu, peak_flops
 from .memory import breakdown, cpu_count, format_table, peak_memory_bytes, peak_report, record_allocations
 from .optimizers import baseline_of, is_flash
 
-__all__ = ["Trainer", "run_training", "lr_at", "pick_device", "main_train"]
+__all__ = ["Trainer", "run_training", "lr_at", "pick_device", "main_train", "read_metrics"]
 
 
 def lr_at(cfg: Config, step: int) -> float:
