@@ -54,9 +54,10 @@ grep -iE "resum|load" "$out/C.log" | tail -3 || true
 # scratch: on a GPU they drift apart (atomics in backward kernels), which bounds how well *any*
 # continuation can match A after the resume point.
 "$py" - "$out/a/metrics.jsonl" "$out/B.metrics.jsonl" "$out/b/metrics.jsonl" "$at" <<'EOF'
-import json, sys
+import sys
+from flashoptim_dist.train.trainer import read_metrics
 def losses(path):
-    return {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r.get("kind") == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(path) if r.get("kind") == "train"}
 a, b, c, at = losses(sys.argv[1]), losses(sys.argv[2]), losses(sys.argv[3]), int(sys.argv[4])
 s = at + 1
 print(f"resume: step {s} loss, killed run {b.get(s)!r} vs resumed {c.get(s)!r} -> "

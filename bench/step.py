@@ -215,6 +215,8 @@ def main():
     ap.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep (and torch fused "
                     "AdamW on the same shapes, the baseline of the same run)")
     args = ap.parse_args()
+    if args.sweep_only and not args.sweep:
+        ap.error("--sweep-only stops after the sweep: give --sweep too")
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth(256 << 20 if args.tiny else 2 << 30)
     print(f"device: {dev}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)

@@ -434,7 +434,7 @@ def _step_block(
         # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
         # and the reference's clamp to [-1, 1] never acts; ρ = 0 for ±inf/NaN θ'
         r = (theta - pf) * _rho_scale(pf, EMIN, RHO_ENC, True)
-        # ρ = 0 for ±inf/NaN θ', chosen on the float (r = 0 rounds to code 0 either way, ⌊0 + u⌋ = 0):
+        # that ρ = 0 is chosen on the float (r = 0 rounds to code 0 either way, ⌊0 + u⌋ = 0):
         # selecting on the packed int8 codes instead cost ~3 byte shuffles per element
         r = tl.where(_finite(pf), r, 0.0)
         if SR:  # |r| ≤ N exactly (above): ⌊r + u⌋ stays in [−N, N]
