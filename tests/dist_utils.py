@@ -10,14 +10,18 @@ Failure handling: an exception in any child fails the call with that child's tra
 (``torch.multiprocessing`` re-raises it as ``ProcessRaisedException``, whose message holds the
 child's formatted traceback) and the other children are terminated; a run that exceeds
 ``timeout`` seconds kills every child and raises ``TimeoutError`` — a hung collective can never
-hang the test session.
+hang the test session. Either error carries a note with the Python stack of every rank that was
+still running when it was stopped (faulthandler on SIGTERM/SIGUSR1), so a hang names where each
+rank waited.
 """
 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -52,6 +56,11 @@ def _entry(rank, worker, world_size, tmpdir, args, pg_timeout_s):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are local; never pick an outside NIC
     # the CI machine has 2 cores shared by up to 4 ranks: one intra-op thread each
     torch.set_num_threads(1)
+    # Python stacks of every thread on SIGUSR1 (sent at the timeout) and on the SIGTERM with which
+    # torch stops the other ranks when one fails: a hang then names where each rank was waiting.
+    stacks = open(os.path.join(tmpdir, f"stack{rank}.txt"), "w")
+    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
     dist.init_process_group(
         "gloo",
         init_method="file://" + os.path.join(tmpdir, "store"),
@@ -86,10 +95,17 @@ def run_distributed(worker, world_size: int, *args, timeout: float = 240.0, pg_t
         try:
             while not ctx.join(timeout=1.0):
                 if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            os.kill(p.pid, signal.SIGUSR1)
+                    time.sleep(1.0)
                     raise TimeoutError(
                         f"{getattr(worker, '__name__', worker)} on {world_size} ranks did not finish in "
                         f"{timeout:.0f} s (a hung collective?); all ranks were killed"
                     )
+        except Exception as e:
+            e.add_note(_stacks(tmpdir, world_size))
+            raise
         finally:
             for p in ctx.processes:
                 if p.is_alive():
@@ -100,6 +116,16 @@ def run_distributed(worker, world_size: int, *args, timeout: float = 240.0, pg_t
             with open(os.path.join(tmpdir, f"result{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _stacks(tmpdir, world_size):
+    """The stacks the ranks dumped when they were stopped (see ``_entry``), for the failure message."""
+    parts = []
+    for rank in range(world_size):
+        path = os.path.join(tmpdir, f"stack{rank}.txt")
+        text = open(path).read().strip() if os.path.exists(path) else ""
+        parts.append(f"--- rank {rank}: " + (text if text else "no stack dumped (it had exited or raised)"))
+    return "Python stacks of the ranks when they were stopped:\n" + "\n".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------
