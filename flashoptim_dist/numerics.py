@@ -5,20 +5,38 @@ round-to-nearest operations (``+ - * /`` and ``sqrt`` on fp32) in a fixed order,
 Triton kernel (which does the same operations with FMA contraction disabled, ``div_rn`` and
 ``sqrt_rn``) reproduces these results bit for bit.
 
-**Split master weights** (paper §3.1). A fp32 master θ is stored as the narrow parameter
-θ' = RNE(θ) (bf16 or fp16) plus a signed integer ρ:
+**Split master weights** (paper §3.1). A fp32 master θ is stored as a narrow parameter θ'
+(what the model computes with) plus a signed integer ρ that carries the bits θ' drops.
 
-    ρ = round(clamp((θ − θ') / (u/2), −1, 1) · N)        u = ULP(θ'), N = 127 (int8) | 32767 (int16)
-    θ̂ = θ' + (ρ / N) · (u/2)
+* bf16 parameters (the case that matters): bf16 is the top half of fp32, so the split is done on
+  the bit pattern b of θ. With w = b + k + 0x8000 (32-bit unsigned):
 
-|θ − θ'| ≤ u/2 under round-to-nearest, so the correction needs no exponent; the worst-case
-reconstruction error is u/(4N) (≈ 2^-16 relative for int8, fp32's own half-ULP for int16),
-plus one fp32 rounding of the final sum. The exponent of u is clamped below at ``_RHO_EMIN``:
-fp16's smallest normal exponent (−14, so zero and subnormal θ' use the subnormal spacing), and
-−100 for bf16 — there the bf16 minimum (−126) would make N·2^(8−e) overflow fp32, and the
-kernel multiplies by that constant (one multiply instead of three); below |θ'| = 2^-100 the
-correction resolves 2^-108/N absolute instead of u/(2N).
-Non-finite θ' (±inf, NaN) stores ρ = 0 and reconstructs to θ' itself.
+      θ' = w >> 16 (bf16 bits)        ρ = ((w >> 8) & 0xFF) − 128   (int8, "24-bit master")
+      θ' = w >> 16                    ρ = (w & 0xFFFF) − 0x8000     (int16, "32-bit master")
+      θ̂ = bits (θ' << 16) + (ρ << 8)  (int8)       θ̂ = bits (θ' << 16) + ρ   (int16)
+
+  The int16 pair holds θ exactly (k = 0). The int8 pair holds θ rounded to its top 24 bits (sign,
+  exponent, 15 mantissa bits: a resolution of 2^-8 bf16 ULP, u/256, in every binade and in the
+  subnormal range), and θ' is that 24-bit value rounded to the nearest bf16 (ties away from
+  zero). k ∈ [0, 256) is the dither of stochastic rounding (unbiased: the 256 fp32 values that
+  round to one 24-bit value lie in one binade, so rounding up with probability (b mod 256)/256
+  is unbiased in value), or 128 for round-to-nearest (ties away from zero). Every NaN is
+  first made the quiet NaN 0x7FC00000 (ρ = 0); ±inf give ρ = 0; a master above bf16's largest
+  finite value gives θ' = ±inf, as round-to-nearest does.
+  Cost in the kernel: a three-input integer add and byte permutes, where a float correction
+  scaled by the ULP took ~20 instructions per element (docs/PERFORMANCE.md).
+* fp16 parameters keep the paper's linear correction (their exponent is not fp32's):
+
+      ρ = round(clamp((θ − θ') / (u/2), −1, 1) · N)        u = ULP(θ'), N = 127 (int8) | 32767 (int16)
+      θ̂ = θ' + (ρ / N) · (u/2)
+
+  θ' = RNE(θ), so |θ − θ'| ≤ u/2 and the correction needs no exponent; the reconstruction error
+  is at most u/(4N) plus one fp32 rounding. The exponent of u is clamped below at fp16's
+  smallest normal exponent (−14): zero and subnormal θ' use the subnormal spacing.
+  Non-finite θ' (±inf, NaN) stores ρ = 0 and reconstructs to θ' itself.
+
+(Checkpoints and state dicts written before the bit split — format versions ≤ 2 — hold the
+linear ρ for bf16 too; :func:`rho_from_linear` converts them on load.)
 Memory: 1 byte (int8, "24-bit master") or 2 bytes (int16, "32-bit master") per element.
 
 **Companded 8-bit states** (paper §3.2). States are cut into canonical groups of G elements
@@ -52,15 +70,19 @@ whose gradient stopped stays on its last code, and an update below ρ's resoluti
 every time. ``rounding="stochastic"`` (the default of every optimizer) rounds each code up or
 down at random so that the *decoded value* is right in expectation:
 
-* ρ and the signed moment codes: ``q = ⌊z + k·2^-b⌋`` with a uniform b-bit integer k —
-  unbiased in the code domain (on the 2^-b grid z is first rounded to), and ρ decodes
-  linearly; the compander's curvature between two adjacent codes leaves a bias below 2^-16 of
-  the group scale per step. Computed in fixed point (:func:`_sr_floor`): adding a constant B
-  puts z into a binade whose fp32 spacing is 2^-b, so the bits of z + B are z in fixed point;
-  add k and shift. ρ (int8) uses b = 15 (B = 384), ρ (int16) b = 7 (B = 98304): an update of
-  lr = 1e-7 on weights near 1 is 0.003 of a ρ step and still moves ρ at the right rate. The
-  moment codes use b = 8 (B = 49152), where the code's byte is a byte of z + B + k and costs the
-  kernel nothing: moments change by far more than 2^-8 of a code per step.
+* ρ of a bf16 parameter (int8): the 8-bit dither k of the bit split above — the low byte of
+  θ's fp32 pattern is a fixed-point fraction of the 24-bit master's last bit, so adding k
+  before truncating rounds up with probability exactly that fraction. An update of lr = 1e-7
+  on weights near 1 (0.004 of a 24-bit step; it is a whole fp32 ULP) still moves the master
+  at the right rate. int16 ρ is exact and draws nothing. fp16's linear ρ uses :func:`_sr_floor`
+  with b = 15 (int8) or 7 (int16), as the moment codes do.
+* the signed moment codes: ``q = ⌊z + k·2^-b⌋`` with a uniform b-bit integer k — unbiased in
+  the code domain (on the 2^-b grid z is first rounded to); the compander's curvature between
+  two adjacent codes leaves a bias below 2^-16 of the group scale per step. Computed in fixed
+  point (:func:`_sr_floor`): adding a constant B puts z into a binade whose fp32 spacing is
+  2^-b, so the bits of z + B are z in fixed point; add k and shift. The moment codes use b = 8
+  (B = 49152), where the code's byte is a byte of z + B + k and costs the kernel nothing:
+  moments change by far more than 2^-8 of a code per step.
 * the √v codes: unbiased in **v**, not in √v. Rounding the code z = √v·255/s up with
   probability frac(z) would add Var(q)·(s/255)² to v at every step, and β2's EMA sums that bias
   over 1/(1−β2) steps (at β2 = 0.999 an element on code 10 ends with v 2.7× too large). Instead
@@ -96,6 +118,7 @@ __all__ = [
     "half_ulp_exponent",
     "split_master",
     "merge_master",
+    "rho_from_linear",
     "quantize_signed",
     "dequantize_signed",
     "quantize_sqrt",
@@ -214,13 +237,17 @@ def split_master(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Split a fp32 master into (narrow param of ``dtype``, ρ of ``rho_dtype``). See module doc.
 
-    ``dither``: random words (:func:`dither_field` ``"rho"``), one per element, for stochastic
-    rounding of ρ (:func:`_sr_floor`); ``None`` rounds to nearest even."""
+    ``dither``: random integers, one per element, for stochastic rounding of ρ — bf16 with int8
+    ρ: 8 bits (:func:`dither_field` ``"rho"``); fp16: :func:`dither_field` ``"rho"`` (int8) or
+    ``"rho16"`` (int16), see :func:`_sr_floor`. ``None`` rounds to nearest (bf16: ties away
+    from zero; fp16: ties to even). bf16 with int16 ρ is exact and ignores it."""
     if master.dtype != torch.float32:
         raise TypeError(f"split_master expects a float32 master, got {master.dtype}")
     if dtype not in _NARROW_FORMATS:
         raise TypeError(f"split_master narrows to bfloat16 or float16, got {dtype}")
     n_levels = rho_levels(rho_dtype)
+    if dtype == torch.bfloat16:
+        return _split_bits(master, rho_dtype, dither)
     param = master.to(dtype)  # round to nearest even
     pf = param.float()
     finite = torch.isfinite(pf)
@@ -235,15 +262,77 @@ def split_master(
     return param, rho.to(rho_dtype)
 
 
-def merge_master(param: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
-    """Reconstruct the fp32 master θ̂ = θ' + (ρ/N)·(u/2) from a narrow param and its ρ."""
+_QNAN_BITS = 0x7FC00000
+
+
+def _split_bits(master: torch.Tensor, rho_dtype: torch.dtype, dither: Optional[torch.Tensor]):
+    """The bf16 bit split of the module doc, in int64 (unsigned 32-bit values)."""
+    bits = master.contiguous().view(torch.int32).to(torch.int64) & _M32
+    bits = torch.where(torch.isnan(master), _QNAN_BITS, bits)
+    if rho_dtype == torch.int16:
+        w = bits + 0x8000
+        rho = (w & 0xFFFF) - 0x8000
+    else:
+        k = 0x80 if dither is None else dither.to(torch.int64)
+        w = bits + k + 0x8000
+        rho = ((w >> 8) & 0xFF) - 0x80
+    hi = w >> 16  # ≤ 0xFF80 (NaN is 0x7FC0, −inf 0xFF80): no carry out of 32 bits
+    param = (hi - ((hi & 0x8000) << 1)).to(torch.int16).view(torch.bfloat16)
+    return param, rho.to(rho_dtype)
+
+
+def _merge_bits(param: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    hi = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    low = rho.to(torch.int64) << (8 if rho.dtype == torch.int8 else 0)
+    bits = ((hi << 16) + low) & _M32
+    return (bits - ((bits & 0x80000000) << 1)).to(torch.int32).view(torch.float32)
+
+
+def merge_master(param: torch.Tensor, rho: Optional[torch.Tensor], linear: bool = False) -> torch.Tensor:
+    """Reconstruct the fp32 master from a narrow param and its ρ (module doc). ``linear``: ρ is
+    in the linear form for bf16 too (state written by format versions ≤ 2)."""
     pf = param.float()
     if rho is None or param.dtype == torch.float32:
         return pf
+    if param.dtype == torch.bfloat16 and not linear:
+        return _merge_bits(param.reshape(-1), rho.reshape(-1)).view(param.shape)
+    return _merge_linear(param, rho)
+
+
+def _merge_linear(param: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """θ̂ = θ' + (ρ/N)·(u/2): the linear correction (fp16; bf16 before format version 3)."""
+    pf = param.float()
     n_levels = rho_levels(rho.dtype)
     k = half_ulp_exponent(pf, param.dtype)
     delta = (rho.float() * INV_RHO[n_levels]) * _pow2(k)  # one rounding of the exact product
     return torch.where(torch.isfinite(pf), pf + delta, pf)
+
+
+def rho_from_linear(param: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """ρ of the bit split for a bf16 ``param`` whose ``rho`` is in the linear form that format
+    versions ≤ 2 stored (what checkpoints and state dicts of those versions hold).
+
+    θ' stays as it is (the model's weights are loaded separately), so ρ is the offset of the old
+    master θ̂ = θ' + (ρ/N)·(u/2) from θ' in the bit domain: for int16 exact up to fp32's rounding of
+    θ̂; for int8 rounded to nearest in units of 2^-8 bf16 ULP, clamped to [−128, 127] (θ̂ = θ' + u/2
+    exactly, ρ = 127, sits 128 units up: it loses one unit, 2^-16 relative). Other dtypes are
+    returned unchanged (fp16 keeps the linear form)."""
+    if param.dtype != torch.bfloat16 or rho is None:
+        return rho
+    theta = _merge_linear(param.reshape(-1), rho.reshape(-1))
+    tb = theta.view(torch.int32).to(torch.int64) & _M32
+    pb = (param.reshape(-1).view(torch.int16).to(torch.int64) & 0xFFFF) << 16
+    # ρ adds to the magnitude bits (sign-magnitude); a master across zero from θ' (only possible
+    # for θ' = ±0) becomes θ''s zero, and ρ never takes the magnitude below zero
+    pm = pb & 0x7FFFFFFF
+    diff = torch.where((tb >> 31) == (pb >> 31), (tb & 0x7FFFFFFF) - pm, -pm)
+    diff = torch.where(torch.isfinite(param.reshape(-1).float()) & torch.isfinite(theta), diff, 0)
+    if rho.dtype == torch.int8:
+        lo = torch.clamp(-(pm >> 8), min=-128)
+        diff = torch.maximum(torch.div(diff + 0x80, 256, rounding_mode="floor").clamp(max=127), lo)
+    else:
+        diff = torch.maximum(diff.clamp(max=0x7FFF), torch.clamp(-pm, min=-0x8000))
+    return diff.to(rho.dtype).view(rho.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,20 +486,22 @@ def dither_words(global_index: torch.Tensor, salt: int) -> torch.Tensor:
     Indices are taken modulo 2^32 (elements 2^32 apart share words).
 
     Fields (:func:`dither_field`): bits 24-31 round the first moment, bits 8-23 the second,
-    bits 0-14 (0-6 for int16) ρ — the cheapest extractions on the GPU (a shift folded into an
+    bits 0-7 the bf16 bit split's ρ (fp16's linear ρ: bits 0-14, 0-6 for int16) — the cheapest
+    extractions on the GPU (a shift folded into an
     add, a byte permute, a mask)."""
     idx = global_index.to(torch.int64) & _M32
     return ((idx + (salt & _M32)) * DITHER_MUL) & _M32
 
 
 #: field → (shift, bits) of :func:`dither_field`
-_FIELDS = {"m": (24, 8), "v": (8, 16), "rho": (0, 15), "rho16": (0, 7)}
+_FIELDS = {"m": (24, 8), "v": (8, 16), "rho": (0, 8), "rho_fp16": (0, 15), "rho16": (0, 7)}
 #: (B, b) of :func:`_sr_floor` per rounded quantity: the binade of B has fp32 spacing 2^-b
 _SR_GRID = {torch.int8: (384.0, 15), torch.int16: (98304.0, 7), (torch.int8, "codes"): (49152.0, 8)}
 
 
 def dither_field(words: torch.Tensor, field: str) -> torch.Tensor:
-    """The random integer of ``field`` ("m", "v", "rho" for int8 ρ, "rho16" for int16 ρ) from
+    """The random integer of ``field`` ("m", "v", "rho" for bf16's ρ, "rho_fp16" / "rho16" for
+    fp16's int8 / int16 ρ) from
     :func:`dither_words`: ``bits`` bits at ``shift`` (``_FIELDS``)."""
     shift, bits = _FIELDS[field]
     return (words >> shift) & ((1 << bits) - 1)

@@ -196,8 +196,11 @@ def reference_step_segment(
     if seg.param.dtype == torch.float32:
         seg.param.copy_(theta)
     elif seg.rho is not None:
-        field = "rho" if seg.rho.dtype == torch.int8 else "rho16"
-        dither = None if words is None else nx.dither_field(words, field)
+        if seg.param.dtype == torch.bfloat16:  # the bit split: 8 dither bits, int16 exact
+            field = "rho" if seg.rho.dtype == torch.int8 else None
+        else:
+            field = "rho_fp16" if seg.rho.dtype == torch.int8 else "rho16"
+        dither = None if words is None or field is None else nx.dither_field(words, field)
         p, r = nx.split_master(theta, seg.param.dtype, seg.rho.dtype, dither)
         seg.param.copy_(p)
         seg.rho.copy_(r)

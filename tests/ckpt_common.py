@@ -236,3 +236,22 @@ def check_local_state_equals(canon: dict, module, opt, G: int = 32) -> int:
                     raise AssertionError(f"{si.fqn} {what} [{gs}, {gs + L}) differs from the checkpoint")
                 n += got.numel()
     return n
+
+
+def linear_rho(param: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
+    """int8 ρ in the linear form that format versions ≤ 2 wrote for a bf16 ``param``:
+    round((θ − θ')/(u/2)·127) with u the bf16 ULP of θ' (exponent floored at −100) — what an
+    old writer would have stored for the master ``master``."""
+    pf = param.reshape(-1).double()
+    e = torch.floor(torch.log2(torch.where(pf != 0, pf.abs(), 1.0)))
+    e = torch.where(pf != 0, e, torch.full_like(e, -100.0)).clamp(min=-100)
+    r = ((master.reshape(-1).double() - pf) / torch.pow(2.0, e - 8)).clamp(-1, 1) * 127
+    return torch.round(r).to(torch.int8).view(param.shape)
+
+
+def master_gap_in_24bit_steps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance between two fp32 masters in steps of the 24-bit master (2^8 fp32 bit
+    patterns), treating +0 and −0 as equal."""
+    ia, ib = a.reshape(-1).view(torch.int32).to(torch.int64), b.reshape(-1).view(torch.int32).to(torch.int64)
+    gap = torch.where(a.reshape(-1) == b.reshape(-1), 0, (ia - ib).abs())
+    return int(gap.max()) // 256 if gap.numel() else 0

@@ -163,7 +163,7 @@ def export_checkpoint(
                 got = _read_full(ckpt_path, src.dcp_md, want)
                 t = got[d["key"]]
                 if has_rho:
-                    t = nx.merge_master(t.reshape(-1), got[F.rho_key(fqn)].reshape(-1)).view(t.shape)
+                    t = nx.merge_master(t.reshape(-1), got[F.rho_key(fqn)].reshape(-1), src.linear_rho).view(t.shape)
                 tensors[name] = t.to(dt).contiguous() if t.is_floating_point() else t.contiguous()
             fp = os.path.join(out_dir, fnames[i])
             save_file(tensors, fp + ".tmp", metadata={"format": "pt"})

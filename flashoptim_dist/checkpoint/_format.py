@@ -16,7 +16,8 @@ DCP keys (every tensor in the *global* coordinates of its parameter; see docs/de
 
     model.<fqn>                  parameter as stored (bf16/fp16/fp32), global shape
     model.<buffer fqn>           persistent buffer, as stored
-    flash.<fqn>.rho              int8 (24-bit masters) / int16 (32-bit) ρ, global shape
+    flash.<fqn>.rho              int8 (24-bit masters) / int16 (32-bit) ρ, global shape (bf16: the
+                                 bit split of numerics since format version 3)
     flash.<fqn>.<state>          int8/uint8 codes (quantized) or fp32 values, global shape
     flash.<fqn>.<state>.scales   bf16, one per canonical group, in group order: (R, L/G) for a
                                  parameter of R rows of L elements with L % G == 0 (format
@@ -68,7 +69,10 @@ FORMAT_NAME = "flashoptim_dist.checkpoint"
 #: same values in the same order as version 1's flat vector, but a tensor-parallel column shard
 #: of them is one DCP box instead of one per row. Version 1 checkpoints load unchanged (readers
 #: take the scales' shape from the checkpoint's metadata).
-FORMAT_VERSION = 2
+#: 3: ρ of bf16 parameters is the bit split of numerics (the low bits of the fp32 master's
+#: pattern) instead of the linear correction θ' + (ρ/N)·(u/2); versions 1-2 are converted on
+#: load (numerics.rho_from_linear: int16 exactly, int8 to the nearest of its 2^-8-ULP steps).
+FORMAT_VERSION = 3
 META_FILE = "flashoptim.json"
 COMPLETE_FILE = "COMPLETE"
 

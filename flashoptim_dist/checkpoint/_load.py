@@ -97,7 +97,9 @@ def _flash_source(path: str, verify: str, rank: int, world: int) -> Tuple[Source
         byte_keys["extra"] = F.KEY_EXTRA
     if meta["contents"].get("rng_ranks", 0) > rank:
         byte_keys["rng"] = F.rng_key(rank)
-    return Source(path, "flash", md, meta, params, buffers, opt, meta.get("world_size"), byte_keys), errs
+    src = Source(path, "flash", md, meta, params, buffers, opt, meta.get("world_size"), byte_keys)
+    src.linear_rho = version <= 2  # ρ of bf16 parameters in the linear form of those versions
+    return src, errs
 
 
 def _torch_source(path: str) -> Source:
@@ -399,7 +401,7 @@ def _install(plan: PlannedLoad) -> dict:
             if dst.dtype == r.param.dtype:
                 dst.view(-1).copy_(r.param)
             else:
-                dst.view(-1).copy_(_master(r.param, r.rho).to(dst.dtype))
+                dst.view(-1).copy_(_master(r.param, r.rho, r.linear).to(dst.dtype))
         if plan.torch_target:
             _install_torch_target(
                 src, view, client, plan.torch_entries, plan.saved_step, _torch_groups(sd, group_byte_keys)
@@ -474,7 +476,7 @@ def _install_torch_target(src: Source, view: View, client, entries, saved_step, 
         have = set()
         for s, r in e["reads"]:
             sl = slice(s.local_start, s.local_start + s.length)
-            flat[sl].copy_(_master(r.param, r.rho).to(flat.dtype))
+            flat[sl].copy_(_master(r.param, r.rho, r.linear).to(flat.dtype))
             for name, kind in e["names"]:
                 v = _fp32_state(r, name, kind)
                 if v is not None:

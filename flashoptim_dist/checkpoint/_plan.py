@@ -34,6 +34,8 @@ class Source:
     optimizer: Optional[dict]  # normalized optimizer description (see _flash_source/_torch_source)
     world_size: Optional[int]
     byte_keys: Dict[str, str] = field(default_factory=dict)  # purpose -> key
+    #: ρ of bf16 parameters in the linear form (format versions ≤ 2; numerics.rho_from_linear)
+    linear_rho: bool = False
 
 
 def _source_rho_dtype(src: Source) -> Optional[torch.dtype]:
@@ -43,10 +45,10 @@ def _source_rho_dtype(src: Source) -> Optional[torch.dtype]:
     return {24: torch.int8, 32: torch.int16}.get(bits)
 
 
-def _master(pbuf: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
+def _master(pbuf: torch.Tensor, rho: Optional[torch.Tensor], linear: bool = False) -> torch.Tensor:
     if rho is None or pbuf.dtype == torch.float32:
         return pbuf.float()
-    return nx.merge_master(pbuf, rho)
+    return nx.merge_master(pbuf, rho, linear)
 
 
 def _split(master: torch.Tensor, dtype: torch.dtype, rho_dtype: Optional[torch.dtype]):
@@ -72,6 +74,7 @@ class _SegRead:
     L: int
     param: torch.Tensor
     rho: Optional[torch.Tensor] = None
+    linear: bool = False  # ρ in the linear form (Source.linear_rho)
     states: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor], int]] = field(
         default_factory=dict
     )  # name -> (vals, scales, G)
@@ -108,6 +111,7 @@ def _stage_run(
         rdt = _source_rho_dtype(src)
         if rdt is not None and pdtype != torch.float32:
             r.rho = torch.empty(L, dtype=rdt, device=device)
+            r.linear = src.linear_rho
             chunked(F.rho_key(fqn), pd["shape"], rdt).add_run(gs, r.rho)
         Gs = opt["config"]["group_size"]
         quant = opt["config"]["quantize"]
@@ -250,6 +254,8 @@ def plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool, 
             def install(ti=ti, new=new, pstage=pstage, seg_reads=seg_reads, names=names):
                 for ls, L, pbuf in pstage:
                     ti.local[ls : ls + L].copy_(pbuf)
+                    if src.linear_rho and "rho" in new:  # read in place in the old form
+                        new["rho"][ls : ls + L] = nx.rho_from_linear(pbuf, new["rho"][ls : ls + L])
                 for si, r in seg_reads:
                     _convert_into(si, r, ti, new, names, G)
                 new["step"] = max([saved_step(si.fqn) for si in ti.segs] or [0])
@@ -332,12 +338,12 @@ def _convert_into(si, r: _SegRead, ti, new: dict, names, G: int) -> None:
     ls, L = si.seg.local_start, si.seg.length
     same_rho = (r.rho.dtype if r.rho is not None else None) == ti.layout.rho_dtype
     if r.param.dtype == ti.local.dtype and same_rho:
-        # same master encoding: θ' and ρ carry over unchanged
+        # same master encoding: θ' and ρ carry over unchanged (ρ of an old checkpoint: its form)
         ti.local[ls : ls + L].copy_(r.param)
         if "rho" in new:
-            new["rho"][ls : ls + L] = r.rho
+            new["rho"][ls : ls + L] = nx.rho_from_linear(r.param, r.rho) if r.linear else r.rho
     else:
-        p, rho = _split(_master(r.param, r.rho), ti.local.dtype, ti.layout.rho_dtype)
+        p, rho = _split(_master(r.param, r.rho, r.linear), ti.local.dtype, ti.layout.rho_dtype)
         ti.local[ls : ls + L].copy_(p)
         if "rho" in new and rho is not None:
             new["rho"][ls : ls + L] = rho

@@ -33,6 +33,7 @@ from typing import Dict
 import torch
 
 from .. import layout as lay
+from .. import numerics as nx
 from .._errors import CheckpointError
 from .._names import DEFAULT_OF_FAMILY
 from ..config import FlashConfig
@@ -68,7 +69,8 @@ def read_zero_checkpoint(path, tag=None) -> dict:
     ``world``, ``fmeta`` (the client's "flashoptim" entry), ``config`` (FlashConfig), ``cls_name``,
     ``groups`` (param-group hyper-parameters), ``shapes`` ({name: shape}), ``frozen`` and
     ``ranks``: per rank ``(optimizer_state_dict, [(local, segments, group index, state), ...])``,
-    one entry per saved flat partition in save order.
+    one entry per saved flat partition in save order. ρ is returned in the current form (the bit
+    split for bf16; a checkpoint of state format ≤ 2 is converted, numerics.rho_from_linear).
     """
     d = _tag_dir(os.fspath(path), tag)
     optim_files = sorted(glob.glob(os.path.join(d, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")),
@@ -138,6 +140,10 @@ def read_zero_checkpoint(path, tag=None) -> dict:
                         f"partitions add up to {off}; this DeepSpeed version lays partitions out differently"
                     )
                 tensors.append((flat.clone(), tile_segments(frags, flat.numel()), 0 if len(groups) == 1 else None, st))
+        if int(fmeta.get("format_version", 2)) <= 2:  # ρ of bf16 partitions in the linear form then
+            for local, _, _, st in tensors:
+                if "rho" in st:
+                    st["rho"] = nx.rho_from_linear(local.reshape(-1), st["rho"].reshape(-1))
         per_rank.append((osd, tensors))
     if stage in (1, 2):
         for n, s in all_shapes.items():

@@ -82,6 +82,9 @@ def merged_flat_groups(optim_state_dict: dict) -> List[torch.Tensor]:
     stage = int(osd["zero_stage"])
     flats = osd["single_partition_of_fp32_groups"] if stage <= 2 else osd["fp32_flat_groups"]
     states = _client_state_per_flat(osd, stage)
+    client = osd.get("base_optimizer_state") if stage <= 2 else osd.get("optimizer_state_dict")
+    # ρ of bf16 partitions in the linear form before state format version 3 (numerics module doc)
+    linear = int((client.get("flashoptim") or {}).get("format_version", 2)) <= 2
     if len(states) != len(flats):
         raise ValueError(f"checkpoint has {len(flats)} flat partitions but {len(states)} optimizer tensors")
     out = []
@@ -91,7 +94,7 @@ def merged_flat_groups(optim_state_dict: dict) -> List[torch.Tensor]:
             out.append(flat.float())
             continue
         # ZeRO-1/2 saves the partition without its tail padding; ρ covers the full partition.
-        out.append(merge_master(flat.reshape(-1), rho.reshape(-1)[: flat.numel()]).view(flat.shape))
+        out.append(merge_master(flat.reshape(-1), rho.reshape(-1)[: flat.numel()], linear).view(flat.shape))
     return out
 
 

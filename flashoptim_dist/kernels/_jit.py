@@ -342,9 +342,18 @@ def _step_block(
     (element 0 of the canonical group holding its first element), ``a`` are aligned coordinates.
     With MASKED=False the whole block lies inside the segment: no masks, so loads vectorize.
     With SR, ``dbase`` is the program's dither constant (:func:`_dither_base`)."""
-    pv = _ld(p_ptr + a, mask, MASKED).to(tl.float32)
+    if NARROW == 1 and HAS_RHO:  # bf16, the bit split (numerics): bits of θ̂ = (θ' << 16) + ρ·2^8 (int8) | + ρ (int16)
+        pbits = _ld(p_ptr + a, mask, MASKED).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        rho = _ld(r_ptr + a, mask, MASKED).to(tl.int32)
+        if RHO_N == 127:
+            rho = rho << 8
+        theta = (pbits + rho).to(tl.float32, bitcast=True)
+    else:
+        pv = _ld(p_ptr + a, mask, MASKED).to(tl.float32)
     g = _ld(g_ptr + a, mask, MASKED).to(tl.float32)
-    if HAS_RHO:
+    if NARROW == 1 and HAS_RHO:
+        pass
+    elif HAS_RHO:  # fp16: the linear correction
         rho = _ld(r_ptr + a, mask, MASKED)
         if RHO_N == 127:
             rho_f = _byte_to_f32(rho, True, INTERPRET)
@@ -415,7 +424,23 @@ def _step_block(
         else:
             _st(c1_ptr + a, st1, mask, MASKED)
 
-    if NARROW == 0:
+    if NARROW == 1 and HAS_RHO:
+        # w = b + k + 0x8000 on the bits b of θ (every NaN made 0x7FC00000 first: the GPU's own
+        # NaN is 0x7FFFFFFF, which would carry into the sign); θ' = w >> 16, ρ = byte 1 of w
+        # − 128 (int8: flipping the byte's top bit) or the low half − 0x8000 (int16, exact)
+        tb = tl.where(theta == theta, theta.to(tl.uint32, bitcast=True), 0x7FC00000)
+        if RHO_N == 127:
+            if SR:
+                w = tb + ((words & 0xFF).to(tl.uint32) + 0x8000)
+            else:
+                w = tb + 0x8080
+            rq = ((w >> 8) ^ 0x80).to(tl.int8)
+        else:
+            w = tb + 0x8000
+            rq = ((w & 0xFFFF) ^ 0x8000).to(tl.int16)
+        _st(p_ptr + a, (w >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True), mask, MASKED)
+        _st(r_ptr + a, rq, mask, MASKED)
+    elif NARROW == 0:
         pn = theta
     elif NARROW == 1:
         if INTERPRET:  # the interpreter truncates fp32→bf16 casts: round on the bits
@@ -428,8 +453,9 @@ def _step_block(
     else:
         pn = theta.to(tl.float16)
         pf = pn.to(tl.float32)
-    _st(p_ptr + a, pn, mask, MASKED)
-    if HAS_RHO:
+    if not (NARROW == 1 and HAS_RHO):
+        _st(p_ptr + a, pn, mask, MASKED)
+    if HAS_RHO and NARROW != 1:
         # r = (θ − θ')/(u/2) = (θ − θ')·2^(mant+1)·2^-e. θ' = RNE(θ) gives |θ − θ'| ≤ u/2 for
         # every finite θ' (at a binade edge the spacing below is u/2, so ≤ u/4), hence |r| ≤ 1
         # and the reference's clamp to [-1, 1] never acts; ρ = 0 for ±inf/NaN θ'

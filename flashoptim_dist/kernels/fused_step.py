@@ -118,6 +118,36 @@ def _rel_offsets(tensors):
     return _offsets(list(map(_data_ptr, tensors)), tensors[0].element_size())
 
 
+#: Longest segment the kernel addresses in one row: its aligned coordinates are int32.
+MAX_SEGMENT = 2**30
+
+
+def _split_long(arr: np.ndarray, group_size: int) -> np.ndarray:
+    """Cut segment rows longer than :data:`MAX_SEGMENT` at canonical group boundaries.
+
+    A row is (tensor, local start, length, phase, scale offset, global start, dither key); a
+    piece starting ``d`` elements into a row, with ``phase + d`` a multiple of the group size,
+    has phase 0, its scales ``(phase + d) / G`` further on and the same canonical indices, so
+    the kernel computes the same bits as for the whole row. (Without the cut, a tensor of more
+    than 2^31 elements on one rank — a 256k × 8192 embedding — would wrap the int32 block
+    coordinates.)"""
+    if not len(arr) or arr[:, 2].max() <= MAX_SEGMENT:
+        return arr
+    chunk = max(group_size, MAX_SEGMENT // group_size * group_size)
+    rows = []
+    for t, start, n, phase, s_off, g_start, key in arr.tolist():
+        d = 0
+        while True:
+            # the first piece keeps the row's phase; later ones start on a group boundary
+            end = min(n, chunk - phase if d == 0 else d + chunk)
+            ph = phase if d == 0 else 0
+            rows.append((t, start + d, end - d, ph, s_off + (phase + d - ph) // group_size, g_start + d, key))
+            if end >= n:
+                break
+            d = end
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 7)
+
+
 class KernelPlan:
     """Launch data for one fixed list of optimizer tensors, cached by the optimizer.
 
@@ -130,7 +160,7 @@ class KernelPlan:
     def __init__(self, segs, rhos, codes, scales, quantized, group_size, device, stochastic=False):
         # segs: list of (tensor index, local start, length, phase, scale offset, global start,
         # dither key)
-        arr = np.asarray(segs, dtype=np.int64).reshape(-1, 7)
+        arr = _split_long(np.asarray(segs, dtype=np.int64).reshape(-1, 7), group_size)
         self.stochastic = stochastic
         self.seg_tensor = arr[:, 0].copy()
         self.seg_local = arr[:, 1].copy()

@@ -37,7 +37,7 @@ def check_flash_meta(meta: dict, opt, max_version: int) -> None:
     """Refuse a Flash state dict's ``"flashoptim"`` entry that ``opt`` cannot load exactly: an
     unknown format version, another optimizer family, or another numeric layout."""
     version = meta.get("format_version")
-    if version not in (1, max_version):
+    if not isinstance(version, int) or not 1 <= version <= max_version:
         raise ValueError(
             f"optimizer state format version {version} is not supported (this "
             f"flashoptim_dist reads versions 1-{max_version}); upgrade flashoptim_dist"

@@ -55,12 +55,16 @@ from ._checks import _triton_usable  # looked up here at each call: bench/host_s
 from ._state import allocate_state
 from ..reference import FAMILIES
 
-__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
+__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "GROUP_FORMAT_KEY", "allocate_state"]
 
-#: Version of the optimizer state_dict format. 2: the forms of :mod:`.state_io` (global layout
-#: for DTensor parameters and whole tensors); 1: every tensor in its stored local layout (still
-#: read by load_state_dict).
-STATE_FORMAT_VERSION = 2
+#: Version of the optimizer state_dict format. 3: ρ of bf16 parameters is numerics' bit split;
+#: 2: the forms of :mod:`.state_io` (global layout for DTensor parameters and whole tensors),
+#: with the linear ρ of the paper; 1: every tensor in its stored local layout. load_state_dict
+#: reads all three (ρ of versions 1-2 is converted: numerics.rho_from_linear).
+STATE_FORMAT_VERSION = 3
+#: The version is also written into every param group: torch.distributed.checkpoint's
+#: get_optimizer_state_dict drops the top-level "flashoptim" entry but keeps the groups' keys.
+GROUP_FORMAT_KEY = "flashoptim_format"
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -478,6 +482,8 @@ class FlashOptimizer(Optimizer):
         modified.
         """
         sd = super().state_dict()
+        for g in sd["param_groups"]:  # (copies of the live groups)
+            g[GROUP_FORMAT_KEY] = STATE_FORMAT_VERSION
         sd["state"] = state_io.export_states(self, sd["state"])
         sd["flashoptim"] = {
             "format_version": STATE_FORMAT_VERSION,
@@ -508,7 +514,15 @@ class FlashOptimizer(Optimizer):
         )
         if meta is not None:
             _state.check_flash_meta(meta, self, STATE_FORMAT_VERSION)
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved_groups = state_dict["param_groups"]
+        version = meta.get("format_version") if meta is not None else next(
+            (g[GROUP_FORMAT_KEY] for g in saved_groups if GROUP_FORMAT_KEY in g), 2)
+        # ρ of bf16 params in the paper's linear form: converted against the live θ', which is why
+        # the model's weights must be loaded first (as torch's set_state_dict, DeepSpeed,
+        # Accelerate and Lightning all do)
+        linear_rho = flash_format and int(version) <= 2
+        super().load_state_dict({"state": {}, "param_groups": [
+            {k: v for k, v in g.items() if k != GROUP_FORMAT_KEY} for g in saved_groups]})
         params = [p for g in self.param_groups for p in g["params"]]
         id_to_group = {}
         idx = 0
@@ -532,6 +546,8 @@ class FlashOptimizer(Optimizer):
                 if flash_format
                 else self._from_torch_state(p, local, st, group)
             )
+            if linear_rho and torch.is_tensor(st.get("rho")) and local.dtype == torch.bfloat16:
+                st = dict(st, rho=nx.rho_from_linear(local.reshape(-1).to(st["rho"].device), st["rho"]))
             new = {}
             for k, v in st.items():
                 new[k] = v.to(local.device) if torch.is_tensor(v) else v

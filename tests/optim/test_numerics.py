@@ -94,7 +94,7 @@ def test_ecc_fp16_bound_and_subnormals():
 
 
 def test_ecc_non_finite_is_defined():
-    theta = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e39 if False else 3.4e38, 1.0])
+    theta = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38, 1.0])
     p, rho = nx.split_master(theta, torch.bfloat16, torch.int8)
     assert rho[:3].tolist() == [0, 0, 0]
     rec = nx.merge_master(p, rho)
@@ -103,6 +103,93 @@ def test_ecc_non_finite_is_defined():
     p16, r16 = nx.split_master(torch.tensor([1e6]), torch.float16, torch.int8)
     assert torch.isinf(p16).all() and int(r16[0]) == 0
     assert torch.isinf(nx.merge_master(p16, r16)).all()
+
+
+def _bit_patterns(n, seed=0):
+    """Random fp32 bit patterns over the whole finite range (subnormals, ±0 and both signs)."""
+    g = torch.Generator().manual_seed(seed)
+    b = torch.randint(-(2**31), 2**31 - 1, (n,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = b.view(torch.float32)
+    extra = torch.tensor([0.0, -0.0, 1e-45, -1e-45, 1.17549435e-38, 3.3895e38, -3.4e38, 1.0, -1.0, 0.75])
+    x = torch.cat([x[torch.isfinite(x)], extra])
+    return x
+
+
+def test_bf16_int16_split_holds_the_fp32_master_exactly():
+    """bf16 + int16 ρ is the fp32 master itself (bit split, format version 3): every finite
+    pattern comes back bit for bit, ±inf too; θ' is within half a bf16 ULP of θ."""
+    x = torch.cat([_bit_patterns(200_000), torch.tensor([float("inf"), -float("inf")])])
+    p, rho = nx.split_master(x, torch.bfloat16, torch.int16)
+    assert torch.equal(nx.merge_master(p, rho).view(torch.int32), x.view(torch.int32))
+    fin = torch.isfinite(p.float())
+    gap = (p.float().double() - x.double()).abs()[fin]
+    assert bool((gap <= _ulp_bf16(p)[fin] / 2).all())
+
+
+def test_bf16_int8_split_is_the_24_bit_master_rounded():
+    """bf16 + int8 ρ holds θ rounded to its top 24 bits (sign, exponent, 15 mantissa bits): to
+    nearest (ties away from zero) without dither; the 24-bit value with dither k is ⌊b + k⌋ on
+    the 2^8 grid of the bit pattern b. θ' is the nearest bf16 of that 24-bit value."""
+    x = _bit_patterns(200_000, seed=1)
+    b = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    p, rho = nx.split_master(x, torch.bfloat16, torch.int8)
+    rec = nx.merge_master(p, rho).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(rec, (b + 0x80) & ~0xFF)
+    k = torch.randint(0, 256, x.shape, generator=torch.Generator().manual_seed(2))
+    p, rho = nx.split_master(x, torch.bfloat16, torch.int8, k)
+    rec = nx.merge_master(p, rho)
+    assert torch.equal(rec.view(torch.int32).to(torch.int64) & 0xFFFFFFFF, (b + k) & ~0xFF)
+    fin = torch.isfinite(p.float())
+    gap = (p.float().double() - rec.double()).abs()[fin]
+    assert bool((gap <= _ulp_bf16(p)[fin] / 2).all())
+    assert int(rho.min()) >= -128 and int(rho.max()) <= 127
+
+
+def test_bf16_split_of_nan_payloads_and_overflow():
+    """The GPU's NaN is 0x7FFFFFFF (and negative NaNs exist): adding the rounding offset must not
+    carry it into the sign bit — every NaN splits to bf16 NaN with ρ = 0."""
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FC00000, 0x7F800001, -0x800000 + 1], dtype=torch.int32).view(torch.float32)
+    for rho_dtype in (torch.int8, torch.int16):
+        p, rho = nx.split_master(nans, torch.bfloat16, rho_dtype)
+        assert bool(torch.isnan(p.float()).all()) and bool((rho == 0).all())
+        assert bool(torch.isnan(nx.merge_master(p, rho)).all())
+
+
+def _linear_rho(theta: torch.Tensor, n_levels: int = 127):
+    """The bf16 split of format versions ≤ 2 (the paper's linear ρ), as those versions wrote it:
+    θ' = RNE(θ), ρ = round((θ − θ')/(u/2)·N), u the bf16 ULP of θ' (exponent floored at −100)."""
+    p = theta.bfloat16()
+    pf = p.double()
+    e = torch.floor(torch.log2(torch.where(pf != 0, pf.abs(), 1.0)))
+    e = torch.where(pf != 0, e, torch.full_like(e, -100.0)).clamp(min=-100)
+    r = ((theta.double() - pf) / torch.pow(2.0, e - 8)).clamp(-1, 1) * n_levels
+    return p, torch.round(r).to(torch.int8 if n_levels == 127 else torch.int16)
+
+
+@pytest.mark.parametrize("rho_dtype,levels", [(torch.int8, 127), (torch.int16, 32767)])
+def test_rho_from_linear_keeps_the_old_master(rho_dtype, levels):
+    """State written before format version 3 (linear ρ) converts to the bit split without
+    moving θ' and without losing the master: int16 within one fp32 ULP (exact unless ρ was
+    ±N), int8 within half a 24-bit step (one step where ρ was ±127)."""
+    theta = torch.cat([_random_span(100_000, -90, 90), torch.tensor([0.0, -0.0, 1e-39, -1e-39, 2.0, -0.5])])
+    p, old = _linear_rho(theta, levels)
+    master = nx.merge_master(p, old, linear=True)
+    assert float((master.double() - theta.double()).abs().max()) > 0  # (the old form is lossy too)
+    new = nx.rho_from_linear(p, old)
+    rec = nx.merge_master(p, new)
+    assert bool(torch.isfinite(rec).all())
+    gap = (rec.view(torch.int32).to(torch.int64) - master.view(torch.int32).to(torch.int64)).abs()
+    gap = torch.where(rec == master, 0, gap)  # (−0 and +0: the old −0 + 0·u is +0)
+    same_side = torch.sign(rec) * torch.sign(master) >= 0
+    if rho_dtype == torch.int16:
+        assert bool((gap[same_side] <= 1).all())
+    else:
+        assert bool((gap[same_side] <= 0x100).all())
+        assert float((gap[same_side] <= 0x80).float().mean()) > 0.99
+    # a master on the other side of zero from θ' = ±0 becomes that zero; ρ never underflows it
+    z = torch.tensor([0.0, -0.0]).bfloat16()
+    back = nx.merge_master(z, nx.rho_from_linear(z, torch.tensor([-5, 7], dtype=rho_dtype)))
+    assert bool(torch.isfinite(back).all()) and float(back.abs().max()) < 1e-38
 
 
 def test_split_rejects_wrong_dtypes():

@@ -113,7 +113,7 @@ def test_state_dict_round_trip_is_bit_exact_and_keeps_dtypes():
     opt = F.FlashAdamW(m.parameters(), lr=1e-2)
     _train(m, opt, 3)
     sd = copy.deepcopy(opt.state_dict())
-    assert sd["flashoptim"]["format_version"] == 2
+    assert sd["flashoptim"]["format_version"] == 3
     m2 = copy.deepcopy(m)
     opt2 = F.FlashAdamW(m2.parameters(), lr=1e-2)
     opt2.load_state_dict(sd)
@@ -130,6 +130,42 @@ def test_state_dict_round_trip_is_bit_exact_and_keeps_dtypes():
     l2 = _train(m2, opt2, 3, seed=5)
     assert l1 == l2
     assert all(torch.equal(_bits(a.detach()), _bits(b.detach())) for a, b in zip(m.parameters(), m2.parameters()))
+
+
+@pytest.mark.parametrize("how", ["meta", "dcp"])
+def test_version_2_state_dict_with_linear_rho_converts_on_load(how):
+    """State dicts of format version ≤ 2 hold the bf16 ρ in the paper's linear form. Loaded
+    through torch's API (``how="meta"``: the "flashoptim" entry says version 2; ``"dcp"``: the
+    entry and the groups' version key are gone, as get_optimizer_state_dict of version 2 left
+    them) it is converted: the masters come back within one 24-bit step. Read as the bit split
+    instead, the masters whose θ' is a power of two with ρ < 0 would be off by up to 64 steps
+    (below a power of two the bit spacing halves; elsewhere the two forms differ by < 1 step)."""
+    import ckpt_common as C
+
+    m = _model()
+    opt = F.FlashAdamW(m.parameters(), lr=1e-2)
+    _train(m, opt, 3)
+    masters = {p: F.numerics.merge_master(p.detach().reshape(-1), opt.state[p]["rho"]) for p in m.parameters()}
+    sd = copy.deepcopy(opt.state_dict())
+    for i, p in enumerate(m.parameters()):
+        sd["state"][i]["rho"] = C.linear_rho(p.detach(), masters[p]).view(sd["state"][i]["rho"].shape)
+    for g in sd["param_groups"]:
+        del g[F.optim.base.GROUP_FORMAT_KEY]
+    if how == "meta":
+        sd["flashoptim"]["format_version"] = 2
+    else:
+        del sd["flashoptim"]
+    m2 = copy.deepcopy(m)
+    opt2 = F.FlashAdamW(m2.parameters(), lr=1e-2)
+    opt2.load_state_dict(sd)
+    worst = misread = 0
+    for i, (p, p2) in enumerate(zip(m.parameters(), m2.parameters())):
+        got = F.numerics.merge_master(p2.detach().reshape(-1), opt2.state[p2]["rho"])
+        worst = max(worst, C.master_gap_in_24bit_steps(got, masters[p]))
+        wrong = F.numerics.merge_master(p2.detach().reshape(-1), sd["state"][i]["rho"].reshape(-1))
+        misread = max(misread, C.master_gap_in_24bit_steps(wrong, masters[p]))
+    assert worst <= 1 and misread >= 4, (worst, misread)
+    assert all(F.optim.base.GROUP_FORMAT_KEY not in g for g in opt2.param_groups)
 
 
 def test_flash_state_without_meta_key_still_loads_exactly():
