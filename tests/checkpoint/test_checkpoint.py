@@ -371,10 +371,12 @@ def test_load_into_plain_torch_adamw_and_import_from_it(tmp_path):
     assert fopt.param_groups[0]["lr"] == topt.param_groups[0]["lr"]
     for (n, q), p in zip(fp32.named_parameters(), bf.parameters()):
         master = q.detach().reshape(-1)
-        assert torch.equal(p.detach().reshape(-1), master.to(torch.bfloat16)), n
         rec = nx.merge_master(p.reshape(-1), fopt.state[p]["rho"])
         u = 2.0 ** nx.half_ulp_exponent(p.reshape(-1).float(), torch.bfloat16).float() * 2
-        assert torch.all((rec - master).abs() <= u / (4 * 127) + master.abs() * 2**-23), n
+        # θ' is the nearest bf16 of the stored 24-bit master (numerics: the bit split), which is
+        # within half a 24-bit step (u/512) of the fp32 weight
+        assert torch.all((p.detach().reshape(-1).float() - master).abs() <= u / 2 + u / 512), n
+        assert torch.all((rec - master).abs() <= u / 512 + master.abs() * 2**-23), n
         assert fopt.state[p]["step"] == K + 1
         dq = fopt.dequantized_state(p)
         ea = topt.state[q]["exp_avg"].reshape(-1)
