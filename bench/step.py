@@ -19,9 +19,12 @@ import statistics
 import sys
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import flashoptim_dist as F  # noqa: E402
+from flashoptim_dist.kernels import _jit  # noqa: E402
 
 # bytes read + written per element by one step (params, ρ, grads, states; scales: 4 B / 32 el / state)
 TRAFFIC = {
@@ -171,6 +174,42 @@ def persistent_bytes(params, opt):
     return b / n
 
 
+@triton.jit
+def _helpers_probe(v_ptr, s_ptr, out_v, out_s, N: tl.constexpr, M: tl.constexpr, B: tl.constexpr,
+                   INTERPRET: tl.constexpr):
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    v = tl.load(v_ptr + i, mask=i < N, other=0.0)
+    tl.store(out_v + i, _jit._sqrt_v(v, True, INTERPRET), mask=i < N)
+    sb = tl.load(s_ptr + i, mask=i < M, other=0)
+    tl.store(out_s + i, _jit._reciprocal_rz(sb, 255.0, INTERPRET), mask=i < M)
+
+
+def check_helpers_on_gpu(n=1 << 26, device="cuda"):
+    """The kernel's fast-path square root against correctly rounded √v (numerics.sqrt_v) on every
+    range of v — ``n`` random finite non-negative patterns plus the ends of the fast path — and
+    its 255/s rounded toward zero against numerics on every positive finite bf16 scale.
+    Returns mismatch counts (0 expected)."""
+    from flashoptim_dist import numerics as nx
+
+    g = torch.Generator(device=device).manual_seed(0)
+    bits = torch.randint(0, 0x7F800000, (n,), device=device, generator=g, dtype=torch.int64)
+    edges = torch.arange(-4096, 4096, device=device, dtype=torch.int64)
+    bits = torch.cat([bits, 0x0D000000 + edges, 0x7F7FFFFF - 4096 + edges.abs(), edges.abs(),
+                      torch.tensor([0x7F800000, 0x7FC00000, 0x7FFFFFFF, 0x80000000], device=device)])
+    v = bits.to(torch.int32).view(torch.float32)
+    sb = torch.arange(0x0001, 0x7F80, device=device, dtype=torch.int32) << 16  # every positive finite bf16
+    out_v, out_s = torch.empty_like(v), torch.empty(sb.numel(), device=device)
+    B = 1024
+    _helpers_probe[(triton.cdiv(max(v.numel(), sb.numel()), B),)](
+        v, sb, out_v, out_s, N=v.numel(), M=sb.numel(), B=B, INTERPRET=os.environ.get("TRITON_INTERPRET") == "1")
+    want_v = nx.sqrt_v(v.cpu()).to(device)
+    want_s = nx._reciprocal(sb.cpu().view(torch.float32), 255.0, toward_zero=True).to(device)
+    same = (out_v.view(torch.int32) == want_v.view(torch.int32)) | (torch.isnan(out_v) & torch.isnan(want_v))
+    return {"sqrt_v_mismatches": int((~same).sum()), "sqrt_v_cases": int(v.numel()),
+            "reciprocal_rz_mismatches": int((out_s.view(torch.int32) != want_s.view(torch.int32)).sum()),
+            "reciprocal_rz_cases": int(sb.numel())}
+
+
 def check_kernel_vs_reference():
     """Same random problem through the kernel and through the reference on the GPU and CPU."""
     out = {}
@@ -191,6 +230,8 @@ def check_kernel_vs_reference():
                     p.grad = torch.randn(p.shape, generator=g).bfloat16().to(dev)
                 ps[-1].grad[3 + s] = float("nan")
                 ps[-1].grad[40 + s] = float("inf")
+                ps[-1].grad[50:60] *= 1e-20  # v below 2^-101: √v's fast path does not apply
+                ps[-1].grad[60:64] *= 1e18  # g² overflows: v = inf
                 opt.step()
             flat = [p.detach().cpu().view(torch.int16) for p in ps]
             for p in ps:
@@ -228,6 +269,8 @@ def main():
     rows = []
     check = check_kernel_vs_reference()
     print("kernel vs reference:", json.dumps(check), flush=True)
+    check["helpers"] = check_helpers_on_gpu(1 << 20 if args.tiny else 1 << 26)
+    print("kernel helpers vs numerics:", json.dumps(check["helpers"]), flush=True)
     if args.sweep:
         from flashoptim_dist.kernels import fused_step
 

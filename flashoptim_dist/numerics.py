@@ -45,10 +45,12 @@ Memory: 1 byte (int8, "24-bit master") or 2 bytes (int16, "32-bit master") per e
 * signed (first moment, momentum): s = group absmax, x = m·(1/s) ∈ [−1, 1],
   q = round(254x/(1+|x|)) as int8; inverse x = y/(2−|y|), y = q/127.
 * unsigned square-root (Adam second moment): s = group max of √v,
-  q = round(√v · (255/s)) as uint8; inverse v = ((q/255) · s)².
+  q = round(√v · (255/s)) as uint8, with 255/s rounded toward zero (so √v·(255/s) ≤ 255);
+  inverse v = ((q/255) · s)². Below v = 2^-101 the code is of v instead of √v
+  (:data:`SQRT_V_MIN`).
 
 (The fp32 operation order of the encoders, one rounding per operation: ``fl(m·fl(1/s))``,
-``fl(fl(254x)/fl(1+|x|))``, ``fl(√v·fl(255/s))``; the constants sit where the kernel spends
+``fl(fl(254x)/fl(1+|x|))``, ``fl(√v·rz(255/s))`` (rz: rounded toward zero); the constants sit where the kernel spends
 the fewest instructions on them. Decoding does not depend on it.)
 
 Memory: 1 byte per element plus 2 bytes per group (0.0625 B/element at G = 32).
@@ -123,6 +125,8 @@ __all__ = [
     "dequantize_signed",
     "quantize_sqrt",
     "dequantize_sqrt",
+    "SQRT_V_MIN",
+    "sqrt_v",
     "quantize_linear_signed",
     "dequantize_linear_signed",
     "ROUNDING_MODES",
@@ -189,10 +193,30 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
-def _reciprocal(scale: torch.Tensor, numerator: float = 1.0) -> torch.Tensor:
-    """numerator/s per group (IEEE division, once per group), 0 for an all-zero group."""
+def _reciprocal(scale: torch.Tensor, numerator: float = 1.0, toward_zero: bool = False) -> torch.Tensor:
+    """numerator/s per group (IEEE division, once per group), 0 for an all-zero group;
+    ``toward_zero``: rounded toward zero instead of to nearest, so that x·(numerator/s) ≤
+    numerator for every 0 ≤ x ≤ s (the √v codes then need no clamp at 255)."""
     s = scale.float()
-    return torch.where(s > 0, torch.full_like(s, numerator) / torch.where(s > 0, s, 1.0), 0.0)
+    r = torch.where(s > 0, torch.full_like(s, numerator) / torch.where(s > 0, s, 1.0), 0.0)
+    if toward_zero:  # r·s is exact in float64 (24 × 8 significant bits): one step down if above
+        above = r.double() * s.double() > numerator
+        r = torch.where(above, (r.view(torch.int32) - 1).view(torch.float32), r)
+    return r
+
+
+#: The square root of the second moment is taken for v ≥ 2^-101 only; below, v itself stands in
+#: for √v (in Adam's denominator and in the √v codes). That is the range of the fast path of
+#: the GPU's correctly rounded square root ([2^-101, FLT_MAX]), so the kernel needs no branch to
+#: a slow path (docs/PERFORMANCE.md). Below 2^-101, √v < 2^-50.5: against eps = 1e-8 it is
+#: below 1e-7 of the denominator either way, and such v code (and decode) to about zero.
+SQRT_V_MIN = 2.0**-101
+
+
+def sqrt_v(v: torch.Tensor) -> torch.Tensor:
+    """√v correctly rounded for v ≥ 2^-101 (:data:`SQRT_V_MIN`), v itself below (and for NaN;
+    √+inf = +inf). v ≥ 0."""
+    return torch.where(v >= SQRT_V_MIN, sqrt_rn(v), v)
 
 
 def _round_code(z: torch.Tensor) -> torch.Tensor:
@@ -395,14 +419,14 @@ def quantize_sqrt(
     nearest even."""
     vf = v.float().reshape(-1)
     ok = torch.isfinite(vf) & (vf > 0)
-    r = sqrt_rn(torch.where(ok, vf, 0.0))
+    r = sqrt_v(torch.where(ok, vf, 0.0))  # (v itself below 2^-101: SQRT_V_MIN)
     g = _grouped(r, phase, group_size)
     scale = ceil_to_bf16(g.amax(dim=1))
-    z = g * _reciprocal(scale, float(UNSIGNED_LEVELS))[:, None]
+    # 255/s rounded toward zero: z ≤ 255 exactly, so lo + 1 ≤ 255 below without a clamp
+    z = g * _reciprocal(scale, float(UNSIGNED_LEVELS), toward_zero=True)[:, None]
     if dither is None:
         q = _round_code(z)
     else:
-        z = torch.clamp(z, max=float(UNSIGNED_LEVELS))  # z may exceed 255 by 2^-15: lo + 1 ≤ 255
         lo = torch.floor(z)
         u = _grouped(dither.float(), phase, group_size) * 2.0**-16
         # fma(lo, lo + 2u, u): lo·(lo + 2u) is exact in float64 (8 × 24 bits) and so is the sum

@@ -98,7 +98,8 @@ def adam_math(theta, g, m, v, h, decoupled: bool, bounded: bool = False):
     v = v * h["beta2"] + (h["w2"] * g) * g  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
     # torch divides by sqrt(1 − β2^t); multiplying by its reciprocal (computed in float64 on the
     # host) differs by at most one fp32 rounding and saves a division per element on the GPU
-    denom = nx.sqrt_rn(v) * h["inv_bc2_sqrt"] + h["eps"]
+    # (√v for v ≥ 2^-101, v itself below: numerics.SQRT_V_MIN says why)
+    denom = nx.sqrt_v(v) * h["inv_bc2_sqrt"] + h["eps"]
     if bounded:  # the outlier bound (module doc); NaN propagates as in the kernel
         denom = torch.maximum(denom, m.abs() * h["inv_bound"])
     theta = theta + ((-h["step_size"]) * m) / denom

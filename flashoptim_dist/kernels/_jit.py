@@ -168,11 +168,34 @@ def _div(a, b, EXACT: tl.constexpr):
 
 
 @triton.jit
-def _sqrt(a, EXACT: tl.constexpr):
+def _sqrt_v(v, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
+    """numerics.sqrt_v: √v correctly rounded for v ∈ [2^-101, FLT_MAX], v itself otherwise.
+
+    That range is where ptxas's ``sqrt.rn.f32`` takes its fast path; the test below is its own
+    (bits − 0x0D000000 ≤ 0x727FFFFF, unsigned) and the sequence is the one it emits there (rsqrt,
+    x·y, y/2, one fma residual, one fma correction; read from the SASS of ``tl.sqrt_rn``), so the
+    result is correctly rounded — without the branch, convergence barrier and slow-path call that
+    ``sqrt.rn`` pays on every element. A select replaces the slow path."""
     if EXACT:
-        return tl.sqrt_rn(a)
+        if INTERPRET:
+            fast = (v.to(tl.uint32, bitcast=True) - 0x0D000000) <= 0x727FFFFF
+            return tl.where(fast, tl.sqrt_rn(v), v)
+        else:
+            return tl.inline_asm_elementwise(
+                """{ .reg .f32 y, s, h, e, ns, r; .reg .b32 t; .reg .pred p;
+                rsqrt.approx.ftz.f32 y, $1;
+                mul.ftz.f32 s, $1, y;
+                mul.ftz.f32 h, y, 0f3F000000;
+                neg.f32 ns, s;
+                fma.rn.f32 e, ns, s, $1;
+                fma.rn.f32 r, e, h, s;
+                sub.u32 t, $1, 0x0D000000;
+                setp.le.u32 p, t, 0x727FFFFF;
+                selp.f32 $0, r, $1, p; }""",
+                "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1,
+            )
     else:
-        return tl.sqrt(a)
+        return tl.sqrt(v)
 
 
 @triton.jit
@@ -181,6 +204,22 @@ def _reciprocal(sbits, NUM: tl.constexpr):
     s = sbits.to(tl.float32, bitcast=True)
     pos = s > 0
     return tl.where(pos, tl.div_rn(tl.full(s.shape, NUM, tl.float32), tl.where(pos, s, 1.0)), 0.0)
+
+
+@triton.jit
+def _reciprocal_rz(sbits, NUM: tl.constexpr, INTERPRET: tl.constexpr):
+    """NUM/s rounded toward zero (numerics._reciprocal(toward_zero=True)), 0 for s = 0: the
+    nearest quotient, one step down when it lies above (the sign of the exact residual r·s − NUM,
+    from one fma; float64 under the interpreter, whose fma is not fused)."""
+    s = sbits.to(tl.float32, bitcast=True)
+    pos = s > 0
+    r = tl.div_rn(tl.full(s.shape, NUM, tl.float32), tl.where(pos, s, 1.0))
+    if INTERPRET:
+        above = r.to(tl.float64) * s.to(tl.float64) > NUM
+    else:
+        above = tl.fma(r, s, -NUM) > 0.0
+    r = tl.where(above, (r.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), r)
+    return tl.where(pos, r, 0.0)
 
 
 @triton.jit
@@ -205,21 +244,19 @@ def _quant_signed(m, mask, dith, MASKED: tl.constexpr, INTERPRET: tl.constexpr, 
 
 @triton.jit
 def _quant_sqrt(mask, sqrt_v, dith, MASKED: tl.constexpr, SR: tl.constexpr, INTERPRET: tl.constexpr):
-    # sqrt_v = sqrt_rn(v), already computed for Adam's denominator; v ≥ 0 by construction, so
-    # the finiteness of √v is that of v (NaN and +inf give NaN and +inf) and √0 = 0
+    # sqrt_v = numerics.sqrt_v(v), already computed for Adam's denominator; v ≥ 0 by
+    # construction, so the finiteness of sqrt_v is that of v (NaN and +inf stay NaN and +inf)
     ok = _finite(sqrt_v)
     if MASKED:
         ok = ok & mask
     r = tl.where(ok, sqrt_v, 0.0)
     sbits = _ceil_to_bf16_bits(tl.max(r, axis=1))
-    # 0 ≤ z = r·fl(255/s) ≤ 255·(1 + 2^-23) (−0 for v = −0 rounds to 0): rounds into [0, 255]
-    # unclamped to nearest
-    z = r * _reciprocal(sbits, 255.0)[:, None]
+    # 0 ≤ z = r·rz(255/s) ≤ 255 exactly (r ≤ s, the reciprocal rounded toward zero): rounds into
+    # [0, 255] to nearest, and ⌊z⌋ + 1 ≤ 255 below whenever it rounds up
+    z = r * _reciprocal_rz(sbits, 255.0, INTERPRET)[:, None]
     if SR:
         # unbiased in v (numerics.quantize_sqrt): lo + 1 when lo² + u(2lo + 1) < z², u = k·2^-16;
-        # z is capped at 255 (it can exceed it by 2^-15), so lo + 1 ≤ 255 and the code is the
-        # low byte of ⌊z⌋ + 1.5·2^23's bits, plus one
-        z = tl.minimum(z, 255.0)
+        # the code is the low byte of ⌊z⌋ + 1.5·2^23's bits, plus one (lo = 255 never rounds up)
         tb, lo_f = _floor_bits(z, INTERPRET)
         # up = t < z², taken as the sign bit of fl(t − z²): a correctly rounded difference of
         # two non-negative floats is negative exactly when t < z² (and +0 when they are equal),
@@ -382,7 +419,7 @@ def _step_block(
             g = g + h1 * theta
         st0 = st0 + h2 * (g - st0)
         st1 = st1 * h3 + (h4 * g) * g
-        sqrt_v = _sqrt(st1, EXACT)
+        sqrt_v = _sqrt_v(st1, EXACT, INTERPRET)
         denom = sqrt_v * h7 + h5
         if QUANT:  # the outlier bound (flashoptim_dist/reference.py): |m|/denom ≤ R_t = 1/h9
             denom = tl.maximum(denom, tl.abs(st0) * h9, propagate_nan=tl.PropagateNan.ALL)

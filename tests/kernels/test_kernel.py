@@ -284,10 +284,11 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     assert stack <= 64 and regs <= 96, out
     assert conversions <= 4, out
     # instructions executed per element on the aligned path (the step is bound by instruction
-    # issue on the H200: ncu 86% of issue slots busy at 41% of DRAM, docs/PERFORMANCE.md): 136.8
-    # with triton 3.9, 140.5 before ρ's select moved to the float and √v's rounding decision
-    # became a sign bit; other compiler versions schedule differently, hence a looser bound there
+    # issue on the H200: ncu 86% of issue slots busy at 41% of DRAM, docs/PERFORMANCE.md): 113.8
+    # with triton 3.9 since ρ became the bf16 bit split and √v lost its slow-path branch (136.8
+    # before, 140.5 before that); other compiler versions schedule differently, hence a looser
+    # bound there
     import triton
 
     executed = float(re.search(r"executed on the aligned fast path .*: \d+, ~([\d.]+) per element", out).group(1))
-    assert executed <= (139.0 if triton.__version__.startswith("3.9.") else 150.0), out
+    assert executed <= (116.0 if triton.__version__.startswith("3.9.") else 130.0), out
