@@ -55,16 +55,13 @@ from ._checks import _triton_usable  # looked up here at each call: bench/host_s
 from ._state import allocate_state
 from ..reference import FAMILIES
 
-__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "GROUP_FORMAT_KEY", "allocate_state"]
+__all__ = ["FlashOptimizer", "STATE_FORMAT_VERSION", "allocate_state"]
 
 #: Version of the optimizer state_dict format. 3: ρ of bf16 parameters is numerics' bit split;
 #: 2: the forms of :mod:`.state_io` (global layout for DTensor parameters and whole tensors),
 #: with the linear ρ of the paper; 1: every tensor in its stored local layout. load_state_dict
 #: reads all three (ρ of versions 1-2 is converted: numerics.rho_from_linear).
 STATE_FORMAT_VERSION = 3
-#: The version is also written into every param group: torch.distributed.checkpoint's
-#: get_optimizer_state_dict drops the top-level "flashoptim" entry but keeps the groups' keys.
-GROUP_FORMAT_KEY = "flashoptim_format"
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -482,8 +479,6 @@ class FlashOptimizer(Optimizer):
         modified.
         """
         sd = super().state_dict()
-        for g in sd["param_groups"]:  # (copies of the live groups)
-            g[GROUP_FORMAT_KEY] = STATE_FORMAT_VERSION
         sd["state"] = state_io.export_states(self, sd["state"])
         sd["flashoptim"] = {
             "format_version": STATE_FORMAT_VERSION,
@@ -514,15 +509,13 @@ class FlashOptimizer(Optimizer):
         )
         if meta is not None:
             _state.check_flash_meta(meta, self, STATE_FORMAT_VERSION)
-        saved_groups = state_dict["param_groups"]
-        version = meta.get("format_version") if meta is not None else next(
-            (g[GROUP_FORMAT_KEY] for g in saved_groups if GROUP_FORMAT_KEY in g), 2)
-        # ρ of bf16 params in the paper's linear form: converted against the live θ', which is why
-        # the model's weights must be loaded first (as torch's set_state_dict, DeepSpeed,
-        # Accelerate and Lightning all do)
-        linear_rho = flash_format and int(version) <= 2
-        super().load_state_dict({"state": {}, "param_groups": [
-            {k: v for k, v in g.items() if k != GROUP_FORMAT_KEY} for g in saved_groups]})
+        # ρ of bf16 params in the paper's linear form (versions ≤ 2): converted against the live
+        # θ', which is why the model's weights must be loaded first (as torch's set_state_dict,
+        # DeepSpeed, Accelerate and Lightning all do). Without the "flashoptim" entry (torch's
+        # get_optimizer_state_dict drops it) nothing tells the version: the current one is
+        # assumed, and state of version ≤ 2 saved that way needs upgrade_linear_rho() after loading.
+        linear_rho = meta is not None and int(meta.get("format_version")) <= 2
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
         params = [p for g in self.param_groups for p in g["params"]]
         id_to_group = {}
         idx = 0
@@ -553,6 +546,29 @@ class FlashOptimizer(Optimizer):
                 new[k] = v.to(local.device) if torch.is_tensor(v) else v
             new["step"] = int(new["step"].item()) if torch.is_tensor(new.get("step")) else int(new.get("step", 0))
             self.install_state(p, new, group)
+
+    @torch.no_grad()
+    def upgrade_linear_rho(self) -> int:
+        """Convert every bf16 parameter's ρ from the linear form of state format versions ≤ 2 to
+        the bit split (``numerics.rho_from_linear``: the master moves by at most one 24-bit step).
+
+        Only for state loaded through torch's ``set_state_dict`` / ``set_optimizer_state_dict``
+        from a checkpoint that an older flashoptim_dist wrote with ``get_optimizer_state_dict``
+        (torch drops the version entry on that route, so the loader cannot tell); every other
+        route converts by itself. Call it once, after the model's weights and the optimizer state
+        are loaded and before the next step. Calling it on current state corrupts ρ by up to half
+        a bf16 ULP where θ' is a power of two. Returns the number of tensors converted."""
+        n = 0
+        for p, st in self.state.items():
+            rho = st.get("rho") if isinstance(st, dict) else None
+            local = self._local(p)
+            if torch.is_tensor(rho) and local.dtype == torch.bfloat16:
+                st["rho"] = nx.rho_from_linear(local.reshape(-1), rho)
+                n += 1
+        self._plans.clear()  # the kernel plans hold the old ρ tensors
+        self._fast.clear()
+        self._steady = None
+        return n
 
     def n_state_slots(self, group: Dict[str, Any]) -> int:
         """Moment states a param group keeps (SGD without momentum: 0)."""

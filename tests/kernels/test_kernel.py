@@ -191,6 +191,32 @@ def test_kernel_follows_moved_tensors():
                 assert torch.equal(_bits(v), _bits(ker_o.state[b][k])), k
 
 
+def test_kernel_matches_reference_at_extreme_gradient_scales():
+    """Gradients of 1e-20 (v below 2^-101, where √v is not taken: numerics.SQRT_V_MIN), 1e-30,
+    1e18 (g² overflows to v = inf) and mixed scales in one group: bit-identical to the reference."""
+    def run(backend):
+        ps = _segmented_params(torch.bfloat16, seed=4)
+        opt = F.FlashAdamW(ps, backend=backend, lr=1e-3)
+        for s in range(3):
+            g = torch.Generator().manual_seed(200 + s)
+            for i, p in enumerate(ps):
+                scale = (1e-20, 1e-30, 1e18, 1.0)[i % 4]
+                grad = torch.randn(p.shape, generator=g) * scale
+                if p.numel() > 40:
+                    grad[::7] *= 1e-25  # tiny elements among normal ones
+                p.grad = grad.to(torch.bfloat16)
+            opt.step()
+        return ps, opt
+
+    ref_p, ref_o = run("reference")
+    ker_p, ker_o = run("triton")
+    for a, b in zip(ref_p, ker_p):
+        assert torch.equal(_bits(a.detach()), _bits(b.detach()))
+        for k, v in ref_o.state.get(a, {}).items():
+            if torch.is_tensor(v):
+                assert torch.equal(_bits(v), _bits(ker_o.state[b][k])), k
+
+
 def test_kernel_nan_gradient_is_contained():
     ref_p, ref_o = _run(F.FlashAdamW, "reference", torch.bfloat16, nan_at=100)
     ker_p, ker_o = _run(F.FlashAdamW, "triton", torch.bfloat16, nan_at=100)

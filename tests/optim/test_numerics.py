@@ -192,6 +192,35 @@ def test_rho_from_linear_keeps_the_old_master(rho_dtype, levels):
     assert bool(torch.isfinite(back).all()) and float(back.abs().max()) < 1e-38
 
 
+def test_sqrt_code_reciprocal_rounds_toward_zero():
+    """255/s is rounded toward zero for every positive finite bf16 scale s: r·(255/s) ≤ 255 for
+    every r ≤ s (so the √v codes need no clamp at 255), and it is the largest such float."""
+    s = (torch.arange(1, 0x7F80, dtype=torch.int32) << 16).view(torch.float32)
+    r = nx._reciprocal(s, 255.0, toward_zero=True)
+    assert bool((r.double() * s.double() <= 255.0).all())
+    up = (r.view(torch.int32) + 1).view(torch.float32)
+    assert bool(((up.double() * s.double() > 255.0) | torch.isinf(up)).all())
+    near = nx._reciprocal(s, 255.0)
+    assert bool((near.double() * s.double() > 255.0).any())  # round-to-nearest would exceed 255
+    # every code stays in range without the final clamp: z = s·rz(255/s) ≤ 255 exactly
+    z = s * r
+    assert float(z.max()) <= 255.0
+
+
+def test_sqrt_v_is_correctly_rounded_on_the_fast_path_range_and_v_below():
+    """numerics.sqrt_v (Adam's √v): correctly rounded for v ∈ [2^-101, +inf], v itself below
+    2^-101 and for NaN (the kernel's branch-free square root; SQRT_V_MIN)."""
+    g = torch.Generator().manual_seed(3)
+    bits = torch.randint(0, 0x7F800001, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+    v = torch.cat([bits.view(torch.float32), torch.tensor([0.0, -0.0, 2.0**-101, 2.0**-101 * 0.999, float("nan")])])
+    got = nx.sqrt_v(v)
+    big = v >= nx.SQRT_V_MIN
+    assert torch.equal(got[big], torch.sqrt(v[big].double()).float())
+    small = ~big & ~torch.isnan(v)
+    assert torch.equal(got[small].view(torch.int32), v[small].view(torch.int32))
+    assert bool(torch.isnan(got[torch.isnan(v)]).all())
+
+
 def test_split_rejects_wrong_dtypes():
     with pytest.raises(TypeError, match="float32 master"):
         nx.split_master(torch.zeros(3, dtype=torch.float64), torch.bfloat16, torch.int8)
