@@ -27,6 +27,7 @@ import tempfile
 import time
 
 import multiprocessing
+import multiprocessing.connection
 
 import torch
 import torch.distributed as dist
@@ -92,13 +93,24 @@ def run_distributed(worker, world_size: int, *args, timeout: float = 240.0, pg_t
             start_method=_START_METHOD,
         )
         deadline = time.monotonic() + timeout
+
+        def dump_live_stacks():
+            for p in ctx.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(1.0)
+
         try:
-            while not ctx.join(timeout=1.0):
+            while True:
+                # wait here, not in ctx.join: join SIGTERMs the other ranks as soon as one fails,
+                # and a library may have replaced the SIGTERM handler that dumps their stacks
+                multiprocessing.connection.wait([p.sentinel for p in ctx.processes], timeout=1.0)
+                if any(p.exitcode not in (None, 0) for p in ctx.processes):
+                    dump_live_stacks()  # where the others were when one failed
+                if ctx.join(timeout=0.01):
+                    break
                 if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            os.kill(p.pid, signal.SIGUSR1)
-                    time.sleep(1.0)
+                    dump_live_stacks()
                     raise TimeoutError(
                         f"{getattr(worker, '__name__', worker)} on {world_size} ranks did not finish in "
                         f"{timeout:.0f} s (a hung collective?); all ranks were killed"

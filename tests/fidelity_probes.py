@@ -13,7 +13,8 @@ The probes (issue 13):
 * ``idle``: element 0 of every group keeps its gradient, the others stop after 100 steps; the
   momentum of the stopped ones must decay to 0. Ratio of their movement over steps 100..T.
 * ``sub_resolution``: lr 1e-6 on weights near 1 (RMSNorm gains), where one step moves a 24-bit
-  master by 0.03 of ρ's resolution. Ratio of the drift over T steps.
+  master by 0.03 of ρ's resolution. Ratio of the drift over T steps, to exact (float64) AdamW
+  and to fp32 torch.
 * ``spike``: one element's gradient ×10^4 for one step in groups of iid N(0,1) gradients; the
   other 31 elements' √v then sits below code 1 of a scale set by the spike (√(1−β2)·10^4 = 316
   times theirs at β2 = 0.999). Ratio of their mean |step| over the following T steps, and the
@@ -121,16 +122,30 @@ def idle(steps: int = 1000, groups: int = 8, seed: int = 0, **flash_kw) -> Dict[
 
 
 def sub_resolution(steps: int = 500, n: int = 1024, seed: int = 0, **flash_kw) -> Dict[str, float]:
+    """Also against exact arithmetic: torch AdamW on float64 params from Flash's start (the bf16
+    values) with Flash's (bf16) gradients. fp32 torch itself is off here — every step adds ~1e-6
+    to weights whose fp32 spacing is 6e-8 or 1.2e-7, and the rounding of that sum is the same
+    each step — so ``drift_ratio_exact`` is the fidelity measure; ``drift_ratio`` (to fp32
+    torch) and ``torch_fp32_vs_exact`` are reported beside it."""
     gen = torch.Generator().manual_seed(seed)
     init = 1.0 + torch.randn(n, generator=gen) * 0.01
     c = 1e-3 * (1.0 + 0.5 * torch.rand(n, generator=gen))  # same sign: Adam's step is ~lr
     kw = dict(lr=1e-6, betas=(0.9, 0.999), weight_decay=0.0)
     ref, fl, t_opt, f_opt = _pair(n, init, torch.optim.AdamW, F.FlashAdamW, kw, flash_kw)
+    exact = torch.nn.Parameter(fl.detach().double())
+    e_opt = torch.optim.AdamW([exact], **kw)
     start_ref, start_fl = ref.detach().clone(), _master(f_opt, fl).clone()
-    _run(ref, fl, t_opt, f_opt, lambda t: c, steps)
+
+    def exact_step(t):
+        exact.grad = c.bfloat16().double()
+        e_opt.step()
+
+    _run(ref, fl, t_opt, f_opt, lambda t: c, steps, on_step=exact_step)
     d_ref = (ref.detach() - start_ref).sum()
     d_fl = (_master(f_opt, fl) - start_fl).sum()
-    return {"drift_ratio": float(d_fl / d_ref)}
+    d_exact = (exact.detach() - start_fl.double()).sum()
+    return {"drift_ratio": float(d_fl / d_ref), "drift_ratio_exact": float(d_fl.double() / d_exact),
+            "torch_fp32_vs_exact": float(d_ref.double() / d_exact)}
 
 
 def spike(beta2: float = 0.999, factor: float = 1e4, steps: int = 300, groups: int = 8, seed: int = 0,

@@ -4,8 +4,8 @@ DeepSpeed's ``zero_to_fp32`` concatenates each rank's saved flat partitions
 (``single_partition_of_fp32_groups`` for ZeRO-1/2, ``fp32_flat_groups`` for ZeRO-3). In
 bf16-master mode those partitions are the bare bf16 weights; the rest of the fp32 master is the
 Flash optimizer's ρ, saved in the client optimizer's state dict of the same checkpoint. This
-module merges every rank's partition with its ρ (``numerics.merge_master``, exact θ' + ρ·ULP/254
-for int8 ρ) and then lets DeepSpeed's own reconstruction cut the merged fp32 partitions into
+module merges every rank's partition with its ρ (``numerics.merge_master``: the bf16 bit split, or
+the linear form of state format ≤ 2) and then lets DeepSpeed's own reconstruction cut the merged fp32 partitions into
 parameters, so padding, alignment and ZeRO-3 interleaving are handled exactly as DeepSpeed does.
 
 Usage::

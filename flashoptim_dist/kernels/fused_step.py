@@ -1,7 +1,8 @@
 """One fused Triton kernel per optimizer family, launched once over a list of segments.
 
 Each program handles ``NG`` canonical groups (``NG·G`` elements) of one segment: it loads the
-narrow param, ρ, the gradient and the 8-bit moments, reconstructs the fp32 master, applies the
+narrow param, ρ, the gradient and the 8-bit moments, reconstructs the fp32 master (for bf16: its
+bit pattern, (θ' << 16) + ρ·2^8), applies the
 update of :mod:`flashoptim_dist.reference` in fp32 registers, and writes back the narrow
 param, ρ, codes and scales. Traffic for FlashAdamW-24 with bf16 grads: read 2+1+2+1+1, write
 2+1+1+1 bytes per element plus 4 bytes of scales per 32 elements.
@@ -16,12 +17,15 @@ Blocks are aligned to canonical groups: a segment with phase ``p`` (its first el
 spanning ``a ∈ [b·NG·G, (b+1)·NG·G)``; so every block holds whole canonical groups and the group
 absmax is a row reduction. Scale ``j`` of a segment is the group of aligned index ``j·G``.
 
-Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn``/``sqrt_rn``,
-every operation is an IEEE round-to-nearest fp32 operation in the reference's order, so results
-match the reference bit for bit (tested under the interpreter, and on GPU through bench/). The
+Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn`` and correctly
+rounded square roots, every operation is an IEEE round-to-nearest fp32 operation in the
+reference's order, so results match the reference bit for bit (tested under the interpreter, and
+on GPU through bench/step.py, which also checks the helpers below on 6.7e7 inputs). The
 compander's quotient uses ``_div_normal`` (the ``div.rn`` fast path without its range check),
 proven identical to ``div_rn`` on every input that can reach it (bench/kernel_lab.py), and so
-does its inverse on the 255 codes.
+does its inverse on the 255 codes. Adam's √v is ``sqrt.rn``'s own fast path with a select for
+v outside [2^-101, FLT_MAX] (``_sqrt_v``; numerics.sqrt_v is its specification). The bf16 master
+split (ρ) is integer arithmetic on the bit pattern (numerics module doc).
 
 fp32→bf16 uses the GPU's round-to-nearest-even cvt; under the interpreter, which truncates that
 cast, the rounding is done on the bit pattern instead.

@@ -35,8 +35,10 @@ def test_momentum_of_idle_elements_decays():
 
 def test_updates_below_the_master_resolution_accumulate():
     r = P.sub_resolution()
-    # nearest: lr 1e-6 on weights near 1 never moves the 24-bit master (ratio 0.000)
-    assert abs(r["drift_ratio"] - 1) <= TOL["probe_sub_resolution_drift"], r
+    # nearest: lr 1e-6 on weights near 1 never moves the 24-bit master (ratio 0.000); measured
+    # against exact AdamW, which fp32 torch misses by 1.6% here (tests/tolerances.py)
+    assert abs(r["drift_ratio_exact"] - 1) <= TOL["probe_sub_resolution_drift"], r
+    assert r["torch_fp32_vs_exact"] < 0.99, r  # the reason for the exact reference
 
 
 @pytest.mark.parametrize("beta2", [0.95, 0.999])
