@@ -105,8 +105,11 @@ def run_distributed(worker, world_size: int, *args, timeout: float = 240.0, pg_t
                 # wait here, not in ctx.join: join SIGTERMs the other ranks as soon as one fails,
                 # and a library may have replaced the SIGTERM handler that dumps their stacks
                 multiprocessing.connection.wait([p.sentinel for p in ctx.processes], timeout=1.0)
-                if any(p.exitcode not in (None, 0) for p in ctx.processes):
+                failed = [i for i, p in enumerate(ctx.processes) if p.exitcode not in (None, 0)]
+                if failed:
                     dump_live_stacks()  # where the others were when one failed
+                    # report the rank that failed first (others may fail during the dump)
+                    raise _failure(ctx, failed[0])
                 if ctx.join(timeout=0.01):
                     break
                 if time.monotonic() > deadline:
@@ -128,6 +131,22 @@ def run_distributed(worker, world_size: int, *args, timeout: float = 240.0, pg_t
             with open(os.path.join(tmpdir, f"result{rank}.pkl"), "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def _failure(ctx, index):
+    """The exception torch's ``ProcessContext.join`` raises for failed process ``index``: its
+    Python traceback if it raised, else its exit code or signal."""
+    p = ctx.processes[index]
+    path = ctx.error_files[index]
+    if os.access(path, os.R_OK) and os.path.getsize(path) > 0:
+        with open(path, "rb") as fh:
+            trace = pickle.load(fh)
+        return mp.ProcessRaisedException(f"\n\n-- Process {index} terminated with the following error:\n{trace}",
+                                         index, p.pid)
+    code = p.exitcode
+    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    return mp.ProcessExitedException(f"process {index} terminated with {how}", error_index=index,
+                                     error_pid=p.pid, exit_code=code)
 
 
 def _stacks(tmpdir, world_size):
