@@ -89,11 +89,13 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, default=fs.GROUPS_PER_BLOCK)
     ap.add_argument("--warps", type=int, default=fs.NUM_WARPS)
-    ap.add_argument("--maxnreg", type=int, default=fs.MAXNREG or 0)
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap (0: none); default: the family's")
     ap.add_argument("--family", choices=sorted(FAMILY), default="adam")
     ap.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic")
     ap.add_argument("--dump", default=None, help="write kernel.sass and kernel.ttgir here")
     a = ap.parse_args(argv)
+    if a.maxnreg is None:
+        a.maxnreg = fs._maxnreg(a.family) or 0
     k = compile_kernel(a.groups, a.warps, a.maxnreg, a.family, a.rounding)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")

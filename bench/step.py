@@ -258,11 +258,14 @@ def main():
     ap.add_argument("--capture", action="store_true",
                     help="per case also: host time of an eager step, and capturable=True captured in a CUDA graph "
                          "(GPU time and host time per replay)")
+    ap.add_argument("--sweep-configs", nargs="+", default=None, metavar="CAP,GROUPS,WARPS",
+                    help="with --sweep: the (register cap, groups per program, warps) to time, e.g. 64,32,4 48,32,4 "
+                         "(cap 0 = none); default: the five of the AdamW sweep")
     ap.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep (and torch fused "
                     "AdamW on the same shapes, the baseline of the same run)")
     args = ap.parse_args()
-    if args.sweep_only and not args.sweep:
-        ap.error("--sweep-only stops after the sweep: give --sweep too")
+    if (args.sweep_only or args.sweep_configs) and not args.sweep:
+        ap.error("--sweep-only and --sweep-configs belong to the sweep: give --sweep too")
     dev = torch.cuda.get_device_name()
     bw = copy_bandwidth(256 << 20 if args.tiny else 2 << 30)
     print(f"device: {dev}  torch {torch.__version__}  copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
@@ -281,7 +284,10 @@ def main():
         # spill 48 bytes, 72 spill 16, uncapped 78 none); 64 x 4 and 32 x 2 = 16 (the per-program
         # set-up spread over twice the elements; 126 registers without spills since the bf16 bit
         # split of ρ, bench/kernel_sass.py)
-        configs = [(64, 32, 4), (72, 32, 4), (None, 32, 4), (128, 64, 4), (128, 32, 2)]
+        configs = [(64, 32, 4), (72, 32, 4), (0, 32, 4), (128, 64, 4), (128, 32, 2)]
+        if args.sweep_configs:
+            configs = [tuple(int(x) for x in c.split(",")) for c in args.sweep_configs]
+            # (MAXNREG 0 = uncapped; None would mean each family's own cap)
         for rnd in range(2):  # two interleaved rounds: machine drift shows as round-to-round change
             for cfg in configs:
                 for k, v in zip(knobs, cfg):

@@ -97,11 +97,24 @@ def _rho_constants(rho_n: int, mant: int):
 #: Canonical groups per program (× G elements per block), warps per program and an optional
 #: register cap per thread; overridable through the environment for tuning. 32 groups × 4
 #: warps = 8 elements per thread (16-byte bf16 accesses, 2 shuffle rounds per group
-#: reduction), capped at 64 registers (0 = no cap): the fastest of the sweeps in
+#: reduction), with each family's register cap below: the fastest of the sweeps in
 #: docs/PERFORMANCE.md.
 GROUPS_PER_BLOCK = int(os.environ.get("FLASHOPTIM_GROUPS_PER_BLOCK", "32"))
 NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
-MAXNREG = int(os.environ.get("FLASHOPTIM_MAXNREG", "64")) or None
+_env_maxnreg = os.environ.get("FLASHOPTIM_MAXNREG")
+#: Register cap for every family (0: none); None: the family's own (FAMILY_MAXNREG).
+MAXNREG = int(_env_maxnreg) if _env_maxnreg else None
+#: Register cap per family, from the H200 sweeps in docs/PERFORMANCE.md (2026-12-04): Adam 64
+#: (56 spills more and is slower, 72 and uncapped no faster); SGD and Lion need fewer registers,
+#: and a lower cap buys occupancy — SGD 3.50–3.53 ms at 40 against 3.94–3.95 at 64, Lion
+#: 3.61–3.68 at 48 against 3.83, same run.
+FAMILY_MAXNREG = {"adam": 64, "sgd": 40, "lion": 48}
+
+
+def _maxnreg(family: str):
+    """The register cap of a launch (None: uncapped)."""
+    cap = FAMILY_MAXNREG[family] if MAXNREG is None else MAXNREG
+    return cap or None
 #: Sub-tiles of a masked edge block (see the kernel).
 MASK_SPLIT = int(os.environ.get("FLASHOPTIM_MASK_SPLIT", "4"))
 
@@ -256,7 +269,7 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
             SR=plan.stochastic and (has_rho or plan.quantized),
             enable_fp_fusion=not EXACT,
             num_warps=NUM_WARPS,
-            **({"maxnreg": MAXNREG} if MAXNREG and not INTERPRETING else {}),
+            **({"maxnreg": _maxnreg(family)} if _maxnreg(family) and not INTERPRETING else {}),
         )
     return kw
 
