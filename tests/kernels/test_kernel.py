@@ -217,6 +217,18 @@ def test_kernel_matches_reference_at_extreme_gradient_scales():
                 assert torch.equal(_bits(v), _bits(ker_o.state[b][k])), k
 
 
+def test_kernel_cuts_segments_longer_than_its_int32_coordinates(monkeypatch):
+    """A run longer than fused_step.MAX_SEGMENT (2^30; a 2.1e9-element embedding on one rank
+    would wrap the kernel's int32 block coordinates) is cut at canonical group boundaries into
+    several plan rows that compute the same bits: here with the limit lowered to 256 elements, so
+    the 4100-element run at phase 31 and the 1024-element aligned one are cut."""
+    monkeypatch.setattr(fs, "MAX_SEGMENT", 256)
+    rows = fs._split_long(fs.np.array([[0, 0, 4100, 31, 0, 31, 7]]), 32)
+    assert len(rows) == 17 and rows[:, 2].sum() == 4100 and (rows[:, 2] <= 256).all()
+    assert rows[0].tolist() == [0, 0, 225, 31, 0, 31, 7] and rows[1].tolist() == [0, 225, 256, 0, 8, 256, 7]
+    _assert_bit_identical(F.FlashAdamW, torch.bfloat16, {})
+
+
 def test_kernel_nan_gradient_is_contained():
     ref_p, ref_o = _run(F.FlashAdamW, "reference", torch.bfloat16, nan_at=100)
     ker_p, ker_o = _run(F.FlashAdamW, "triton", torch.bfloat16, nan_at=100)
