@@ -556,8 +556,9 @@ class FlashOptimizer(Optimizer):
         from a checkpoint that an older flashoptim_dist wrote with ``get_optimizer_state_dict``
         (torch drops the version entry on that route, so the loader cannot tell); every other
         route converts by itself. Call it once, after the model's weights and the optimizer state
-        are loaded and before the next step. Calling it on current state corrupts ρ by up to half
-        a bf16 ULP where θ' is a power of two. Returns the number of tensors converted."""
+        are loaded and before the next step. Calling it on current state moves the masters by up
+        to a quarter of a bf16 ULP where θ' is a power of two (1/256 elsewhere). Returns the number
+        of tensors converted."""
         n = 0
         for p, st in self.state.items():
             rho = st.get("rho") if isinstance(st, dict) else None
