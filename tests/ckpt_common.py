@@ -238,15 +238,15 @@ def check_local_state_equals(canon: dict, module, opt, G: int = 32) -> int:
     return n
 
 
-def linear_rho(param: torch.Tensor, master: torch.Tensor) -> torch.Tensor:
-    """int8 ρ in the linear form that format versions ≤ 2 wrote for a bf16 ``param``:
-    round((θ − θ')/(u/2)·127) with u the bf16 ULP of θ' (exponent floored at −100) — what an
-    old writer would have stored for the master ``master``."""
+def linear_rho(param: torch.Tensor, master: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """ρ in the linear form that format versions ≤ 2 wrote for a bf16 ``param`` (int8 for
+    ``levels`` = 127, int16 for 32767): round((θ − θ')/(u/2)·N) with u the bf16 ULP of θ'
+    (exponent floored at −100) — what an old writer would have stored for the master ``master``."""
     pf = param.reshape(-1).double()
     e = torch.floor(torch.log2(torch.where(pf != 0, pf.abs(), 1.0)))
     e = torch.where(pf != 0, e, torch.full_like(e, -100.0)).clamp(min=-100)
-    r = ((master.reshape(-1).double() - pf) / torch.pow(2.0, e - 8)).clamp(-1, 1) * 127
-    return torch.round(r).to(torch.int8).view(param.shape)
+    r = ((master.reshape(-1).double() - pf) / torch.pow(2.0, e - 8)).clamp(-1, 1) * levels
+    return torch.round(r).to(torch.int8 if levels == 127 else torch.int16).view(param.shape)
 
 
 def master_gap_in_24bit_steps(a: torch.Tensor, b: torch.Tensor) -> int:

@@ -401,7 +401,7 @@ def _install(plan: PlannedLoad) -> dict:
             if dst.dtype == r.param.dtype:
                 dst.view(-1).copy_(r.param)
             else:
-                dst.view(-1).copy_(_master(r.param, r.rho, r.linear).to(dst.dtype))
+                dst.view(-1).copy_(_master(r.param, r.rho, src.linear_rho).to(dst.dtype))
         if plan.torch_target:
             _install_torch_target(
                 src, view, client, plan.torch_entries, plan.saved_step, _torch_groups(sd, group_byte_keys)
@@ -476,7 +476,7 @@ def _install_torch_target(src: Source, view: View, client, entries, saved_step, 
         have = set()
         for s, r in e["reads"]:
             sl = slice(s.local_start, s.local_start + s.length)
-            flat[sl].copy_(_master(r.param, r.rho, r.linear).to(flat.dtype))
+            flat[sl].copy_(_master(r.param, r.rho, src.linear_rho).to(flat.dtype))
             for name, kind in e["names"]:
                 v = _fp32_state(r, name, kind)
                 if v is not None:

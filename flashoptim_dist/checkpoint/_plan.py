@@ -74,7 +74,6 @@ class _SegRead:
     L: int
     param: torch.Tensor
     rho: Optional[torch.Tensor] = None
-    linear: bool = False  # ρ in the linear form (Source.linear_rho)
     states: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor], int]] = field(
         default_factory=dict
     )  # name -> (vals, scales, G)
@@ -111,7 +110,6 @@ def _stage_run(
         rdt = _source_rho_dtype(src)
         if rdt is not None and pdtype != torch.float32:
             r.rho = torch.empty(L, dtype=rdt, device=device)
-            r.linear = src.linear_rho
             chunked(F.rho_key(fqn), pd["shape"], rdt).add_run(gs, r.rho)
         Gs = opt["config"]["group_size"]
         quant = opt["config"]["quantize"]
@@ -257,7 +255,7 @@ def plan_load(src: Source, view: View, client, lr_scheduler, restore_rng: bool, 
                     if src.linear_rho and "rho" in new:  # read in place in the old form
                         new["rho"][ls : ls + L] = nx.rho_from_linear(pbuf, new["rho"][ls : ls + L])
                 for si, r in seg_reads:
-                    _convert_into(si, r, ti, new, names, G)
+                    _convert_into(si, r, ti, new, names, G, src.linear_rho)
                 new["step"] = max([saved_step(si.fqn) for si in ti.segs] or [0])
                 install_state(client, ti, new)
 
@@ -333,17 +331,18 @@ def install_state(client: FlashOptimizer, ti, new: dict) -> None:
     client.install_state(ti.tensor, new, client.param_groups[ti.group])
 
 
-def _convert_into(si, r: _SegRead, ti, new: dict, names, G: int) -> None:
-    """Re-encode one staged run (checkpoint format) into the optimizer's format."""
+def _convert_into(si, r: _SegRead, ti, new: dict, names, G: int, linear: bool) -> None:
+    """Re-encode one staged run (checkpoint format) into the optimizer's format (``linear``: its
+    ρ is the linear form of format versions ≤ 2, Source.linear_rho)."""
     ls, L = si.seg.local_start, si.seg.length
     same_rho = (r.rho.dtype if r.rho is not None else None) == ti.layout.rho_dtype
     if r.param.dtype == ti.local.dtype and same_rho:
         # same master encoding: θ' and ρ carry over unchanged (ρ of an old checkpoint: its form)
         ti.local[ls : ls + L].copy_(r.param)
         if "rho" in new:
-            new["rho"][ls : ls + L] = nx.rho_from_linear(r.param, r.rho) if r.linear else r.rho
+            new["rho"][ls : ls + L] = nx.rho_from_linear(r.param, r.rho) if linear else r.rho
     else:
-        p, rho = _split(_master(r.param, r.rho, r.linear), ti.local.dtype, ti.layout.rho_dtype)
+        p, rho = _split(_master(r.param, r.rho, linear), ti.local.dtype, ti.layout.rho_dtype)
         ti.local[ls : ls + L].copy_(p)
         if "rho" in new and rho is not None:
             new["rho"][ls : ls + L] = rho

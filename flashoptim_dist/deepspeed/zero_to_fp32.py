@@ -62,9 +62,14 @@ def _resolve_tag(checkpoint_dir: str, tag: Optional[str]) -> str:
         return f.read().strip()
 
 
+def _client_state_dict(osd: dict, stage: int):
+    """The client (Flash) optimizer's state dict inside a ZeRO stage's saved optimizer state."""
+    return osd.get("base_optimizer_state") if stage <= 2 else osd.get("optimizer_state_dict")
+
+
 def _client_state_per_flat(osd: dict, stage: int) -> List[Optional[dict]]:
     """The client (Flash) optimizer's per-tensor state, in the order of the saved flat groups."""
-    client = osd.get("base_optimizer_state") if stage <= 2 else osd.get("optimizer_state_dict")
+    client = _client_state_dict(osd, stage)
     if not isinstance(client, dict) or "state" not in client:
         raise ValueError(
             "the checkpoint's optimizer state is not a plain per-tensor state dict (elastic checkpoint?); "
@@ -82,7 +87,7 @@ def merged_flat_groups(optim_state_dict: dict) -> List[torch.Tensor]:
     stage = int(osd["zero_stage"])
     flats = osd["single_partition_of_fp32_groups"] if stage <= 2 else osd["fp32_flat_groups"]
     states = _client_state_per_flat(osd, stage)
-    client = osd.get("base_optimizer_state") if stage <= 2 else osd.get("optimizer_state_dict")
+    client = _client_state_dict(osd, stage)
     # ρ of bf16 partitions in the linear form before state format version 3 (numerics module doc)
     linear = int((client.get("flashoptim") or {}).get("format_version", 2)) <= 2
     if len(states) != len(flats):

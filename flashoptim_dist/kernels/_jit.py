@@ -210,16 +210,15 @@ def _reciprocal(sbits, NUM: tl.constexpr):
 def _reciprocal_rz(sbits, NUM: tl.constexpr, INTERPRET: tl.constexpr):
     """NUM/s rounded toward zero (numerics._reciprocal(toward_zero=True)), 0 for s = 0: the
     nearest quotient, one step down when it lies above (the sign of the exact residual r·s − NUM,
-    from one fma; float64 under the interpreter, whose fma is not fused)."""
+    from one fma; float64 under the interpreter, whose fma is not fused; s = 0 gives r = 0, never
+    above)."""
+    r = _reciprocal(sbits, NUM)
     s = sbits.to(tl.float32, bitcast=True)
-    pos = s > 0
-    r = tl.div_rn(tl.full(s.shape, NUM, tl.float32), tl.where(pos, s, 1.0))
     if INTERPRET:
         above = r.to(tl.float64) * s.to(tl.float64) > NUM
     else:
         above = tl.fma(r, s, -NUM) > 0.0
-    r = tl.where(above, (r.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), r)
-    return tl.where(pos, r, 0.0)
+    return tl.where(above, (r.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), r)
 
 
 @triton.jit
@@ -388,16 +387,14 @@ def _step_block(
     else:
         pv = _ld(p_ptr + a, mask, MASKED).to(tl.float32)
     g = _ld(g_ptr + a, mask, MASKED).to(tl.float32)
-    if NARROW == 1 and HAS_RHO:
-        pass
-    elif HAS_RHO:  # fp16: the linear correction
+    if HAS_RHO and NARROW != 1:  # fp16: the linear correction
         rho = _ld(r_ptr + a, mask, MASKED)
         if RHO_N == 127:
             rho_f = _byte_to_f32(rho, True, INTERPRET)
         else:
             rho_f = _int_to_f32(rho, RHO_N + 1)
         theta = pv + rho_f * _rho_scale(pv, EMIN, RHO_DEC, False)
-    else:
+    elif not HAS_RHO:
         theta = pv
     if MAXIMIZE:  # some segment maximizes: sign = -1 there, +1 elsewhere (exact either way)
         g = g * sign

@@ -115,6 +115,8 @@ def _maxnreg(family: str):
     """The register cap of a launch (None: uncapped)."""
     cap = FAMILY_MAXNREG[family] if MAXNREG is None else MAXNREG
     return cap or None
+
+
 #: Sub-tiles of a masked edge block (see the kernel).
 MASK_SPLIT = int(os.environ.get("FLASHOPTIM_MASK_SPLIT", "4"))
 
@@ -242,6 +244,7 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
     kw = plan._kwargs.get(key)
     if kw is None:
         narrow, emin, mant = _NARROW[dtype]
+        maxnreg = None if INTERPRETING else _maxnreg(family)
         has_rho = plan.rhos is not None
         rho_n = (127 if plan.rhos[0].dtype == torch.int8 else 32767) if has_rho else 0
         rho_dec, rho_enc = _rho_constants(rho_n, mant)
@@ -269,7 +272,7 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
             SR=plan.stochastic and (has_rho or plan.quantized),
             enable_fp_fusion=not EXACT,
             num_warps=NUM_WARPS,
-            **({"maxnreg": _maxnreg(family)} if _maxnreg(family) and not INTERPRETING else {}),
+            **({"maxnreg": maxnreg} if maxnreg else {}),
         )
     return kw
 

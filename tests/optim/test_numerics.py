@@ -157,13 +157,11 @@ def test_bf16_split_of_nan_payloads_and_overflow():
 
 def _linear_rho(theta: torch.Tensor, n_levels: int = 127):
     """The bf16 split of format versions ≤ 2 (the paper's linear ρ), as those versions wrote it:
-    θ' = RNE(θ), ρ = round((θ − θ')/(u/2)·N), u the bf16 ULP of θ' (exponent floored at −100)."""
+    θ' = RNE(θ), ρ = round((θ − θ')/(u/2)·N) (ckpt_common.linear_rho)."""
+    import ckpt_common as C
+
     p = theta.bfloat16()
-    pf = p.double()
-    e = torch.floor(torch.log2(torch.where(pf != 0, pf.abs(), 1.0)))
-    e = torch.where(pf != 0, e, torch.full_like(e, -100.0)).clamp(min=-100)
-    r = ((theta.double() - pf) / torch.pow(2.0, e - 8)).clamp(-1, 1) * n_levels
-    return p, torch.round(r).to(torch.int8 if n_levels == 127 else torch.int16)
+    return p, C.linear_rho(p, theta, n_levels)
 
 
 @pytest.mark.parametrize("rho_dtype,levels", [(torch.int8, 127), (torch.int16, 32767)])
