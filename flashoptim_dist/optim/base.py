@@ -539,7 +539,7 @@ class FlashOptimizer(Optimizer):
                 if flash_format
                 else self._from_torch_state(p, local, st, group)
             )
-            if linear_rho and torch.is_tensor(st.get("rho")) and local.dtype == torch.bfloat16:
+            if linear_rho and torch.is_tensor(st.get("rho")):  # (rho_from_linear leaves fp16's as is)
                 st = dict(st, rho=nx.rho_from_linear(local.reshape(-1).to(st["rho"].device), st["rho"]))
             new = {}
             for k, v in st.items():
@@ -564,11 +564,8 @@ class FlashOptimizer(Optimizer):
             rho = st.get("rho") if isinstance(st, dict) else None
             local = self._local(p)
             if torch.is_tensor(rho) and local.dtype == torch.bfloat16:
-                st["rho"] = nx.rho_from_linear(local.reshape(-1), rho)
+                rho.copy_(nx.rho_from_linear(local.reshape(-1), rho))  # in place: plans keep it
                 n += 1
-        self._plans.clear()  # the kernel plans hold the old ρ tensors
-        self._fast.clear()
-        self._steady = None
         return n
 
     def n_state_slots(self, group: Dict[str, Any]) -> int:
