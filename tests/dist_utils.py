@@ -11,7 +11,7 @@ Failure handling: an exception in any child fails the call with that child's tra
 child's formatted traceback) and the other children are terminated; a run that exceeds
 ``timeout`` seconds kills every child and raises ``TimeoutError`` — a hung collective can never
 hang the test session. Either error carries a note with the Python stack of every rank that was
-still running when it was stopped (faulthandler on SIGTERM/SIGUSR1), so a hang names where each
+still running when it was stopped (faulthandler on SIGTERM and a real-time signal), so a hang names where each
 rank waited.
 """
 
@@ -46,6 +46,10 @@ __all__ = [
 ]
 
 
+#: The signal on which every rank writes its Python stacks (see ``_entry``).
+_DUMP_SIGNAL = signal.SIGRTMIN + 3
+
+
 def _entry(rank, worker, world_size, tmpdir, args, pg_timeout_s):
     os.environ.update(
         RANK=str(rank),
@@ -57,10 +61,12 @@ def _entry(rank, worker, world_size, tmpdir, args, pg_timeout_s):
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # all ranks are local; never pick an outside NIC
     # the CI machine has 2 cores shared by up to 4 ranks: one intra-op thread each
     torch.set_num_threads(1)
-    # Python stacks of every thread on SIGUSR1 (sent at the timeout) and on the SIGTERM with which
-    # torch stops the other ranks when one fails: a hang then names where each rank was waiting.
+    # Python stacks of every thread on _DUMP_SIGNAL (sent at the timeout and when another rank
+    # fails) and on the SIGTERM with which torch stops the ranks: a hang then names where each
+    # rank was waiting. A real-time signal, because frameworks take SIGUSR1 and SIGTERM for
+    # themselves (Lightning's SLURM requeue handler, for one).
     stacks = open(os.path.join(tmpdir, f"stack{rank}.txt"), "w")
-    faulthandler.register(signal.SIGUSR1, file=stacks, all_threads=True)
+    faulthandler.register(_DUMP_SIGNAL, file=stacks, all_threads=True)
     faulthandler.register(signal.SIGTERM, file=stacks, all_threads=True, chain=True)
     dist.init_process_group(
         "gloo",
@@ -73,7 +79,13 @@ def _entry(rank, worker, world_size, tmpdir, args, pg_timeout_s):
         result = worker(rank, world_size, *args)
         with open(os.path.join(tmpdir, f"result{rank}.pkl"), "wb") as f:
             pickle.dump(result, f)
-        dist.barrier()
+        # wait for every rank to finish before tearing the group down — on a store of its own,
+        # not with a collective: a framework that leaves the ranks' collective sequences out of
+        # step (seen with the Accelerate, HF Trainer and Lightning examples, ~1 run in 5) would
+        # pair a barrier with a stray collective and hang one rank to the timeout
+        done = dist.FileStore(os.path.join(tmpdir, "done"), world_size)
+        done.set(f"rank{rank}", "1")
+        done.wait([f"rank{r}" for r in range(world_size)], datetime.timedelta(seconds=pg_timeout_s))
     finally:
         dist.destroy_process_group()
     # skip interpreter teardown (seconds with torch loaded); results are on disk already
@@ -97,7 +109,7 @@ def run_distributed(worker, world_size: int, *args, timeout: float = 240.0, pg_t
         def dump_live_stacks():
             for p in ctx.processes:
                 if p.is_alive():
-                    os.kill(p.pid, signal.SIGUSR1)
+                    os.kill(p.pid, _DUMP_SIGNAL)
             time.sleep(1.0)
 
         try:
