@@ -62,10 +62,10 @@ def _check_div_kernel(out_ptr, start, n, BLOCK: tl.constexpr):
     tl.atomic_add(out_ptr, tl.sum((ok & (y1 != y2)).to(tl.int32)))
     tl.atomic_add(out_ptr + 1, tl.sum((ok & (c1 != c2)).to(tl.int32)))
     q = ((offs & 255) - 128).to(tl.int8)
-    y = q.to(tl.float32) * fs.INV_SIGNED
+    n = q.to(tl.float32)
     ok2 = ok & (offs < start + 256)
     d1 = fs._dequant_signed(q, 1.0, False)
-    d2 = tl.div_rn(y, 2.0 - tl.abs(y))
+    d2 = tl.div_rn(n, 254.0 - tl.abs(n))
     tl.atomic_add(out_ptr + 2, tl.sum((ok2 & (d1 != d2)).to(tl.int32)))
 
 

@@ -43,15 +43,19 @@ Memory: 1 byte (int8, "24-bit master") or 2 bytes (int16, "32-bit master") per e
 (see :mod:`flashoptim_dist.layout`); each group stores one scale.
 
 * signed (first moment, momentum): s = group absmax, x = m·(1/s) ∈ [−1, 1],
-  q = round(254x/(1+|x|)) as int8; inverse x = y/(2−|y|), y = q/127.
+  q = round(254x/(1+|x|)) as int8; inverse x = y/(2−|y|) with y = q/127, computed as the one
+  quotient q/(254−|q|) of two small integers, times s.
 * unsigned square-root (Adam second moment): s = group max of √v,
   q = round(√v · (255/s)) as uint8, with 255/s rounded toward zero (so √v·(255/s) ≤ 255);
-  inverse v = ((q/255) · s)². Below v = 2^-101 the code is of v instead of √v
-  (:data:`SQRT_V_MIN`).
+  inverse v = (q · (s/255))², s/255 as fl(s·fl(1/255)) once per group. Below v = 2^-101 the
+  code is of v instead of √v (:data:`SQRT_V_MIN`).
 
-(The fp32 operation order of the encoders, one rounding per operation: ``fl(m·fl(1/s))``,
-``fl(fl(254x)/fl(1+|x|))``, ``fl(√v·rz(255/s))`` (rz: rounded toward zero); the constants sit where the kernel spends
-the fewest instructions on them. Decoding does not depend on it.)
+(The fp32 operation order, one rounding per operation: encoders ``fl(m·fl(1/s))``,
+``fl(fl(254x)/fl(1+|x|))``, ``fl(√v·rz(255/s))`` (rz: rounded toward zero); decoders
+``fl(fl(q/(254−|q|))·s)`` and ``fl(t·t)``, t = ``fl(q·fl(s·fl(1/255)))``. The constants sit where
+the kernel spends the fewest instructions on them. The decoders were ``fl(fl(y/(2−|y|))·s)``,
+y = fl(q·fl(1/127)), and ``((q·fl(1/255))·s)²`` before 2026-12-04: the same companders, values
+within a few fp32 ULPs, so stored codes keep their meaning and no format version changed.)
 
 Memory: 1 byte per element plus 2 bytes per group (0.0625 B/element at G = 32).
 
@@ -113,6 +117,7 @@ __all__ = [
     "GROUP_SIZE",
     "true_div",
     "sqrt_rn",
+    "fma",
     "SIGNED_LEVELS",
     "UNSIGNED_LEVELS",
     "rho_levels",
@@ -401,9 +406,12 @@ def quantize_signed(
 def dequantize_signed(
     codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE, phase: int = 0
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_signed`: fp32 values of int8 companded codes."""
-    y = _grouped(codes.float(), phase, group_size) * INV_SIGNED
-    x = y / (2.0 - y.abs())
+    """Inverse of :func:`quantize_signed`: fp32 values of int8 companded codes,
+    x = fl(q / (254 − |q|)) · s — the compander's inverse y/(2 − |y|) at y = q/127, as one
+    correctly rounded quotient of two small integers (the kernel's cheapest exact form: a
+    reciprocal estimate and two FMAs, see ``kernels/_jit._div_small``)."""
+    q = _grouped(codes.float(), phase, group_size)
+    x = q / (float(2 * SIGNED_LEVELS) - q.abs())
     return _ungroup(x * scales.float()[:, None], phase, codes.numel())
 
 
@@ -439,8 +447,10 @@ def quantize_sqrt(
 def dequantize_sqrt(
     codes: torch.Tensor, scales: torch.Tensor, group_size: int = GROUP_SIZE, phase: int = 0
 ) -> torch.Tensor:
-    """Inverse of :func:`quantize_sqrt`: v = ((q/255)·s)²."""
-    t = (_grouped(codes.float(), phase, group_size) * INV_UNSIGNED) * scales.float()[:, None]
+    """Inverse of :func:`quantize_sqrt`: v = t², t = q·fl(s/255) with fl(s/255) = fl(s·fl(1/255))
+    one product per group (the kernel makes t with one FMA per element)."""
+    c = scales.float() * INV_UNSIGNED
+    t = _grouped(codes.float(), phase, group_size) * c[:, None]
     return _ungroup(t * t, phase, codes.numel())
 
 
@@ -547,3 +557,27 @@ def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """fp32 fma(a, b, c) for operands whose exact a·b + c fits float64's 53 bits (the caller
     guarantees it), so the float64 result rounded once to fp32 is the fused result."""
     return (a.double() * b.double() + c.double()).float()
+
+
+def fma(a, b, c) -> torch.Tensor:
+    """fp32 fused multiply-add: a·b + c rounded once to fp32 (round to nearest even), for any fp32
+    operands (tensors or Python floats that are fp32 values; broadcast), as the GPU's FFMA.
+
+    a·b is exact in float64 (24 + 24 bits). Its sum with c is rounded to float64 *to odd*: the
+    round-to-nearest sum s and its exact error e (Knuth's two-sum, exact barring overflow, which
+    fp32 operands cannot reach), then s's last bit forced to 1 by one step towards e when the sum
+    was inexact and that bit is 0. A value rounded to odd with at least two more bits than the
+    target rounds to the target exactly as the exact value would (Boldo & Melquiond, "Emulation
+    of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008),
+    so the final float64 → fp32 conversion is the single rounding of a fused FMA — where plain
+    float64 arithmetic would round twice and differ about once in 2^29. Non-finite operands and
+    results take the float64 path unchanged (the same inf/NaN as the FMA)."""
+    p = torch.as_tensor(a, dtype=torch.float32).double() * torch.as_tensor(b, dtype=torch.float32).double()
+    cd = torch.as_tensor(c, dtype=torch.float32).double()
+    s = p + cd
+    bb = s - p
+    e = (p - (s - bb)) + (cd - bb)
+    bits = s.view(torch.int64) if s.is_contiguous() else s.contiguous().view(torch.int64)
+    odd = (e != 0) & ((bits & 1) == 0) & torch.isfinite(s)
+    bits = torch.where(odd, bits + torch.where((e > 0) == (s > 0), 1, -1), bits)
+    return bits.view(torch.float64).float()

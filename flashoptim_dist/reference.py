@@ -31,6 +31,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import numerics as nx
+from .numerics import fma
 
 __all__ = ["HYPER_COLUMNS", "N_HYPER", "FAMILIES", "SegmentViews", "reference_step_segment", "step_of_row"]
 
@@ -83,26 +84,28 @@ class SegmentViews:
 
 
 # -------------------------------------------------------------------------------------------
-# fp32 update math, mirroring torch.optim's single-tensor implementations operation by operation
+# fp32 update math, mirroring torch.optim's single-tensor implementations operation by operation,
+# except that a multiply followed by an add is one fused multiply-add (numerics.fma: one
+# rounding instead of two, as the GPU's FFMA; torch's own CUDA kernels are compiled with FMA
+# contraction too). The kernel saves one instruction per element for each (docs/PERFORMANCE.md).
 
 
 def adam_math(theta, g, m, v, h, decoupled: bool, bounded: bool = False):
     """torch.optim.Adam(W) with fp32 tensors; ``h`` maps hyper names to fp32-valued floats.
     ``bounded`` (quantized moments) applies the outlier bound of the module doc."""
     g = g * h["sign"]
-    if decoupled:
-        theta = theta * h["decay"]
-    else:
-        g = g + h["l2"] * theta
-    m = m + h["w1"] * (g - m)  # exp_avg.lerp_(grad, 1 - beta1)
-    v = v * h["beta2"] + (h["w2"] * g) * g  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+    if not decoupled:
+        g = fma(h["l2"], theta, g)
+    m = fma(h["w1"], g - m, m)  # exp_avg.lerp_(grad, 1 - beta1)
+    v = fma(h["w2"] * g, g, v * h["beta2"])  # exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
     # torch divides by sqrt(1 − β2^t); multiplying by its reciprocal (computed in float64 on the
     # host) differs by at most one fp32 rounding and saves a division per element on the GPU
     # (√v for v ≥ 2^-101, v itself below: numerics.SQRT_V_MIN says why)
-    denom = nx.sqrt_v(v) * h["inv_bc2_sqrt"] + h["eps"]
+    denom = fma(nx.sqrt_v(v), h["inv_bc2_sqrt"], h["eps"])
     if bounded:  # the outlier bound (module doc); NaN propagates as in the kernel
         denom = torch.maximum(denom, m.abs() * h["inv_bound"])
-    theta = theta + ((-h["step_size"]) * m) / denom
+    upd = ((-h["step_size"]) * m) / denom
+    theta = fma(theta, h["decay"], upd) if decoupled else theta + upd
     return theta, m, v
 
 
@@ -112,24 +115,23 @@ def sgd_math(theta, g, buf, h, decoupled: bool):
     if decoupled:
         theta = theta * h["decay"]
     else:
-        g = g + h["l2"] * theta
+        g = fma(h["l2"], theta, g)
     if buf is not None:
         if h["first"] != 0.0:
             buf = g
         else:
-            buf = buf * h["momentum"] + h["w_damp"] * g
-        g = g + h["momentum"] * buf if h["nesterov"] != 0.0 else buf
-    theta = theta + (-h["lr"]) * g
+            buf = fma(buf, h["momentum"], h["w_damp"] * g)
+        g = fma(h["momentum"], buf, g) if h["nesterov"] != 0.0 else buf
+    theta = fma(-h["lr"], g, theta)
     return theta, buf
 
 
 def lion_math(theta, g, m, h):
     """Lion (Chen et al. 2023): θ ← θ(1 − ηλ) − η·sign(β1 m + (1−β1) g); m ← β2 m + (1−β2) g."""
     g = g * h["sign"]
-    theta = theta * h["decay"]
-    c = m * h["beta1"] + h["w1"] * g
-    theta = theta + (-h["lr"]) * torch.sign(c)
-    m = m * h["beta2"] + h["w2"] * g
+    c = fma(m, h["beta1"], h["w1"] * g)
+    theta = fma(theta, h["decay"], (-h["lr"]) * torch.sign(c))
+    m = fma(m, h["beta2"], h["w2"] * g)
     return theta, m
 
 

@@ -8,20 +8,27 @@ import triton
 import triton.language as tl
 
 from .. import numerics as nx
-from ..reference import SIGN_COLUMN, STEP_HI_COLUMN, STEP_LO_COLUMN
+from ..reference import N_HYPER, SIGN_COLUMN, STEP_HI_COLUMN, STEP_LO_COLUMN
 
 # Offsets table columns (int64 per segment). _GORIG: canonical index of the segment's aligned
-# origin (global_start − phase); _KEY: the parameter's dither identity (numerics.parameter_key);
-# _TIDX: the segment's tensor, whose hyper-parameter row the kernel reads (rows per tensor, not
-# per segment: a tensor-parallel column shard has one segment per row, ~10^5 per step at 8B).
-_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _GORIG, _KEY, _TIDX, _NCOLS = range(14)
+# origin (global_start − phase); _TIDX: the segment's tensor, whose hyper-parameter row the
+# kernel reads (rows per tensor, not per segment: a tensor-parallel column shard has one segment
+# per row, ~10^5 per step at 8B).
+_P, _G, _R, _S0, _C0, _S1, _C1, _LEN, _PHASE, _ALIGNED, _GORIG, _TIDX, _NCOLS = range(13)
 _ROLES_ALIGN = (_P, _G, _R, _C0, _C1)  # element-indexed roles whose alignment matters
+# the same columns as the kernel reads them (Triton takes globals only as constexpr)
+_LEN_K, _PHASE_K, _ALIGNED_K, _GORIG_K, _TIDX_K = (tl.constexpr(c) for c in (_LEN, _PHASE, _ALIGNED, _GORIG, _TIDX))
 
-INV_SIGNED = tl.constexpr(nx.INV_SIGNED)
 _SIGN = SIGN_COLUMN  # hyper column of the gradient sign (−1 when maximizing), the same for every family
 _DITHER_MUL = tl.constexpr(nx.DITHER_MUL)
 STEP_LO = tl.constexpr(STEP_LO_COLUMN)
 STEP_HI = tl.constexpr(STEP_HI_COLUMN)
+#: The launch's copy of the hyper rows has one column more than the optimizer's: the bits of the
+#: tensor's dither salt for this step (numerics.segment_salt), written by the launch
+#: (fused_step._write_salts / _salt_kernel), so that no program spends ~25 instructions per
+#: thread on loading the step and hashing it (docs/PERFORMANCE.md).
+SALT = tl.constexpr(N_HYPER)
+NHYPER_K = N_HYPER + 1
 
 
 #: Largest finite fp32: |x| <= FLT_MAX is false exactly for ±inf and NaN (one compare).
@@ -84,8 +91,14 @@ def _byte_to_f32(q, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
     but one ``prmt`` per element writes the code's byte straight into the low mantissa byte of
     2^23 (the int8 sign bit flipped once per 4 codes, which adds the bias 128), instead of a
     byte extract and an integer add."""
+    return _byte_biased(q, SIGNED, INTERPRET) - (8388608.0 + (128.0 if SIGNED else 0.0))
+
+
+@triton.jit
+def _byte_biased(q, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
+    """2^23 + q (+ 128 if SIGNED) as fp32, exactly: :func:`_byte_to_f32` before its subtraction."""
     if INTERPRET:
-        return _int_to_f32(q, 128 if SIGNED else 0)
+        return (q.to(tl.int32) + (0x4B000000 + (128 if SIGNED else 0))).to(tl.float32, bitcast=True)
     if SIGNED:
         bits = tl.inline_asm_elementwise(
             """{ .reg .b32 t; xor.b32 t, $4, 0x80808080;
@@ -99,7 +112,7 @@ def _byte_to_f32(q, SIGNED: tl.constexpr, INTERPRET: tl.constexpr):
             prmt.b32 $2, $4, 0x4B000000, 0x7542; prmt.b32 $3, $4, 0x4B000000, 0x7543;""",
             "=r,=r,=r,=r,r", [q], dtype=tl.int32, is_pure=True, pack=4,
         )
-    return bits.to(tl.float32, bitcast=True) - (8388608.0 + (128.0 if SIGNED else 0.0))
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -146,16 +159,57 @@ def _div_normal(a, b, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _div_small(n, d, INTERPRET: tl.constexpr):
+    """n/d correctly rounded for integers |n| ≤ 127 and d ∈ [127, 254] (the signed decoder's
+    q/(254 − |q|)), in four instructions: r ≈ 1/d, q0 = n·r, the residual t = n − d·q0 (exact
+    in one FMA), q0 + t·r (one FMA).
+
+    Why it is exact (a proof, not a test): rcp.approx.f32 errs by at most 1 ULP (PTX ISA), so
+    r = (1/d)(1 + ε), |ε| ≤ 2^-23, and q0 is within 1.5·2^-23 of n/d relatively. t is then a
+    multiple of q0's ULP below ~800 ULPs, so the FMA computes it exactly, and q0 + t·r =
+    n/d + (n/d − q0)·ε lies within 1.5·2^-46 of n/d (relative). A quotient of integers with
+    d ≤ 254 is either exact in fp32 or not a dyadic rational; then its distance to the nearest
+    rounding boundary of its binade is at least 2^-25/254 > 2^-33 relative, far above that
+    error, so the final rounding is the correct one. bench/step.py also checks all 255 codes on
+    the GPU. (:func:`_div_normal` needs a refined reciprocal: its operands are not integers.)"""
+    if INTERPRET:
+        return n / d
+    else:
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .f32 r, q, t, nd;
+            rcp.approx.ftz.f32 r, $2;
+            neg.f32 nd, $2;
+            mul.rn.f32 q, $1, r;
+            fma.rn.f32 t, nd, q, $1;
+            fma.rn.f32 $0, t, r, q;
+            }""",
+            "=r,r,r",
+            [n, d],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=1,
+        )
+
+
+@triton.jit
 def _dequant_signed(q, s, INTERPRET: tl.constexpr):
-    # x(q) = y/(2-|y|), y = q/127: the 255 possible quotients are checked exhaustively. (A
-    # 256-entry table of x(q) read with PTX loads was measured slower: 4.80 vs 4.66 ms.)
-    y = _byte_to_f32(q, True, INTERPRET) * INV_SIGNED
-    return _div_normal(y, 2.0 - tl.abs(y), INTERPRET) * s
+    # numerics.dequantize_signed: x = q/(254 − |q|), times s. (A 256-entry table of x(q) read
+    # with PTX loads was measured slower than the earlier, longer division: 4.80 vs 4.66 ms.)
+    n = _byte_to_f32(q, True, INTERPRET)
+    return _div_small(n, 254.0 - tl.abs(n), INTERPRET) * s
 
 
 @triton.jit
 def _dequant_sqrt(q, s, INV_UNSIGNED: tl.constexpr, INTERPRET: tl.constexpr):
-    t = (_byte_to_f32(q, False, INTERPRET) * INV_UNSIGNED) * s
+    # numerics.dequantize_sqrt: t = q·c, c = fl(s·fl(1/255)) per group. fma(2^23 + q, c, −2^23·c)
+    # is that product rounded once (−2^23·c is exact: c ≤ 2^64/255, the largest √v scale, so
+    # it cannot overflow), one instruction where the decoded integer would cost a subtraction
+    c = s * INV_UNSIGNED
+    if INTERPRET:  # the interpreter's fma is not fused: take the product itself
+        t = _byte_to_f32(q, False, INTERPRET) * c
+    else:
+        t = tl.fma(_byte_biased(q, False, INTERPRET), c, c * -8388608.0)
     return t * t
 
 
@@ -196,6 +250,24 @@ def _sqrt_v(v, EXACT: tl.constexpr, INTERPRET: tl.constexpr):
             )
     else:
         return tl.sqrt(v)
+
+
+@triton.jit
+def _fma(a, b, c, INTERPRET: tl.constexpr):
+    """numerics.fma: a·b + c rounded once. The GPU's FFMA; under the interpreter, whose fma is
+    not fused, the same float64 round-to-odd emulation as the reference."""
+    if INTERPRET:
+        p = a.to(tl.float64) * b.to(tl.float64)
+        cd = c.to(tl.float64)
+        s = p + cd
+        bb = s - p
+        e = (p - (s - bb)) + (cd - bb)
+        bits = s.to(tl.int64, bitcast=True)
+        odd = (e != 0) & ((bits & 1) == 0) & (tl.abs(s) <= 1.7976931348623157e308)
+        bits = tl.where(odd, bits + tl.where((e > 0) == (s > 0), 1, -1), bits)
+        return bits.to(tl.float64, bitcast=True).to(tl.float32)
+    else:
+        return tl.fma(a, b, c)
 
 
 @triton.jit
@@ -313,7 +385,7 @@ def _bf16_of_bits(bits):
 
 @triton.jit
 def _fmix32(x):
-    """numerics.fmix32 on a uint32 scalar (once per program: the salt of the segment's step)."""
+    """numerics.fmix32 on uint32 values (the salts of :func:`_salt_kernel`)."""
     x = x ^ (x >> 16)
     x = x * 0x85EBCA6B
     x = x ^ (x >> 13)
@@ -322,10 +394,23 @@ def _fmix32(x):
 
 
 @triton.jit
-def _dither_base(gorig, key, step):
+def _salt_kernel(table_ptr, key_ptr, N, NHYPER: tl.constexpr, B: tl.constexpr):
+    """The capturable step's salts: for each of the N rows of the launch's hyper table (on the
+    device, computed there from the step tensors), SALT = bits of fmix32(key ^ fmix32(step)),
+    the step read from its two exact fp32 halves (numerics.segment_salt)."""
+    i = tl.program_id(0) * B + tl.arange(0, B)
+    ok = i < N
+    row = table_ptr + i * NHYPER
+    step = tl.load(row + STEP_LO, mask=ok, other=0.0).to(tl.uint32) + (
+        tl.load(row + STEP_HI, mask=ok, other=0.0).to(tl.uint32) << 24)
+    salt = _fmix32(tl.load(key_ptr + i, mask=ok, other=0).to(tl.uint32) ^ _fmix32(step))
+    tl.store(row + SALT, salt.to(tl.float32, bitcast=True), mask=ok)
+
+
+@triton.jit
+def _dither_base(gorig, salt):
     """The per-program constant c of numerics.dither_words: for aligned coordinate a the word is
-    a·MUL + c = (gorig + a + salt)·MUL mod 2^32, salt = fmix32(key ^ fmix32(step))."""
-    salt = _fmix32(key ^ _fmix32(step))
+    a·MUL + c = (gorig + a + salt)·MUL mod 2^32."""
     return (gorig + salt) * _DITHER_MUL
 
 
@@ -409,33 +494,39 @@ def _step_block(
             st1 = _dequant_sqrt(st1, _ld(s1_ptr + grp, gmask, MASKED).to(tl.float32)[:, None], INV_UNSIGNED, INTERPRET)
 
     # ---- update (mirrors flashoptim_dist/reference.py)
+    # (the multiply-adds are fused where reference.py fuses them: numerics.fma)
     if FAMILY == 0:  # adam: decay l2 w1 beta2 w2 eps step_size inv_bc2_sqrt
-        if DECOUPLED:
-            theta = theta * h0
-        else:
-            g = g + h1 * theta
-        st0 = st0 + h2 * (g - st0)
-        st1 = st1 * h3 + (h4 * g) * g
+        if not DECOUPLED:
+            g = _fma(h1, theta, g, INTERPRET)
+        st0 = _fma(h2, g - st0, st0, INTERPRET)
+        st1 = _fma(h4 * g, g, st1 * h3, INTERPRET)
         sqrt_v = _sqrt_v(st1, EXACT, INTERPRET)
-        denom = sqrt_v * h7 + h5
+        denom = _fma(sqrt_v, h7, h5, INTERPRET)
         if QUANT:  # the outlier bound (flashoptim_dist/reference.py): |m|/denom ≤ R_t = 1/h9
             denom = tl.maximum(denom, tl.abs(st0) * h9, propagate_nan=tl.PropagateNan.ALL)
-        theta = theta + _div((-h6) * st0, denom, EXACT)
+        upd = _div((-h6) * st0, denom, EXACT)
+        if DECOUPLED:
+            theta = _fma(theta, h0, upd, INTERPRET)
+        else:
+            theta = theta + upd
     elif FAMILY == 1:  # sgd: decay l2 momentum w_damp nesterov first lr
         if DECOUPLED:
             theta = theta * h0
         else:
-            g = g + h1 * theta
+            g = _fma(h1, theta, g, INTERPRET)
         if N_STATES >= 1:
-            st0 = tl.where(h5 != 0.0, g, st0 * h2 + h3 * g)
-            g = tl.where(h4 != 0.0, g + h2 * st0, st0)
-        theta = theta + (-h6) * g
+            st0 = tl.where(h5 != 0.0, g, _fma(st0, h2, h3 * g, INTERPRET))
+            g = tl.where(h4 != 0.0, _fma(h2, st0, g, INTERPRET), st0)
+        theta = _fma(-h6, g, theta, INTERPRET)
     else:  # lion: decay _ beta1 w1 beta2 w2 lr
-        theta = theta * h0
-        c = st0 * h2 + h3 * g
-        sgn = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-        theta = theta + (-h6) * sgn
-        st0 = st0 * h4 + h5 * g
+        c = _fma(st0, h2, h3 * g, INTERPRET)
+        # (−lr)·sign(c), torch.sign's sign(±0) = sign(NaN) = +0: for c ≠ 0 the bits of −lr with
+        # c's sign bit flipped in (one LOP3, where two compares and two selects made ±1)
+        nlr = -h6
+        step = (nlr.to(tl.uint32, bitcast=True) ^ (c.to(tl.uint32, bitcast=True) & 0x80000000)).to(
+            tl.float32, bitcast=True)
+        theta = _fma(theta, h0, tl.where(tl.abs(c) > 0.0, step, nlr * 0.0), INTERPRET)
+        st0 = _fma(st0, h4, h5 * g, INTERPRET)
 
     # ---- encode (the dither words are made here, not at the top: fewer live registers)
     if SR:
@@ -550,13 +641,13 @@ def _flash_step_kernel(
     seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
     a0 = tl.multiple_of(tl.load(blk_start_ptr + pid), NG * G)
     ob = offs_ptr + seg * NCOLS
-    length = tl.load(ob + 7).to(tl.int32)
-    phase = tl.load(ob + 8).to(tl.int32)
-    aligned = tl.load(ob + 9)  # every role's origin offset is a multiple of 16 elements
+    length = tl.load(ob + _LEN_K).to(tl.int32)
+    phase = tl.load(ob + _PHASE_K).to(tl.int32)
+    aligned = tl.load(ob + _ALIGNED_K)  # every role's origin offset is a multiple of 16 elements
 
     n_groups = (phase + length + G - 1) // G
 
-    hb = hyper_ptr + tl.load(ob + 12) * NHYPER  # the segment's tensor's row (_TIDX)
+    hb = hyper_ptr + tl.load(ob + _TIDX_K) * NHYPER  # the segment's tensor's row
     h0 = tl.load(hb + 0)
     h1 = tl.load(hb + 1)
     h2 = tl.load(hb + 2)
@@ -567,9 +658,8 @@ def _flash_step_kernel(
     h7 = tl.load(hb + 7)
     sign = tl.load(hb + 8)
     h9 = tl.load(hb + 9)
-    if SR:  # the program's dither constant; the table's int64 columns wrap to uint32 on purpose
-        step = tl.load(hb + STEP_LO).to(tl.uint32) + (tl.load(hb + STEP_HI).to(tl.uint32) << 24)
-        dbase = _dither_base(tl.load(ob + 10).to(tl.uint32), tl.load(ob + 11).to(tl.uint32), step)
+    if SR:  # the program's dither constant; the int64 column wraps to uint32 on purpose
+        dbase = _dither_base(tl.load(ob + _GORIG_K).to(tl.uint32), tl.load(hb + SALT).to(tl.uint32, bitcast=True))
     else:
         dbase = 0
 

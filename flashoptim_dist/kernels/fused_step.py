@@ -17,15 +17,18 @@ Blocks are aligned to canonical groups: a segment with phase ``p`` (its first el
 spanning ``a ∈ [b·NG·G, (b+1)·NG·G)``; so every block holds whole canonical groups and the group
 absmax is a row reduction. Scale ``j`` of a segment is the group of aligned index ``j·G``.
 
-Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn`` and correctly
-rounded square roots, every operation is an IEEE round-to-nearest fp32 operation in the
-reference's order, so results match the reference bit for bit (tested under the interpreter, and
-on GPU through bench/step.py, which also checks the helpers below on 6.7e7 inputs). The
+Numerical contract: launched with ``enable_fp_fusion=False`` and using ``div_rn``, correctly
+rounded square roots and explicit FMAs exactly where the reference has ``numerics.fma``, every
+operation is an IEEE round-to-nearest fp32 operation in the reference's order, so results match
+the reference bit for bit (tested under the interpreter, and on GPU through bench/step.py, which
+also checks the helpers below on 6.7e7 inputs and both decoders on every code and scale). The
 compander's quotient uses ``_div_normal`` (the ``div.rn`` fast path without its range check),
-proven identical to ``div_rn`` on every input that can reach it (bench/kernel_lab.py), and so
-does its inverse on the 255 codes. Adam's √v is ``sqrt.rn``'s own fast path with a select for
-v outside [2^-101, FLT_MAX] (``_sqrt_v``; numerics.sqrt_v is its specification). The bf16 master
-split (ρ) is integer arithmetic on the bit pattern (numerics module doc).
+shown identical to ``div_rn`` on every input that can reach it (bench/kernel_lab.py); its inverse
+q/(254 − |q|) uses ``_div_small``, proved exact for those integer operands. Adam's √v is
+``sqrt.rn``'s own fast path with a select for v outside [2^-101, FLT_MAX] (``_sqrt_v``;
+numerics.sqrt_v is its specification). The bf16 master split (ρ) is integer arithmetic on the
+bit pattern (numerics module doc). The dither salt of each tensor's step is computed once per
+launch (``_write_salts``; ``_salt_kernel`` for the capturable step), not per program.
 
 fp32→bf16 uses the GPU's round-to-nearest-even cvt; under the interpreter, which truncates that
 cast, the rounding is done on the bit pattern instead.
@@ -40,9 +43,10 @@ import os
 
 import numpy as np
 import torch
+import triton
 
 from .. import numerics as nx
-from ..reference import HYPER_COLUMNS, N_HYPER
+from ..reference import HYPER_COLUMNS, N_HYPER, STEP_HI_COLUMN, STEP_LO_COLUMN, STEP_SPLIT
 
 # The kernel body (@triton.jit) and the columns of its offsets table are in ._jit
 from ._jit import (
@@ -51,7 +55,6 @@ from ._jit import (
     _C1,
     _G,
     _GORIG,
-    _KEY,
     _LEN,
     _NCOLS,
     _P,
@@ -63,10 +66,10 @@ from ._jit import (
     _SIGN,
     _TIDX,
 )
-from ._jit import _flash_step_kernel
+from ._jit import NHYPER_K, _flash_step_kernel, _salt_kernel
 
 # re-exported: tests and bench/ reach these kernel helpers through this module
-from ._jit import INV_SIGNED, _dequant_signed, _div_normal, _int_to_f32, _round_int  # noqa: F401
+from ._jit import _dequant_signed, _div_normal, _div_small, _int_to_f32, _round_int  # noqa: F401
 
 _FAMILY_ID = {"adam": 0, "sgd": 1, "lion": 2}
 #: param dtype → (NARROW id, ρ's exponent floor, explicit mantissa bits)
@@ -104,11 +107,11 @@ NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
 _env_maxnreg = os.environ.get("FLASHOPTIM_MAXNREG")
 #: Register cap for every family (0: none); None: the family's own (FAMILY_MAXNREG).
 MAXNREG = int(_env_maxnreg) if _env_maxnreg else None
-#: Register cap per family, from the H200 sweeps in docs/PERFORMANCE.md (2026-12-04): Adam 64
-#: (56 spills more and is slower, 72 and uncapped no faster); SGD and Lion need fewer registers,
-#: and a lower cap buys occupancy — SGD 3.50–3.53 ms at 40 against 3.94–3.95 at 64, Lion
-#: 3.61–3.68 at 48 against 3.83, same run.
-FAMILY_MAXNREG = {"adam": 64, "sgd": 40, "lion": 48}
+#: Register cap per family, from the H200 sweeps in docs/PERFORMANCE.md (2026-12-04, seventh
+#: session, GPU time per step): Adam 64 (4.07–4.08 ms; 56 spills more, 4.22; 72 no faster;
+#: uncapped 4.43); SGD and Lion need fewer registers, and a lower cap buys occupancy — SGD 2.79 ms
+#: at 48 against 2.87 at 40 and 3.05 at 64, Lion 2.71 at 48 against 2.81 at 40 and 3.00 at 64.
+FAMILY_MAXNREG = {"adam": 64, "sgd": 48, "lion": 48}
 
 
 def _maxnreg(family: str):
@@ -209,7 +212,6 @@ class KernelPlan:
         offs[:, _LEN] = arr[:, 2]
         offs[:, _PHASE] = arr[:, 3]
         offs[:, _GORIG] = (arr[:, 5] - arr[:, 3]) & 0xFFFFFFFF
-        offs[:, _KEY] = arr[:, 6]
         offs[:, _TIDX] = arr[:, 0]
         self.offs = offs
         # pinned staging buffers, so the per-step host→device copies are asynchronous
@@ -219,7 +221,15 @@ class KernelPlan:
         # one row per tensor (the kernel reads the row of its segment's tensor): the per-step
         # host work and copy are O(tensors) however many segments the tensors are cut into
         self.n_tensors = int(arr[:, 0].max()) + 1 if len(arr) else 0
-        self._hyper_host = torch.zeros((self.n_tensors, N_HYPER), dtype=torch.float32)
+        # each tensor's dither key (numerics.parameter_key: every segment of a tensor has its
+        # tensor's), for the per-step salts of the table's last column (_write_salts)
+        keys = np.zeros(self.n_tensors, dtype=np.int64)
+        keys[arr[:, 0]] = arr[:, 6]
+        if len(arr) and np.any(keys[arr[:, 0]] != arr[:, 6]):
+            raise RuntimeError("segments of one tensor carry different dither keys: the kernel plan is inconsistent")
+        self.tensor_keys = (keys & 0xFFFFFFFF).astype(np.uint32)
+        self._keys_dev = None  # on the device, for the capturable step's salts (made on first use)
+        self._hyper_host = torch.zeros((self.n_tensors, NHYPER_K), dtype=torch.float32)
         if pin:
             self._hyper_host = self._hyper_host.pin_memory()
         self._hyper_dev = torch.empty_like(self._hyper_host, device=device)
@@ -262,7 +272,7 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
             MANT=mant,
             RHO_ENC=rho_enc,
             NCOLS=_NCOLS,
-            NHYPER=N_HYPER,
+            NHYPER=NHYPER_K,
             NG=plan.groups_per_block,
             MASK_SPLIT=min(MASK_SPLIT, plan.groups_per_block),
             G=plan.group_size,
@@ -305,6 +315,26 @@ def _stage_offsets(plan: KernelPlan, ptrs, params, grads) -> None:
         plan._copied.record()
 
 
+def _fmix32_np(x: np.ndarray) -> np.ndarray:
+    """numerics.fmix32 on a uint32 array (arithmetic modulo 2^32)."""
+    x = x ^ (x >> np.uint32(16))
+    x = x * np.uint32(0x85EBCA6B)
+    x = x ^ (x >> np.uint32(13))
+    x = x * np.uint32(0xC2B2AE35)
+    return x ^ (x >> np.uint32(16))
+
+
+def _write_salts(table: np.ndarray, keys: np.ndarray, rows) -> None:
+    """The last column of the launch's hyper table (fp32 ``table``, one row per tensor): the bits
+    of each tensor's dither salt for its step, numerics.segment_salt(key, step) (the step from
+    ``rows``' two exact halves). Computed here once per tensor instead of in every thread of
+    every program of the kernel."""
+    step = (np.asarray(rows[:, STEP_LO_COLUMN], dtype=np.float64)
+            + np.asarray(rows[:, STEP_HI_COLUMN], dtype=np.float64) * STEP_SPLIT)
+    step = (step.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32)
+    table.view(np.uint32)[:, N_HYPER] = _fmix32_np(keys ^ _fmix32_np(step))
+
+
 def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows,
            maximize=None) -> None:
     """Run one fused step over every segment of ``plan``.
@@ -329,7 +359,13 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
     if restaged:
         _stage_offsets(plan, ptrs, params, grads)
     if torch.is_tensor(hyper_rows):
-        plan._hyper_dev.copy_(hyper_rows[: plan.n_tensors])
+        plan._hyper_dev[:, :N_HYPER].copy_(hyper_rows[: plan.n_tensors])
+        if plan.stochastic:
+            if plan._keys_dev is None:
+                plan._keys_dev = torch.from_numpy(plan.tensor_keys.view(np.int32)).to(plan._hyper_dev.device)
+            B = 256
+            _salt_kernel[(triton.cdiv(plan.n_tensors, B),)](plan._hyper_dev, plan._keys_dev, plan.n_tensors,
+                                                             NHYPER=NHYPER_K, B=B)
     else:
         # Wait (normally no wait at all) until the previous step's copies have left the pinned
         # staging buffers before overwriting them (_stage_offsets already waited if it ran);
@@ -337,7 +373,9 @@ def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_
         if not restaged and plan._copied is not None:
             plan._copied.synchronize()
         hyper = plan._hyper_host.numpy()
-        hyper[:] = hyper_rows[: plan.n_tensors]
+        hyper[:, :N_HYPER] = hyper_rows[: plan.n_tensors]
+        if plan.stochastic:
+            _write_salts(hyper, plan.tensor_keys, hyper_rows[: plan.n_tensors])
         maximize = bool((hyper[:, _SIGN] != 1.0).any())
         plan._hyper_dev.copy_(plan._hyper_host, non_blocking=True)
         if plan._offs_dev.is_cuda:

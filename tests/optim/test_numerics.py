@@ -451,3 +451,20 @@ def test_dither_is_a_function_of_canonical_coordinates():
     for f, u in fields.items():
         assert abs(float(u.mean()) - 0.5) < 0.03, f  # σ = 0.29/√4000 = 0.0046
     assert abs(float(torch.corrcoef(torch.stack([fields["m"], fields["v"]]))[0, 1])) < 0.06
+
+
+def test_decoders_keep_the_meaning_of_the_codes():
+    """The decoders' one-rounding forms (q/(254 − |q|)·s; (q·fl(s/255))²) stay within a few fp32
+    ULPs of the companders' defining formulas (y/(2 − |y|)·s at y = q/127; ((q/255)·s)², in
+    float64), for every code, so codes written before 2026-12-04 keep their meaning."""
+    codes = torch.arange(-127, 128, dtype=torch.int8)
+    for s in (1.0, 3.0e-7, 2.5e4):
+        scales = torch.full((1,), s).bfloat16()
+        sf = float(scales.float())
+        x = nx.dequantize_signed(codes, scales, group_size=255)
+        y = codes.double() / 127
+        ideal = y / (2 - y.abs()) * sf
+        assert float(((x.double() - ideal).abs() / ideal.abs().clamp_min(1e-300)).max()) <= 3 * 2.0**-24
+        v = nx.dequantize_sqrt(codes.view(torch.uint8), scales, group_size=255)
+        ideal_v = (codes.view(torch.uint8).double() / 255 * sf) ** 2
+        assert float(((v.double() - ideal_v).abs() / ideal_v.clamp_min(1e-300)).max()) <= 6 * 2.0**-24
