@@ -571,13 +571,28 @@ def fma(a, b, c) -> torch.Tensor:
     of FMA and correctly rounded sums: proved algorithms using rounding to odd", IEEE TC 2008),
     so the final float64 → fp32 conversion is the single rounding of a fused FMA — where plain
     float64 arithmetic would round twice and differ about once in 2^29. Non-finite operands and
-    results take the float64 path unchanged (the same inf/NaN as the FMA)."""
-    p = torch.as_tensor(a, dtype=torch.float32).double() * torch.as_tensor(b, dtype=torch.float32).double()
-    cd = torch.as_tensor(c, dtype=torch.float32).double()
-    s = p + cd
+    results take the float64 path unchanged (the same inf/NaN as the FMA).
+
+    Rounding twice can only go wrong where the float64 sum lies exactly halfway between two fp32
+    values (or in fp32's subnormal range, where the halfway points sit elsewhere), so the
+    rounding to odd is done only when some element is there: the reference's steps call this
+    several times per tensor, and the common case then costs a few tensor operations."""
+    a64 = a.double() if torch.is_tensor(a) else float(a)  # a Python float is an fp32 value here
+    b64 = b.double() if torch.is_tensor(b) else float(b)
+    c64 = c.double() if torch.is_tensor(c) else float(c)
+    p = a64 * b64  # exact
+    s = p + c64
+    if not torch.is_tensor(s):
+        s = torch.tensor(s, dtype=torch.float64)
+    s = s.contiguous()
+    bits = s.view(torch.int64)
+    # halfway for a normal fp32 result: the 29 bits fp32 drops are exactly 1000…0
+    suspect = ((bits & 0x1FFFFFFF) == 0x10000000) | ((s.abs() < 2.0**-126) & (s != 0))
+    if not bool(suspect.any()):
+        return s.float()
+    cd = torch.as_tensor(c64, dtype=torch.float64, device=s.device)
     bb = s - p
     e = (p - (s - bb)) + (cd - bb)
-    bits = s.view(torch.int64) if s.is_contiguous() else s.contiguous().view(torch.int64)
     odd = (e != 0) & ((bits & 1) == 0) & torch.isfinite(s)
     bits = torch.where(odd, bits + torch.where((e > 0) == (s > 0), 1, -1), bits)
     return bits.view(torch.float64).float()

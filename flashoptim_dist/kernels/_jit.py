@@ -139,23 +139,7 @@ def _div_normal(a, b, INTERPRET: tl.constexpr):
         res = tl.fma(-b, q, a)
         return tl.fma(res, r, q)
     else:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .f32 r, e, q, t, nb;
-            rcp.approx.ftz.f32 r, $2;
-            neg.f32 nb, $2;
-            fma.rn.f32 e, nb, r, 0f3F800000;
-            fma.rn.f32 r, r, e, r;
-            mul.rn.f32 q, $1, r;
-            fma.rn.f32 t, nb, q, $1;
-            fma.rn.f32 $0, t, r, q;
-            }""",
-            "=r,r,r",
-            [a, b],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
-        )
+        return _div_asm(a, b, _DIV_REFINED)
 
 
 @triton.jit
@@ -175,21 +159,35 @@ def _div_small(n, d, INTERPRET: tl.constexpr):
     if INTERPRET:
         return n / d
     else:
-        return tl.inline_asm_elementwise(
-            """{
-            .reg .f32 r, q, t, nd;
+        return _div_asm(n, d, _DIV_SHORT)
+
+
+# The two divisions in PTX ($1/$2): a reciprocal estimate, refined by one Newton step or not, then
+# the quotient, its exact residual and one correction (CUDA's div.rn fast path, without its range
+# check and slow-path call)
+_DIV_REFINED = tl.constexpr("""{
+            .reg .f32 r, e, q, t, nb;
             rcp.approx.ftz.f32 r, $2;
-            neg.f32 nd, $2;
+            neg.f32 nb, $2;
+            fma.rn.f32 e, nb, r, 0f3F800000;
+            fma.rn.f32 r, r, e, r;
             mul.rn.f32 q, $1, r;
-            fma.rn.f32 t, nd, q, $1;
+            fma.rn.f32 t, nb, q, $1;
             fma.rn.f32 $0, t, r, q;
-            }""",
-            "=r,r,r",
-            [n, d],
-            dtype=tl.float32,
-            is_pure=True,
-            pack=1,
-        )
+            }""")
+_DIV_SHORT = tl.constexpr("""{
+            .reg .f32 r, q, t, nb;
+            rcp.approx.ftz.f32 r, $2;
+            neg.f32 nb, $2;
+            mul.rn.f32 q, $1, r;
+            fma.rn.f32 t, nb, q, $1;
+            fma.rn.f32 $0, t, r, q;
+            }""")
+
+
+@triton.jit
+def _div_asm(a, b, ASM: tl.constexpr):
+    return tl.inline_asm_elementwise(ASM, "=r,r,r", [a, b], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit

@@ -82,6 +82,22 @@ def check_loaded_state(p, state: dict, layout: lay.StateLayout, family: str, n_s
                 "different model, sharding or numeric config"
             )
         state[k] = v.reshape(-1).contiguous()
+    for name, kind in FAMILIES[family][:n_states] if layout.quantized else ():
+        # scales as the encoder writes them: bf16 bit patterns of finite non-negative values, at
+        # most 2^64 for √v scales (√ of the largest fp32; the kernel's √v decoder relies on it)
+        bits = state[name + "_scales"].view(torch.int16).to(torch.int32) & 0xFFFF
+        top = _SQRT_SCALE_MAX_BITS if kind == "sqrt" else _BF16_MAX_BITS
+        if bits.numel() and int(bits.max()) > top:
+            raise ValueError(
+                f"loaded optimizer state {name + '_scales'!r} for a parameter of shape {tuple(p.shape)} holds "
+                f"a value no encoder writes (negative, non-finite{' or above 2^64' if kind == 'sqrt' else ''}): "
+                "the checkpoint or state dict is corrupted; load an intact copy"
+            )
+
+
+#: Largest scale bit patterns the encoders write: bf16's largest finite value; 2^64 for √v.
+_BF16_MAX_BITS = 0x7F7F
+_SQRT_SCALE_MAX_BITS = 0x5F80
 
 
 def from_torch_state(p, local: torch.Tensor, st: dict, layout: lay.StateLayout, family: str, n_states: int,

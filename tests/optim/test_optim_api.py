@@ -205,6 +205,22 @@ def test_load_state_dict_rejects_mismatched_numerics_and_models():
         F.FlashAdamW(other.parameters()).load_state_dict(sd)
 
 
+def test_load_state_dict_rejects_scales_no_encoder_writes():
+    """Corrupted scales (negative, non-finite, a √v scale above 2^64 — the √v decoder's domain)
+    are refused on load with the key named, and the optimizer's own state still loads."""
+    m = _model()
+    opt = F.FlashAdamW(m.parameters())
+    _train(m, opt, 1)
+    sd = opt.state_dict()
+    F.FlashAdamW(copy.deepcopy(m).parameters()).load_state_dict(copy.deepcopy(sd))
+    for key, value in (("exp_avg_sq_scales", 2.0**70), ("exp_avg_scales", -1.0), ("exp_avg_scales", float("inf")),
+                       ("exp_avg_sq_scales", float("nan"))):
+        bad = copy.deepcopy(sd)
+        bad["state"][0][key].view(-1)[0] = value
+        with pytest.raises(ValueError, match=f"{key}.*corrupted"):
+            F.FlashAdamW(copy.deepcopy(m).parameters()).load_state_dict(bad)
+
+
 def test_interop_load_plain_torch_adamw_state_quantized():
     torch.manual_seed(0)
     ref = nn.Linear(64, 32)
