@@ -94,7 +94,7 @@ down at random so that the *decoded value* is right in expectation:
   over 1/(1−β2) steps (at β2 = 0.999 an element on code 10 ends with v 2.7× too large). Instead
   q = lo + 1 with probability (z² − lo²)/(2·lo + 1), lo = ⌊z⌋, so E[q²] = z²: the decoded v
   is exact in expectation. Written as lo² + u·(2lo + 1) < z², i.e. one fused multiply-add
-  ``fma(lo, lo + 2u, u) < z·z`` with u = k·2^-16.
+  ``fma(lo, lo + 2u, u) < z²`` (z² exact) with u = k·2^-16.
 
 The dither of an element is a pure function of (seed, parameter identity, step, canonical
 global element index) — see :func:`dither_words` — so sharding, resharding and re-running draw
@@ -422,7 +422,7 @@ def quantize_sqrt(
 
     ``dither`` (:func:`dither_field` ``"v"``: 16-bit words k, one per element) rounds
     stochastically *unbiased in v*: with z = √v·(255/s), lo = ⌊z⌋ and u = k·2^-16, the code is
-    lo + 1 when fma(lo, lo + 2u, u) = lo² + u·(2·lo + 1) < z·z, i.e. with probability
+    lo + 1 when fma(lo, lo + 2u, u) = lo² + u·(2·lo + 1) < z² (exact), i.e. with probability
     (z² − lo²)/(2·lo + 1), so E[q²] = z² (to 2^-16 of the probability). ``None`` rounds z to
     nearest even."""
     vf = v.float().reshape(-1)
@@ -438,8 +438,10 @@ def quantize_sqrt(
         lo = torch.floor(z)
         u = _grouped(dither.float(), phase, group_size) * 2.0**-16
         # fma(lo, lo + 2u, u): lo·(lo + 2u) is exact in float64 (8 × 24 bits) and so is the sum
-        # with u (≤ 33 significant bits), so rounding it to fp32 is the single rounding of fma
-        q = lo + (_fma(lo, lo + (u + u), u) < z * z).float()
+        # with u (≤ 33 significant bits), so rounding it to fp32 is the single rounding of fma;
+        # it is compared with z² exactly (48 bits in float64), as the kernel's fma(−z, z, t) does
+        t = _fma(lo, lo + (u + u), u)
+        q = lo + (t.double() < z.double() * z.double()).float()
     q = torch.clamp(q, 0, UNSIGNED_LEVELS)
     return _ungroup(q, phase, vf.numel()).to(torch.uint8), scale
 

@@ -108,9 +108,10 @@ _env_maxnreg = os.environ.get("FLASHOPTIM_MAXNREG")
 #: Register cap for every family (0: none); None: the family's own (FAMILY_MAXNREG).
 MAXNREG = int(_env_maxnreg) if _env_maxnreg else None
 #: Register cap per family, from the H200 sweeps in docs/PERFORMANCE.md (2026-12-04, seventh
-#: session, GPU time per step): Adam 64 (4.07–4.08 ms; 56 spills more, 4.22; 72 no faster;
-#: uncapped 4.43); SGD and Lion need fewer registers, and a lower cap buys occupancy — SGD 2.79 ms
-#: at 48 against 2.87 at 40 and 3.05 at 64, Lion 2.71 at 48 against 2.81 at 40 and 3.00 at 64.
+#: session, runs B and C, GPU time per step): Adam 64 (3.96–3.98 ms; 72 4.04, 56 spills more,
+#: uncapped 4.4); SGD and Lion need fewer registers, and a lower cap buys occupancy — SGD 2.71 ms
+#: at 48 against 2.77 at 40 (2.70 at 56; 3.05 at 64 in run B), Lion 2.76–2.79 at 48 against
+#: 3.52 at 40 (spills) and 2.81 at 56.
 FAMILY_MAXNREG = {"adam": 64, "sgd": 48, "lion": 48}
 
 

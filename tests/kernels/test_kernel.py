@@ -325,13 +325,13 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     # instructions executed per element on the aligned path (the step is bound by instruction
     # issue on the H200: ncu 86% of issue slots busy at 41% of DRAM, docs/PERFORMANCE.md): 113.8
     # with triton 3.9 since ρ became the bf16 bit split and √v lost its slow-path branch (136.8
-    # before, 140.5 before that), 102.3 since the fused multiply-adds, one-rounding decoders and
-    # per-tensor salts (seventh session); other compiler versions schedule differently, hence a
-    # looser bound there
+    # before, 140.5 before that), 100.3 since the fused multiply-adds, one-rounding decoders,
+    # per-tensor salts and byte-permute packing (seventh session); other compiler versions
+    # schedule differently, hence a looser bound there
     import triton
 
     executed = float(re.search(r"executed on the aligned fast path .*: \d+, ~([\d.]+) per element", out).group(1))
-    assert executed <= (105.0 if triton.__version__.startswith("3.9.") else 120.0), out
+    assert executed <= (103.0 if triton.__version__.startswith("3.9.") else 120.0), out
 
 
 def test_lion_sign_edges_match_reference():
