@@ -237,7 +237,6 @@ def check_helpers_on_gpu(n=1 << 26, device="cuda"):
     range of v — ``n`` random finite non-negative patterns plus the ends of the fast path — and
     its 255/s rounded toward zero against numerics on every positive finite bf16 scale.
     Returns mismatch counts (0 expected)."""
-
     g = torch.Generator(device=device).manual_seed(0)
     bits = torch.randint(0, 0x7F800000, (n,), device=device, generator=g, dtype=torch.int64)
     edges = torch.arange(-4096, 4096, device=device, dtype=torch.int64)

@@ -437,10 +437,9 @@ def quantize_sqrt(
     else:
         lo = torch.floor(z)
         u = _grouped(dither.float(), phase, group_size) * 2.0**-16
-        # fma(lo, lo + 2u, u): lo·(lo + 2u) is exact in float64 (8 × 24 bits) and so is the sum
-        # with u (≤ 33 significant bits), so rounding it to fp32 is the single rounding of fma;
-        # it is compared with z² exactly (48 bits in float64), as the kernel's fma(−z, z, t) does
-        t = _fma(lo, lo + (u + u), u)
+        # t = fma(lo, lo + 2u, u), compared with z² exactly (48 bits in float64), as the kernel's
+        # fma(−z, z, t) does
+        t = fma(lo, lo + (u + u), u)
         q = lo + (t.double() < z.double() * z.double()).float()
     q = torch.clamp(q, 0, UNSIGNED_LEVELS)
     return _ungroup(q, phase, vf.numel()).to(torch.uint8), scale
@@ -483,13 +482,14 @@ _M32 = 0xFFFFFFFF
 DITHER_MUL = 0x9E3779B9
 
 
-def fmix32(x: int) -> int:
+def fmix32(x):
     """A 32-bit integer finalizer (the constants of MurmurHash3's fmix32, public domain): a
-    bijection of uint32 whose every output bit depends on every input bit."""
-    x &= _M32
-    x ^= x >> 16
+    bijection of uint32 whose every output bit depends on every input bit. ``x``: an int, or a
+    uint64 numpy array (element-wise; the launch's per-tensor salts)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
     x = (x * 0x85EBCA6B) & _M32
-    x ^= x >> 13
+    x = x ^ (x >> 13)
     x = (x * 0xC2B2AE35) & _M32
     return x ^ (x >> 16)
 
@@ -507,8 +507,9 @@ def parameter_key(seed: int, global_numel: int) -> int:
     return fmix32(fmix32(seed & _M32) ^ (global_numel & _M32) ^ fmix32((global_numel >> 32) + 0x6A09E667))
 
 
-def segment_salt(key: int, step: int) -> int:
-    """Per (parameter, step) salt of the generator; the kernel computes the same per program."""
+def segment_salt(key, step):
+    """Per (parameter, step) salt of the generator (ints, or uint64 numpy arrays element-wise);
+    the kernel launch computes the same once per tensor (kernels/fused_step._write_salts)."""
     return fmix32(key ^ fmix32(step & _M32))
 
 
@@ -553,12 +554,6 @@ def _sr_floor(z: torch.Tensor, k: torch.Tensor, big: float, b: int) -> torch.Ten
     t = z + big
     fixed = ((t - big) * float(2**b)).to(torch.int64)
     return torch.div(fixed + k.to(torch.int64), 2**b, rounding_mode="floor").to(torch.float32)
-
-
-def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """fp32 fma(a, b, c) for operands whose exact a·b + c fits float64's 53 bits (the caller
-    guarantees it), so the float64 result rounded once to fp32 is the fused result."""
-    return (a.double() * b.double() + c.double()).float()
 
 
 def fma(a, b, c) -> torch.Tensor:

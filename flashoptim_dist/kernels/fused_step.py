@@ -316,15 +316,6 @@ def _stage_offsets(plan: KernelPlan, ptrs, params, grads) -> None:
         plan._copied.record()
 
 
-def _fmix32_np(x: np.ndarray) -> np.ndarray:
-    """numerics.fmix32 on a uint32 array (arithmetic modulo 2^32)."""
-    x = x ^ (x >> np.uint32(16))
-    x = x * np.uint32(0x85EBCA6B)
-    x = x ^ (x >> np.uint32(13))
-    x = x * np.uint32(0xC2B2AE35)
-    return x ^ (x >> np.uint32(16))
-
-
 def _write_salts(table: np.ndarray, keys: np.ndarray, rows) -> None:
     """The last column of the launch's hyper table (fp32 ``table``, one row per tensor): the bits
     of each tensor's dither salt for its step, numerics.segment_salt(key, step) (the step from
@@ -332,8 +323,8 @@ def _write_salts(table: np.ndarray, keys: np.ndarray, rows) -> None:
     every program of the kernel."""
     step = (np.asarray(rows[:, STEP_LO_COLUMN], dtype=np.float64)
             + np.asarray(rows[:, STEP_HI_COLUMN], dtype=np.float64) * STEP_SPLIT)
-    step = (step.astype(np.int64) & 0xFFFFFFFF).astype(np.uint32)
-    table.view(np.uint32)[:, N_HYPER] = _fmix32_np(keys ^ _fmix32_np(step))
+    step = (step.astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
+    table.view(np.uint32)[:, N_HYPER] = nx.segment_salt(keys.astype(np.uint64), step)
 
 
 def launch(plan: KernelPlan, family: str, decoupled: bool, params, grads, hyper_rows,

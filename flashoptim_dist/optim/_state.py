@@ -86,7 +86,7 @@ def check_loaded_state(p, state: dict, layout: lay.StateLayout, family: str, n_s
         # scales as the encoder writes them: bf16 bit patterns of finite non-negative values, at
         # most 2^64 for √v scales (√ of the largest fp32; the kernel's √v decoder relies on it)
         bits = state[name + "_scales"].view(torch.int16).to(torch.int32) & 0xFFFF
-        top = _SQRT_SCALE_MAX_BITS if kind == "sqrt" else _BF16_MAX_BITS
+        top = _SQRT_SCALE_MAX_BITS if kind == "sqrt" else nx._BF16_MAX_BITS >> 16
         if bits.numel() and int(bits.max()) > top:
             raise ValueError(
                 f"loaded optimizer state {name + '_scales'!r} for a parameter of shape {tuple(p.shape)} holds "
@@ -95,8 +95,7 @@ def check_loaded_state(p, state: dict, layout: lay.StateLayout, family: str, n_s
             )
 
 
-#: Largest scale bit patterns the encoders write: bf16's largest finite value; 2^64 for √v.
-_BF16_MAX_BITS = 0x7F7F
+#: Largest bf16 bit pattern of a √v scale: 2^64 (signed scales reach bf16's largest finite value).
 _SQRT_SCALE_MAX_BITS = 0x5F80
 
 
