@@ -1,6 +1,6 @@
 """Compile the fused step kernel for Hopper (sm_90) without a GPU and print what it became.
 
-    python bench/kernel_sass.py [--groups 32] [--warps 4] [--maxnreg 0] [--family adam] [--dump DIR]
+    python bench/kernel_sass.py [--groups 32] [--warps 4] [--maxnreg 0] [--family adam] [--prefetch N] [--dump DIR]
 
 Uses the installed Triton's bundled ptxas/cuobjdump, so kernel changes can be judged on a CPU
 machine before spending device time: registers and stack (spills) per thread, SASS
@@ -40,7 +40,8 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 FAMILY = {"adam": (0, 2), "sgd": (1, 1), "lion": (2, 1)}
 
 
-def compile_kernel(groups: int, warps: int, maxnreg: int, family: str, rounding: str = "stochastic"):
+def compile_kernel(groups: int, warps: int, maxnreg: int, family: str, rounding: str = "stochastic",
+                   prefetch: int = fs.PREFETCH):
     fam, n_states = FAMILY[family]
     signature = dict(blk_seg_ptr="*i32", blk_start_ptr="*i32", offs_ptr="*i64", hyper_ptr="*fp32",
                      p_base="*bf16", g_base="*bf16", r_base="*i8", s0_base="*bf16", c0_base="*i8",
@@ -49,7 +50,8 @@ def compile_kernel(groups: int, warps: int, maxnreg: int, family: str, rounding:
                       RHO_DEC=fs._rho_constants(127, 7)[0], INV_UNSIGNED=nx.INV_UNSIGNED, N_STATES=n_states,
                       QUANT=True, EMIN=fs._NARROW[torch.bfloat16][1], MANT=7, RHO_ENC=fs._rho_constants(127, 7)[1],
                       NCOLS=fs._NCOLS, NHYPER=fs.N_HYPER, NG=groups, G=32, MASK_SPLIT=min(fs.MASK_SPLIT, groups),
-                      EXACT=True, INTERPRET=False, MAXIMIZE=False, SR=rounding == "stochastic")
+                      EXACT=True, INTERPRET=False, MAXIMIZE=False, SR=rounding == "stochastic",
+                      PREFETCH=prefetch, PF_EVERY=fs.PF_EVERY)
     names = list(signature)
     signature.update({k: "constexpr" for k in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)}
@@ -85,6 +87,22 @@ def fast_path(lines: list[str]) -> collections.Counter:
     return ops
 
 
+def _disassemble(k):
+    """(SASS text, resource usage text) of a compiled kernel, from the bundled cuobjdump."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(k.asm["cubin"])
+        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin],
+                             capture_output=True, text=True).stdout
+    return sass, res
+
+
+def _sass_lines(sass: str) -> list[str]:
+    return [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, default=fs.GROUPS_PER_BLOCK)
@@ -93,19 +111,14 @@ def main(argv=None) -> None:
     ap.add_argument("--family", choices=sorted(FAMILY), default="adam")
     ap.add_argument("--rounding", choices=("stochastic", "nearest"), default="stochastic")
     ap.add_argument("--dump", default=None, help="write kernel.sass and kernel.ttgir here")
+    ap.add_argument("--prefetch", type=int, default=fs.PREFETCH, help="L2 prefetch distance in blocks (0: none)")
     a = ap.parse_args(argv)
     if a.maxnreg is None:
         a.maxnreg = fs._maxnreg(a.family) or 0
-    k = compile_kernel(a.groups, a.warps, a.maxnreg, a.family, a.rounding)
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(k.asm["cubin"])
-        sass = subprocess.run([os.path.join(BIN, "cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
-        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", cubin],
-                             capture_output=True, text=True).stdout
+    k = compile_kernel(a.groups, a.warps, a.maxnreg, a.family, a.rounding, a.prefetch)
+    sass, res = _disassemble(k)
     m = re.search(r"REG:(\d+).*?STACK:(\d+)", res)
-    lines = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4}\*/", ln)]
+    lines = _sass_lines(sass)
     ops = collections.Counter()
     fast = None
     for i, ln in enumerate(lines):
@@ -122,9 +135,19 @@ def main(argv=None) -> None:
         print(f"registers/thread {m.group(1)}, stack bytes {m.group(2)} (non-zero: spills)")
     print(f"SASS instructions: {sum(ops.values())} in all; {fast} up to the first EXIT "
           f"(aligned fast path, ~{fast / per_thread:.0f} per element)" if fast else "")
-    executed = fast_path(lines)
-    n_exec = sum(executed.values())
-    print(f"executed on the aligned fast path (slow paths not taken): {n_exec}, ~{n_exec / per_thread:.1f} per element")
+    n_exec = sum(fast_path(lines).values())
+    if a.prefetch:
+        # the path followed above includes the L2 prefetch, which only one program in PF_EVERY
+        # issues: count the path without it from the same kernel compiled without the prefetch
+        n_pf = sum(ops[o] for o in ops if o == "UBLKPF")
+        base = compile_kernel(a.groups, a.warps, a.maxnreg, a.family, a.rounding, 0)
+        n_base = sum(fast_path(_sass_lines(_disassemble(base)[0])).values())
+        print(f"L2 prefetch: {n_pf} bulk prefetches; the program that issues them (one in {fs.PF_EVERY}) runs "
+              f"{n_exec - n_base} more instructions per thread, ~{(n_exec - n_base) / fs.PF_EVERY / per_thread:.2f} "
+              f"per element on average")
+        n_exec = n_base
+    print(f"executed on the aligned fast path (slow paths not taken, L2 prefetch not issued): {n_exec}, "
+          f"~{n_exec / per_thread:.1f} per element")
     print(f"layout conversions in TTGIR: {ttgir.count('convert_layout')}")
     print("opcodes:", ", ".join(f"{o} {n}" for o, n in ops.most_common(24)))
     if a.dump:

@@ -304,9 +304,10 @@ def main():
     ap.add_argument("--capture", action="store_true",
                     help="per case also: host time of an eager step, and capturable=True captured in a CUDA graph "
                          "(GPU time and host time per replay)")
-    ap.add_argument("--sweep-configs", nargs="+", default=None, metavar="CAP,GROUPS,WARPS",
-                    help="with --sweep: the (register cap, groups per program, warps) to time, e.g. 64,32,4 48,32,4 "
-                         "(cap 0 = none); default: the five of the AdamW sweep")
+    ap.add_argument("--sweep-configs", nargs="+", default=None, metavar="CAP,GROUPS,WARPS[,PREFETCH]",
+                    help="with --sweep: the (register cap, groups per block, warps, L2 prefetch distance in blocks) "
+                         "to time, e.g. 64,32,4 48,32,4,512 (cap 0 = none; knobs left out keep "
+                         "their defaults); default: the five of the AdamW sweep")
     ap.add_argument("--sweep-only", action="store_true", help="with --sweep: stop after the sweep (and torch fused "
                     "AdamW on the same shapes, the baseline of the same run)")
     args = ap.parse_args()
@@ -326,15 +327,16 @@ def main():
         from flashoptim_dist.kernels import fused_step
 
         shapes = llama_shapes(1 if args.tiny else 4, 1024 if args.tiny else 4096, 3584 if args.tiny else 14336)
-        knobs = ("MAXNREG", "GROUPS_PER_BLOCK", "NUM_WARPS")
+        knobs = ("MAXNREG", "GROUPS_PER_BLOCK", "NUM_WARPS", "PREFETCH", "PF_EVERY")
         defaults = tuple(getattr(fused_step, k) for k in knobs)
         # (register cap, groups per program, warps): 32 x 4 = 8 elements per thread (64 registers
         # spill 48 bytes, 72 spill 16, uncapped 78 none); 64 x 4 and 32 x 2 = 16 (the per-program
         # set-up spread over twice the elements; 126 registers without spills since the bf16 bit
         # split of ρ, bench/kernel_sass.py)
-        configs = [(64, 32, 4), (72, 32, 4), (0, 32, 4), (128, 64, 4), (128, 32, 2)]
+        configs = [c + defaults[3:] for c in [(64, 32, 4), (72, 32, 4), (0, 32, 4), (128, 64, 4), (128, 32, 2)]]
         if args.sweep_configs:
             configs = [tuple(int(x) for x in c.split(",")) for c in args.sweep_configs]
+            configs = [c + defaults[len(c):] for c in configs]  # knobs left out keep their defaults
             # (MAXNREG 0 = uncapped; None would mean each family's own cap)
         for rnd in range(2):  # two interleaved rounds: machine drift shows as round-to-round change
             for cfg in configs:

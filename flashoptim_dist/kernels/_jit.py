@@ -364,6 +364,20 @@ def _quant_sqrt(mask, sqrt_v, dith, MASKED: tl.constexpr, SR: tl.constexpr, INTE
 
 
 @triton.jit
+def _prefetch_l2(ptr, n: tl.constexpr):
+    """Ask L2 for the ``n`` elements from ``ptr`` on (their byte count a multiple of 16; sm_90
+    ``cp.async.bulk.prefetch.L2``, a hint: nothing is returned or waited for), from thread 0 of
+    the program only. The address is rounded down to the 16 bytes the instruction requires,
+    which stays in the same allocation; the last bytes of the range may then go unprefetched."""
+    nbytes: tl.constexpr = n * (ptr.dtype.element_ty.primitive_bitwidth // 8)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .b32 t; .reg .b64 a; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "and.b64 a, $1, -16; @p cp.async.bulk.prefetch.L2.global [a], $2; mov.b32 $0, 0; }",
+        "=r,l,r", [ptr, tl.full((), nbytes, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )
+
+
+@triton.jit
 def _ld(ptr, mask, MASKED: tl.constexpr):
     """Load; masked (zero fill) only in edge blocks, so whole blocks load unmasked and vectorize."""
     if MASKED:
@@ -663,6 +677,8 @@ def _flash_step_kernel(
     INTERPRET: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     SR: tl.constexpr,
+    PREFETCH: tl.constexpr,
+    PF_EVERY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid).to(tl.int64)
@@ -701,6 +717,33 @@ def _flash_step_kernel(
     c1_o = tl.load(ob + 6)
     full = (a0 >= phase) & (a0 + NG * G <= phase + length)
     if full & (aligned != 0):
+        if PREFETCH > 0 and not INTERPRET:
+            # Latency hiding without registers: one program in PF_EVERY asks L2 for everything
+            # the PF_EVERY programs PREFETCH further on will read — their rows of the block
+            # table, and, when they are blocks of this segment, their bytes of every role and
+            # their scales. Programs start in index order, so those run about a wave later and
+            # find their bytes in L2 instead of DRAM. Bulk prefetches issued by one thread:
+            # nothing is returned, no register is held (a software pipeline in registers or
+            # shared memory needs ~14 more registers per thread and was slower:
+            # docs/PERFORMANCE.md).
+            if pid % PF_EVERY == 0:
+                if pid + PREFETCH + PF_EVERY <= tl.num_programs(0):
+                    _prefetch_l2(blk_seg_ptr + pid + PREFETCH, PF_EVERY)
+                    _prefetch_l2(blk_start_ptr + pid + PREFETCH, PF_EVERY)
+                nxt = a0 + PREFETCH * (NG * G)
+                if nxt + PF_EVERY * NG * G <= phase + length:
+                    _prefetch_l2(p_base + p_o + nxt, PF_EVERY * NG * G)
+                    _prefetch_l2(g_base + g_o + nxt, PF_EVERY * NG * G)
+                    if HAS_RHO:
+                        _prefetch_l2(r_base + r_o + nxt, PF_EVERY * NG * G)
+                    if N_STATES >= 1:
+                        _prefetch_l2(c0_base + c0_o + nxt, PF_EVERY * NG * G)
+                        if QUANT:
+                            _prefetch_l2(s0_base + s0_o + nxt // G, PF_EVERY * NG)
+                    if N_STATES >= 2:
+                        _prefetch_l2(c1_base + c1_o + nxt, PF_EVERY * NG * G)
+                        if QUANT:
+                            _prefetch_l2(s1_base + s1_o + nxt // G, PF_EVERY * NG)
         rows = tl.arange(0, NG)
         a = a0 + rows[:, None] * G + tl.arange(0, G)[None, :]
         # group index per row from an arange (not a reduction over ``a``: that made the compiler

@@ -33,6 +33,10 @@ launch (``_write_salts``; ``_salt_kernel`` for the capturable step), not per pro
 fp32→bf16 uses the GPU's round-to-nearest-even cvt; under the interpreter, which truncates that
 cast, the rounding is done on the bit pattern instead.
 
+Latency hiding: one program in ``PF_EVERY`` asks L2 for what the programs ``PREFETCH`` further
+on will read (bulk prefetches by one thread; no registers, no results: see the kernel). It is a
+hint and changes no result.
+
 The kernel body is in :mod:`._jit`; this module holds the launch side (plan, arguments, knobs).
 Its measured cost, what bounds it and the history of its optimisations are in docs/PERFORMANCE.md.
 """
@@ -107,18 +111,42 @@ NUM_WARPS = int(os.environ.get("FLASHOPTIM_NUM_WARPS", "4"))
 _env_maxnreg = os.environ.get("FLASHOPTIM_MAXNREG")
 #: Register cap for every family (0: none); None: the family's own (FAMILY_MAXNREG).
 MAXNREG = int(_env_maxnreg) if _env_maxnreg else None
-#: Register cap per family, from the H200 sweeps in docs/PERFORMANCE.md (2026-12-04, seventh
-#: session, runs B and C, GPU time per step): Adam 64 (3.96–3.98 ms; 72 4.04, 56 spills more,
-#: uncapped 4.4); SGD and Lion need fewer registers, and a lower cap buys occupancy — SGD 2.71 ms
-#: at 48 against 2.77 at 40 (2.70 at 56; 3.05 at 64 in run B), Lion 2.76–2.79 at 48 against
-#: 3.52 at 40 (spills) and 2.81 at 56.
-FAMILY_MAXNREG = {"adam": 64, "sgd": 48, "lion": 48}
+#: Register cap per family, from the H200 sweeps in docs/PERFORMANCE.md (GPU time per step):
+#: Adam 64 (3.96–3.98 ms; 72 4.04, 56 spills more, uncapped 4.4; seventh session, runs B and C;
+#: with the L2 prefetch 3.89–3.95 at 64 against 4.00–4.01 at 72 and 4.09–4.33 at 60/56, eighth
+#: session); SGD 48 (2.71 ms against 2.77 at 40 and 2.70 at 56, run C); Lion 56 since the L2
+#: prefetch (2.43–2.45 ms against 2.76–2.77 at 48 and 2.46–2.49 at 64, eighth session; before
+#: it, 48 was best).
+FAMILY_MAXNREG = {"adam": 64, "sgd": 48, "lion": 56}
 
 
 def _maxnreg(family: str):
     """The register cap of a launch (None: uncapped)."""
     cap = FAMILY_MAXNREG[family] if MAXNREG is None else MAXNREG
     return cap or None
+
+
+#: L2 prefetch (see the kernel): one program in PF_EVERY asks L2 for what the PF_EVERY programs
+#: PREFETCH further on will read; PREFETCH 0 turns it off. From the H200 sweeps in
+#: docs/PERFORMANCE.md (2026-12-04, eighth session): FlashAdamW-24 3.75–3.81 ms at 1024 / 32
+#: against 3.97–3.99 without, 3.82–3.87 at 512 or 1024 / 16. PF_EVERY must be a multiple of 4
+#: (the prefetched sizes are multiples of 16 bytes).
+PREFETCH = int(os.environ.get("FLASHOPTIM_PREFETCH", "1024"))
+PF_EVERY = int(os.environ.get("FLASHOPTIM_PF_EVERY", "32"))
+
+
+def _check_prefetch(prefetch: int, every: int, groups: int) -> None:
+    """The prefetch sizes (PF_EVERY·4 bytes of each block-table column, PF_EVERY·NG·2 bytes of
+    scales, more for the other roles) must be multiples of 16 bytes, or the instruction faults."""
+    if prefetch < 0 or (prefetch and (every <= 0 or every % 4 or every * groups % 8)):
+        raise ValueError(
+            f"FLASHOPTIM_PREFETCH={prefetch} / FLASHOPTIM_PF_EVERY={every} (with {groups} groups per block): "
+            "the prefetch distance must be >= 0 and PF_EVERY a positive multiple of 4 with PF_EVERY x groups "
+            "a multiple of 8; unset both for the defaults (1024 / 32) or set FLASHOPTIM_PREFETCH=0 to turn "
+            "the L2 prefetch off")
+
+
+_check_prefetch(PREFETCH, PF_EVERY, GROUPS_PER_BLOCK)  # bad environment values fail at import, before any step
 
 
 #: Sub-tiles of a masked edge block (see the kernel).
@@ -251,9 +279,10 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.dtype, maximize: bool) -> dict:
     """The launch's compile-time arguments (cached per plan: computing them costs host time)."""
-    key = (family, decoupled, dtype, maximize, EXACT, MAXNREG, NUM_WARPS)  # (SR is fixed per plan)
+    key = (family, decoupled, dtype, maximize, EXACT, MAXNREG, NUM_WARPS, PREFETCH, PF_EVERY)  # (SR is fixed per plan)
     kw = plan._kwargs.get(key)
     if kw is None:
+        _check_prefetch(PREFETCH, PF_EVERY, plan.groups_per_block)
         narrow, emin, mant = _NARROW[dtype]
         maxnreg = None if INTERPRETING else _maxnreg(family)
         has_rho = plan.rhos is not None
@@ -281,6 +310,8 @@ def _kernel_kwargs(plan: KernelPlan, family: str, decoupled: bool, dtype: torch.
             INTERPRET=INTERPRETING,
             MAXIMIZE=maximize,
             SR=plan.stochastic and (has_rho or plan.quantized),
+            PREFETCH=PREFETCH,
+            PF_EVERY=PF_EVERY,
             enable_fp_fusion=not EXACT,
             num_warps=NUM_WARPS,
             **({"maxnreg": maxnreg} if maxnreg else {}),

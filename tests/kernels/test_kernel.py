@@ -332,6 +332,11 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
 
     executed = float(re.search(r"executed on the aligned fast path .*: \d+, ~([\d.]+) per element", out).group(1))
     assert executed <= (103.0 if triton.__version__.startswith("3.9.") else 120.0), out
+    # the L2 prefetch (eighth session): all nine bulk prefetches emitted (block table x 2, five
+    # roles, two scale arrays), and what the one program in PF_EVERY that issues them pays stays
+    # below one instruction per element on average
+    pf = re.search(r"L2 prefetch: (\d+) bulk prefetches.*~([\d.]+) per element on average", out)
+    assert pf and int(pf.group(1)) == 9 and float(pf.group(2)) < 1.0, out
 
 
 def test_lion_sign_edges_match_reference():
@@ -418,3 +423,27 @@ def test_launch_salts_are_the_reference_salts():
     dev[:, :N_HYPER] = torch.from_numpy(rows).float()
     fs._salt_kernel[(1,)](dev, torch.from_numpy(keys.view(fs.np.int32)), 6, NHYPER=N_HYPER + 1, B=8)
     assert (dev.view(torch.int32)[:, N_HYPER].to(torch.int64) & 0xFFFFFFFF).tolist() == want
+
+
+def test_bad_prefetch_knobs_are_refused_naming_the_variable(monkeypatch):
+    """The L2 prefetch's sizes must be multiples of 16 bytes (the instruction faults otherwise):
+    a PF_EVERY that breaks that is refused at launch with the variable named, not run."""
+    monkeypatch.setattr(fs, "PF_EVERY", 6)
+    ps = [torch.nn.Parameter(torch.randn(300).bfloat16())]
+    opt = F.FlashAdamW(ps, backend="triton")
+    ps[0].grad = torch.randn_like(ps[0])
+    before = ps[0].detach().clone()
+    with pytest.raises(ValueError, match="FLASHOPTIM_PF_EVERY=6"):
+        opt.step()
+    assert torch.equal(ps[0].detach(), before)  # nothing was updated
+    monkeypatch.setattr(fs, "PREFETCH", 0)  # prefetch off: any PF_EVERY is fine
+    opt.step()
+    assert not torch.equal(ps[0].detach(), before)
+    # from the environment, the import fails, before an optimizer exists
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FLASHOPTIM_PF_EVERY="6")
+    proc = subprocess.run([sys.executable, "-c", "import flashoptim_dist.kernels.fused_step"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "FLASHOPTIM_PF_EVERY=6" in proc.stderr, proc.stderr[-2000:]
