@@ -47,8 +47,12 @@ def _run_python_example(rank, world, tmp, name):
     accelerate_fsdp_on_cpu()
     d = os.path.join(tmp, name)
     os.makedirs(d, exist_ok=True)
-    os.chdir(d)
-    path = os.path.join(d, name.replace("-", "_") + ".py")
+    os.chdir(d)  # the ranks share the working directory, as on a shared filesystem
+    # one script file per rank: with one shared file, a rank that opened it for writing (which
+    # truncates it) while the other was reading it could run an empty or cut script — that
+    # rank then skipped the example's collectives, and the other hung in them until the 240 s
+    # timeout (seen as a rare failure of these tests on a loaded machine)
+    path = os.path.join(d, f"{name.replace('-', '_')}_rank{rank}.py")
     with open(path, "w") as f:
         f.write(example(name))
     runpy.run_path(path, run_name="__main__")
