@@ -139,7 +139,7 @@ def main(argv=None) -> None:
     if a.prefetch:
         # the path followed above includes the L2 prefetch, which only one program in PF_EVERY
         # issues: count the path without it from the same kernel compiled without the prefetch
-        n_pf = sum(ops[o] for o in ops if o == "UBLKPF")
+        n_pf = ops["UBLKPF"]
         base = compile_kernel(a.groups, a.warps, a.maxnreg, a.family, a.rounding, 0)
         n_base = sum(fast_path(_sass_lines(_disassemble(base)[0])).values())
         print(f"L2 prefetch: {n_pf} bulk prefetches; the program that issues them (one in {fs.PF_EVERY}) runs "

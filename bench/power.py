@@ -7,9 +7,9 @@ Why: the fused step is issue-bound on the H200, so its time follows the SM clock
 sustained load the card's power cap (throttle reason 0x4, SW power cap) lowers that clock —
 short timings taken after an idle moment (``bench/step.py``'s sweeps) see the boost clock,
 longer ones a lower clock. Each optimizer gets ``--series`` back-to-back measurements of
-``--steps`` queued steps; per series the script prints the GPU time per step and the median SM
-clock, peak power and throttle reasons (0x4: SW power cap) sampled during it. The same llama shapes as
-``bench/step.py``.
+``--steps`` queued steps (``bench/step.py``'s ``time_pipelined``, same llama shapes); per series
+the script prints the GPU time per step and the median SM clock, peak power and throttle reasons
+sampled during it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
-from step import llama_shapes, make  # noqa: E402
+from step import llama_shapes, make, time_pipelined  # noqa: E402
 
 
 def _sampler(rows, stop):
@@ -75,13 +75,8 @@ def main() -> None:
         spans = []
         for _ in range(args.series):  # back to back: a sustained load
             t0 = datetime.datetime.now()
-            s, e = torch.cuda.Event(True), torch.cuda.Event(True)
-            s.record()
-            for _ in range(args.steps):
-                opt.step()
-            e.record()
-            torch.cuda.synchronize()
-            spans.append((t0, datetime.datetime.now(), s.elapsed_time(e) / args.steps))
+            ms = time_pipelined(opt, warmup=0, steps=args.steps)
+            spans.append((t0, datetime.datetime.now(), ms))
         time.sleep(0.6)
         stop.set()
         th.join()

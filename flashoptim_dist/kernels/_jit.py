@@ -723,9 +723,9 @@ def _flash_step_kernel(
             # table, and, when they are blocks of this segment, their bytes of every role and
             # their scales. Programs start in index order, so those run about a wave later and
             # find their bytes in L2 instead of DRAM. Bulk prefetches issued by one thread:
-            # nothing is returned, no register is held (a software pipeline in registers or
-            # shared memory needs ~14 more registers per thread and was slower:
-            # docs/PERFORMANCE.md).
+            # nothing is returned, no register is held (a program looping over several blocks
+            # with its loads pipelined through shared memory spilled its loop-carried values at
+            # 64 registers and was slower: docs/PERFORMANCE.md, eighth session).
             if pid % PF_EVERY == 0:
                 if pid + PREFETCH + PF_EVERY <= tl.num_programs(0):
                     _prefetch_l2(blk_seg_ptr + pid + PREFETCH, PF_EVERY)
