@@ -37,3 +37,14 @@ def test_samples_are_assigned_to_the_series_that_was_running():
     assert got == [(1740.0, 182.9, "0x0000000000000004"), (1755.0, 379.4, "0x0000000000000004"),
                    (1365.0, 677.79, "0x0000000000000004")]
     assert power._during(rows, t + datetime.timedelta(seconds=5), t + datetime.timedelta(seconds=6)) == []
+
+
+def test_energy_per_step_from_the_counter_or_else_from_the_samples():
+    power = _power_module()
+    # the NVML counter's difference wins: 30 J over 150 steps in 0.6 s
+    assert power._energy_per_step(30.0, 0.6, [(1500.0, 700.0, "0x4")], 150) == (0.2, 50.0, "nvml")
+    # without it, the mean sampled power times the duration: (600 + 700)/2 W · 0.6 s / 150 steps
+    j, w, src = power._energy_per_step(None, 0.6, [(1500.0, 600.0, "0x4"), (1400.0, 700.0, "0x4")], 150)
+    assert (round(j, 6), w, src) == (2.6, 650.0, "samples")
+    j, w, src = power._energy_per_step(None, 0.6, [], 150)
+    assert src == "none" and j != j and w != w  # NaN: nothing was measured
