@@ -354,7 +354,7 @@ def _write_salts(table: np.ndarray, keys: np.ndarray, rows) -> None:
     every program of the kernel."""
     step = (np.asarray(rows[:, STEP_LO_COLUMN], dtype=np.float64)
             + np.asarray(rows[:, STEP_HI_COLUMN], dtype=np.float64) * STEP_SPLIT)
-    step = (step.astype(np.int64) & 0xFFFFFFFF).astype(np.uint64)
+    step = step.astype(np.uint64)  # (segment_salt keeps its low 32 bits)
     table.view(np.uint32)[:, N_HYPER] = nx.segment_salt(keys.astype(np.uint64), step)
 
 

@@ -1,6 +1,6 @@
-"""bench/power.py's reading of the nvidia-smi samples (docs/PERFORMANCE.md's power table comes
-from it): a series gets exactly the samples taken while it ran, with their clock, power and
-throttle reasons."""
+"""bench/power.py's reading of its measurements (docs/PERFORMANCE.md's power and energy tables
+come from it): a series gets exactly the nvidia-smi samples taken while it ran, with their clock,
+power and throttle reasons, and its energy per step comes from NVML's counter when there is one."""
 
 from __future__ import annotations
 

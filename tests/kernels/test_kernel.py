@@ -5,6 +5,9 @@ and scales, because both run the same IEEE fp32 operations in the same order.
 """
 
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 
@@ -303,10 +306,6 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     its registers (at most a few spilled) and its tile layout (a couple of small conversions for the
     per-group scales). Both regressed badly before — 143 registers when the masked edge path was
     unrolled, 15 shared-memory transposes from a table gather — and both cost ~2x step time."""
-    import re
-    import subprocess
-    import sys
-
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     proc = subprocess.run([sys.executable, os.path.join(root, "bench", "kernel_sass.py")], capture_output=True,
@@ -328,8 +327,6 @@ def test_kernel_compiles_for_hopper_without_spills_or_layout_shuffles():
     # before, 140.5 before that), 100.3 since the fused multiply-adds, one-rounding decoders,
     # per-tensor salts and byte-permute packing (seventh session); other compiler versions
     # schedule differently, hence a looser bound there
-    import triton
-
     executed = float(re.search(r"executed on the aligned fast path .*: \d+, ~([\d.]+) per element", out).group(1))
     assert executed <= (103.0 if triton.__version__.startswith("3.9.") else 120.0), out
     # the L2 prefetch (eighth session): all nine bulk prefetches emitted (block table x 2, five
@@ -440,9 +437,6 @@ def test_bad_prefetch_knobs_are_refused_naming_the_variable(monkeypatch):
     opt.step()
     assert not torch.equal(ps[0].detach(), before)
     # from the environment, the import fails, before an optimizer exists
-    import subprocess
-    import sys
-
     env = dict(os.environ, FLASHOPTIM_PF_EVERY="6")
     proc = subprocess.run([sys.executable, "-c", "import flashoptim_dist.kernels.fused_step"], env=env,
                           capture_output=True, text=True, timeout=300)
